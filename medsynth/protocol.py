@@ -1,0 +1,315 @@
+"""Study protocols: a YAML file validated by pydantic, with ``--set`` overrides and a stable hash.
+
+Every section forbids unknown keys, and every ``kind:`` is a closed set, so a typo fails at load
+time with the valid choices and the file/line where it stands. Knob names match the keyword
+arguments of the functions they feed (EDM's convention), with units in the name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ProtocolError(ValueError):
+    """A protocol that cannot be loaded; the message says where and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_default=True)
+
+
+# --- dataset -------------------------------------------------------------------------------
+
+
+class DatasetKind(str, Enum):
+    dicom_folder = "dicom_folder"  # a user's folder of DICOM files plus a label table
+    phantoms = "phantoms"  # the embedded synthetic chest-radiograph phantoms (written first)
+
+
+class IntensityMode(str, Enum):
+    bits = "bits"  # full stored-bit range after the Modality LUT -> [-1, 1] (lossless for 8 bit)
+    percentile = "percentile"  # per image: [lower_percentile, upper_percentile] -> [-1, 1]
+    window = "window"  # fixed window_center / window_width (modality units) -> [-1, 1]
+    dicom_window = "dicom_window"  # the file's own first VOI window (WindowCenter/Width)
+
+
+class ColorMode(str, Enum):
+    grey = "grey"  # RGB converted to one luminance channel (ITU-R BT.601 weights)
+    rgb = "rgb"  # keep three channels; grey images are repeated to three
+
+
+class MultiFramePolicy(str, Enum):
+    skip = "skip"  # list multi-frame files in skipped.csv
+    first = "first"
+    middle = "middle"
+
+
+class ResizeMode(str, Enum):
+    pad = "pad"  # keep aspect ratio, resize the long side, pad the short side with the minimum
+    stretch = "stretch"  # resize both sides to spatial_size, aspect ratio not kept
+    crop = "crop"  # keep aspect ratio, resize the short side, centre-crop the long side
+
+
+class PhantomSettings(_Section):
+    """Settings of the embedded phantom dataset (``dataset.kind: phantoms``)."""
+
+    n_patients: int = Field(160, ge=4, description="patients; ~25 % have a second study")
+    num_classes: int = Field(2, ge=2, le=5, description="normal + up to 4 findings")
+    size_px: int = Field(128, ge=32, le=1024, description="written image side in pixels")
+    difficulty: float = Field(0.6, ge=0.0, le=1.0, description="0 obvious findings, 1 invisible")
+    seed: int = 0
+
+
+class DatasetSection(_Section):
+    kind: DatasetKind = DatasetKind.dicom_folder
+    root: str | None = Field(None, description="folder scanned recursively for DICOM files")
+    labels_csv: str | None = Field(
+        None, description="label table; relative paths resolve from root"
+    )
+    join_attribute: str = Field("SOPInstanceUID", description="DICOM keyword the table is keyed by")
+    join_column: str | None = Field(None, description="table column for join_attribute (same name)")
+    label_column: str = "label"
+    classes: list[str] | None = Field(None, description="class names in index order; None = sorted")
+    split_column: str | None = Field(
+        None, description="table column with train/val/test; None = compute"
+    )
+    split_values: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"},
+        description="our split name -> value used in split_column",
+    )
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}
+    )
+    split_seed: int = 0
+    spatial_size: int = Field(32, ge=8, le=1024, description="cached image side in pixels")
+    resize_mode: ResizeMode = ResizeMode.pad
+    intensity: IntensityMode = IntensityMode.percentile
+    lower_percentile: float = Field(0.5, ge=0, le=100)
+    upper_percentile: float = Field(99.5, ge=0, le=100)
+    window_center: float | None = None
+    window_width: float | None = Field(None, gt=0)
+    color: ColorMode = ColorMode.grey
+    multiframe: MultiFramePolicy = MultiFramePolicy.skip
+    workers: int = Field(2, ge=1, description="decoding processes")
+    phantoms: PhantomSettings = Field(default_factory=PhantomSettings)
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError(f"split_fractions needs exactly train, val, test; got {sorted(v)}")
+        if any(f < 0 for f in v.values()) or abs(sum(v.values()) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must be >= 0 and sum to 1; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> DatasetSection:
+        if self.kind == DatasetKind.dicom_folder.value and (not self.root or not self.labels_csv):
+            raise ValueError(
+                "dataset.kind 'dicom_folder' needs dataset.root and dataset.labels_csv"
+            )
+        if self.intensity == IntensityMode.window.value and (
+            self.window_center is None or self.window_width is None
+        ):
+            raise ValueError("intensity 'window' needs window_center and window_width")
+        if self.lower_percentile >= self.upper_percentile:
+            raise ValueError("lower_percentile must be below upper_percentile")
+        return self
+
+
+# --- model / schedule / training / generation / evaluation ------------------------------------
+
+
+class ModelSection(_Section):
+    kind: Literal["monai_unet"] = "monai_unet"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ModelSection:
+        if len(self.channels) != len(self.attention_levels):
+            raise ValueError("model.channels and model.attention_levels need the same length")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError("every model.channels entry must be divisible by norm_num_groups")
+        return self
+
+
+class ScheduleSection(_Section):
+    kind: Literal["ddpm", "rflow"] = "ddpm"
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+
+
+class TrainingSection(_Section):
+    max_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch (summed over processes)")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 0.0
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip_norm: float = Field(1.0, gt=0)
+    ema_halflife_steps: float = Field(200.0, gt=0)
+    label_dropout: float = Field(0.15, ge=0, lt=1, description="share of null-class labels (CFG)")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    augment_hflip: bool = Field(False, description="horizontal flips (off: chest anatomy is sided)")
+    augment_shift_px: int = Field(0, ge=0, description="random integer shift, reflect padding")
+    checkpoint_every_steps: int = Field(500, ge=1)
+    keep_states: int = Field(2, ge=1)
+    preview_every_steps: int = Field(0, ge=0, description="0 = only at the end")
+    log_every_steps: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive NaN/inf losses before stop")
+    seed: int = 0
+
+
+class GenerationSection(_Section):
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "dpmpp"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(2.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class EvaluationSection(_Section):
+    pass
+
+
+class Protocol(_Section):
+    name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    output_root: str = "runs"
+    dataset: DatasetSection
+    model: ModelSection = Field(default_factory=ModelSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    def sha256(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved protocol (paths as written)."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ProtocolError(f"--set expects key.path=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ProtocolError(f"--set {key}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` (pydantic error location)."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Protocol
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        at = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{at}: unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"{at}: {where}: {e['msg']}")
+    return "invalid protocol:\n  " + "\n  ".join(lines)
+
+
+def load_protocol(path: str | Path, overrides: list[str] | None = None) -> Protocol:
+    """Load, override and validate a protocol; relative data paths resolve from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(f"protocol file not found: {path}")
+    text = path.read_text()
+    return parse_protocol(text, overrides, source=str(path), base_dir=path.parent)
+
+
+def parse_protocol(
+    text: str,
+    overrides: list[str] | None = None,
+    source: str = "<protocol>",
+    base_dir: Path | None = None,
+) -> Protocol:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ProtocolError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{source}: a protocol is a mapping of sections")
+    apply_overrides(data, overrides or [])
+    try:
+        proto = Protocol.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(_format_errors(exc, source, root)) from None
+    if base_dir is not None:
+        ds = proto.dataset
+        if ds.root and not Path(ds.root).expanduser().is_absolute():
+            ds.root = str((base_dir / ds.root).resolve())
+        if ds.labels_csv and not Path(ds.labels_csv).expanduser().is_absolute():
+            ds.labels_csv = str((Path(ds.root) if ds.root else base_dir) / ds.labels_csv)
+    return proto
