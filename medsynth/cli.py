@@ -82,18 +82,84 @@ def ingest(
     ] = None,
 ) -> None:
     """Scan, label, split and cache the protocol's DICOM dataset into RUN/ingest."""
+    proto = _load(protocol, set_)
+    run = _prepare(proto, run_dir or _run_dir_for(proto))
+    _ingest(proto, run)
+    typer.echo(f"run folder: {run}")
+
+
+@app.command()
+def train(
+    protocol: Annotated[
+        Path | None, typer.Argument(help="Protocol YAML (omit with --ingest)")
+    ] = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
+    ] = None,
+    ingest_dir: Annotated[
+        Path | None, typer.Option("--ingest", help="Train from this ingest folder instead")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest state in RUN/train")
+    ] = True,
+) -> None:
+    """Train the class-conditional diffusion model on the train split (resumable; torchrun-ready)."""
+    import os
+
+    from medsynth.protocol import parse_protocol
+    from medsynth.training.api import train_from_sections
+    from medsynth.training.loop import NonFiniteLossError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if protocol is not None:
+        proto = _load(protocol, set_)
+        run = Path(run_dir or _run_dir_for(proto))
+        if main_rank:
+            _prepare(proto, run)
+        ingest_dir = ingest_dir or run / "ingest"
+        if not (ingest_dir / "index.csv").exists():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                _fail(f"no ingest cache in {ingest_dir}; run `medsynth ingest` before torchrun")
+            _ingest(proto, run)
+    elif ingest_dir is not None:
+        # Defaults for every model/training setting, with --set overrides.
+        proto = parse_protocol("dataset: {kind: phantoms}\n", set_ or [])
+        run = Path(run_dir or ingest_dir.parent)
+    else:
+        _fail("give a protocol file or --ingest INGEST_DIR")
+    try:
+        snap = train_from_sections(
+            ingest_dir, run / "train", proto.model, proto.schedule, proto.training, resume=resume
+        )
+    except NonFiniteLossError as exc:
+        _fail(str(exc))
+    if main_rank:
+        typer.echo(f"snapshot: {snap}")
+
+
+def _run_dir_for(proto):
+    from medsynth.runfolder import run_dir_for
+
+    return run_dir_for(proto)
+
+
+def _prepare(proto, run: Path) -> Path:
+    from medsynth.runfolder import prepare_run_dir
+
+    return prepare_run_dir(proto, run)
+
+
+def _ingest(proto, run: Path):
     from medsynth.data.index import IngestError
     from medsynth.data.ingest import ingest_dataset
-    from medsynth.runfolder import prepare_run_dir, run_dir_for
 
-    proto = _load(protocol, set_)
-    run = prepare_run_dir(proto, run_dir or run_dir_for(proto))
     try:
         summary = ingest_dataset(proto.dataset, run)
     except IngestError as exc:
         _fail(str(exc))
     typer.echo(summary.line())
-    typer.echo(f"run folder: {run}")
+    return summary
 
 
 def main() -> None:  # pragma: no cover

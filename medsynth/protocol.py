@@ -172,6 +172,9 @@ class TrainingSection(_Section):
     log_every_steps: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive NaN/inf losses before stop")
     seed: int = 0
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda if present"
+    )
 
 
 class GenerationSection(_Section):

@@ -1,0 +1,45 @@
+"""Protocol sections -> training call (the one function the CLI and the runner use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsynth.data.datasets import load_split
+from medsynth.diffusion.schedule import ScheduleConfig
+from medsynth.diffusion.unet import UNetConfig
+from medsynth.protocol import ModelSection, ScheduleSection, TrainingSection
+from medsynth.training.loop import train
+
+
+def unet_config(model: ModelSection, num_classes: int, in_channels: int) -> UNetConfig:
+    return UNetConfig(num_classes=num_classes, in_channels=in_channels,
+                      **model.model_dump(exclude={"kind"}))  # fmt: skip
+
+
+def schedule_config(schedule: ScheduleSection) -> ScheduleConfig:
+    return ScheduleConfig(**schedule.model_dump())
+
+
+def train_from_sections(
+    ingest_dir: str | Path,
+    out_dir: str | Path,
+    model: ModelSection,
+    schedule: ScheduleSection,
+    training: TrainingSection,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train on the ``train`` split of an ingest cache only (val/test never reach the generator)."""
+    data = load_split(ingest_dir, "train")
+    return train(
+        data.images,
+        data.labels,
+        data.classes,
+        out_dir,
+        unet=unet_config(model, len(data.classes), int(data.images.shape[1])),
+        schedule=schedule_config(schedule),
+        resume=resume,
+        progress=progress,
+        **training.model_dump(),
+    )

@@ -1,0 +1,160 @@
+"""Snapshots (what to sample from) and resume states (how to go on), written atomically.
+
+``snapshot-XXXXXXX/``: ``config.json`` (UNet + schedule + classes + image shape) and
+``ema.safetensors``; :func:`load_snapshot` rebuilds the network from these two files alone.
+``state-XXXXXXX.pt``: raw and EMA weights, optimizer, LR schedule, step and every RNG state,
+loadable with ``torch.load(weights_only=True)``. A state or snapshot is only pruned after a
+newer one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from medsynth.diffusion.schedule import ScheduleConfig
+from medsynth.diffusion.unet import UNetConfig, build_unet
+
+COMPLETE = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, chmod 644, rename, fsync folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    """Every global RNG state, as tensors and plain lists (weights_only-safe)."""
+    np_state = np.random.get_state()  # noqa: NPY002 - saving the global state on purpose
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))  # noqa: NPY002
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(train_dir: Path, step: int, payload: dict, keep: int) -> Path:
+    """Write ``state-{step:07d}.pt`` atomically, then prune all but the ``keep`` newest."""
+    path = train_dir / f"state-{step:07d}.pt"
+    atomic_torch_save(payload, path)
+    for old in list_states(train_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_states(train_dir: Path) -> list[Path]:
+    return sorted(Path(train_dir).glob("state-[0-9]*.pt"))
+
+
+def latest_state(train_dir: Path) -> dict | None:
+    """The newest resume state that loads (a corrupt newest one falls back to the previous)."""
+    for path in reversed(list_states(train_dir)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn file is skipped, the older state is used
+            continue
+    return None
+
+
+def save_snapshot(
+    train_dir: Path, step: int, ema: torch.nn.Module, config: dict, keep: int
+) -> Path:
+    """Write ``snapshot-{step:07d}/`` (config.json + ema.safetensors + marker) atomically."""
+    final = train_dir / f"snapshot-{step:07d}"
+    tmp = train_dir / f"snapshot-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    save_file(weights, tmp / "ema.safetensors")
+    (tmp / "config.json").write_text(json.dumps(dict(config, step=step), indent=2))
+    for f in ("ema.safetensors", "config.json"):
+        _fsync_file(tmp / f)
+    (tmp / COMPLETE).write_text("ok\n")
+    _fsync_file(tmp / COMPLETE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(train_dir)
+    for old in list_snapshots(train_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_snapshots(train_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(train_dir).glob("snapshot-[0-9]*") if (p / COMPLETE).exists())
+
+
+def latest_snapshot(train_dir: str | Path) -> Path:
+    snaps = list_snapshots(Path(train_dir))
+    if not snaps:
+        raise FileNotFoundError(f"no complete snapshot in {train_dir}; run `medsynth train` first")
+    return snaps[-1]
+
+
+def snapshot_sha256(snapshot_dir: str | Path) -> str:
+    """SHA-256 over the snapshot's config.json and weights (names the model in outputs)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "ema.safetensors"):
+        h.update((Path(snapshot_dir) / name).read_bytes())
+    return h.hexdigest()
+
+
+def load_snapshot(snapshot_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild ``(unet, schedule_config, config_dict)`` from a snapshot folder alone."""
+    snapshot_dir = Path(snapshot_dir)
+    config = json.loads((snapshot_dir / "config.json").read_text())
+    unet = build_unet(UNetConfig(**config["unet"]))
+    unet.load_state_dict(load_file(snapshot_dir / "ema.safetensors"))
+    unet.to(device).eval()
+    return unet, ScheduleConfig(**config["schedule"]), config

@@ -1,0 +1,272 @@
+"""The training loop: AdamW, warm-up + cosine LR, clipping, EMA, bf16, resumable, DDP-ready.
+
+Each step draws, from one seeded generator, the batch indices, augmentation and diffusion noise
+for the whole *global* batch; each process trains on its contiguous slice. So one process and N
+processes see the same data, and a resumed run continues the exact stream it left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from medsynth.diffusion.objective import diffusion_loss, draw
+from medsynth.diffusion.sampler import sample
+from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
+from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
+from medsynth.training.checkpoint import (
+    latest_state,
+    rng_state,
+    save_snapshot,
+    save_state,
+    set_rng_state,
+)
+from medsynth.training.ema import EMA
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive NaN/inf losses; the last good state is kept on disk."""
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, hflip: bool, shift_px: int) -> torch.Tensor:
+    if hflip:
+        flip = torch.rand(x.shape[0], generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if shift_px > 0:
+        shifts = torch.randint(-shift_px, shift_px + 1, (x.shape[0], 2), generator=g)
+        padded = F.pad(x, (shift_px,) * 4, mode="reflect")
+        h, w = x.shape[-2:]
+        x = torch.stack([
+            padded[i, :, shift_px + dy : shift_px + dy + h, shift_px + dx : shift_px + dx + w]
+            for i, (dy, dx) in enumerate(shifts.tolist())
+        ])  # fmt: skip
+    return x
+
+
+def save_preview(
+    path: Path,
+    ema_model,
+    schedule_cfg: ScheduleConfig,
+    classes: list[str],
+    image_shape: tuple[int, int, int],
+    device,
+    per_class: int = 8,
+) -> None:
+    """A PNG grid: one row per class, ``per_class`` samples (DPM-Solver++ 20, guidance 2)."""
+    from PIL import Image
+
+    labels = [c for c in range(len(classes)) for _ in range(per_class)]
+    imgs = sample(ema_model, schedule_cfg, labels, list(range(len(labels))), image_shape=image_shape,
+                  null_label=len(classes), sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
+                  steps=20, guidance_scale=2.0, device=device)  # fmt: skip
+    grid = imgs[:, 0].reshape(len(classes), per_class, *image_shape[1:])
+    grid = grid.permute(0, 2, 1, 3).reshape(len(classes) * image_shape[1], -1)
+    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()).save(path)
+
+
+def train(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    out_dir: str | Path,
+    *,
+    unet: UNetConfig | None = None,
+    schedule: ScheduleConfig | None = None,
+    max_steps: int = 2000,  # optimizer steps in total (including resumed ones)
+    batch_size: int = 64,  # global batch, split over processes
+    lr: float = 2e-3,  # peak learning rate after warm-up
+    weight_decay: float = 0.0,
+    warmup_steps: int = 100,  # linear warm-up, then cosine decay to 0 at max_steps
+    grad_clip_norm: float = 1.0,
+    ema_halflife_steps: float = 200.0,
+    label_dropout: float = 0.15,  # share of null-class labels, for classifier-free guidance
+    precision: str = "fp32",  # fp32 | bf16 (autocast)
+    augment_hflip: bool = False,
+    augment_shift_px: int = 0,
+    checkpoint_every_steps: int = 500,
+    keep_states: int = 2,
+    preview_every_steps: int = 0,  # 0 = preview only at the end
+    log_every_steps: int = 10,
+    max_nonfinite_steps: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train a class-conditional diffusion model; return the final snapshot folder.
+
+    ``images``: ``(N, C, H, W)`` float in [-1, 1]; ``labels``: ``(N,)`` long in
+    ``[0, len(classes))``. Writes ``state-*.pt``, ``snapshot-*/``, ``log.jsonl`` and
+    ``preview-*.png`` into ``out_dir``; with ``resume`` it continues from the newest state.
+    """
+    dev = pick_device(device)
+    info = init_distributed(dev)
+    if batch_size % info.world:
+        raise ValueError(f"batch_size {batch_size} must divide by the {info.world} processes")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet = unet or UNetConfig()
+    unet.num_classes, unet.in_channels = len(classes), int(images.shape[1])
+    schedule = schedule or ScheduleConfig()
+    image_shape = tuple(int(s) for s in images.shape[1:])
+    config = {"unet": unet.to_dict(), "schedule": schedule.to_dict(), "classes": list(classes),
+              "image_shape": list(image_shape)}  # fmt: skip
+
+    torch.manual_seed(seed)
+    model = build_unet(unet).to(dev)
+    ema = EMA(model, ema_halflife_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup_steps, max_steps))
+    gen = torch.Generator().manual_seed(seed)
+    step, nonfinite_total = 0, 0
+
+    state = latest_state(out) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.updates = int(state["ema_updates"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_generator"])
+        set_rng_state(state["rng"])
+        step, nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
+    if info.main:
+        _truncate_log(out / "log.jsonl", step)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
+    noise_sched = training_scheduler(schedule)
+    local = batch_size // info.world
+    sl = slice(info.rank * local, (info.rank + 1) * local)
+    use_bf16 = precision == "bf16"
+    images, labels = images.float(), labels.long()
+
+    def payload() -> dict:
+        return {"model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
+                "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "step": step,
+                "data_generator": gen.get_state(), "rng": rng_state(),
+                "nonfinite_total": nonfinite_total, "config": config}  # fmt: skip
+
+    if info.main:
+        print(f"training {count_parameters(model) / 1e6:.2f} M parameters on {dev} x{info.world}, "
+              f"{len(images)} images {image_shape}, steps {step}->{max_steps}")  # fmt: skip
+    bar = tqdm(total=max_steps, initial=step, disable=not (progress and info.main), unit="step")
+    consecutive, t_last, n_last, losses = 0, time.perf_counter(), 0, []
+    while step < max_steps:
+        # Draw everything for the global batch, then take this process's slice.
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x = _augment(images[idx], gen, augment_hflip, augment_shift_px)
+        d = draw(tuple(x.shape), schedule.num_train_timesteps, label_dropout, gen)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diffusion_loss(ddp, noise_sched, schedule, x[sl].to(dev), labels[idx][sl].to(dev),
+                                  d.slice(sl), null_label=unet.num_classes)  # fmt: skip
+        finite = torch.isfinite(loss.detach()).float()
+        if info.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        step += 1
+        if finite.item() < 1:
+            opt.zero_grad(set_to_none=True)
+            consecutive += 1
+            nonfinite_total += 1
+            if consecutive >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive} consecutive non-finite losses at step {step}; stopped. "
+                    f"The last good state is in {out}. Lower training.lr or check the input data."
+                )
+            continue
+        consecutive = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        losses.append(loss.item())
+        bar.update(1)
+
+        if info.main and (step % log_every_steps == 0 or step == max_steps):
+            now = time.perf_counter()
+            rec = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "img_per_s": (step - n_last) * batch_size / (now - t_last)
+                   if n_last else None, "nonfinite_total": nonfinite_total}  # fmt: skip
+            with (out / "log.jsonl").open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            t_last, n_last, losses = now, step, []
+        if step % checkpoint_every_steps == 0 or step == max_steps:
+            if info.main:
+                save_snapshot(out, step, ema.module, config, keep_states)
+                save_state(out, step, payload(), keep_states)
+            if info.world > 1:
+                dist.barrier()
+        if (
+            info.main
+            and preview_every_steps
+            and step % preview_every_steps == 0
+            and step != max_steps
+        ):
+            save_preview(
+                out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
+            )
+    bar.close()
+    if info.main:
+        save_preview(
+            out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
+        )
+    return out / f"snapshot-{step:07d}"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the state we resume from) and torn lines."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
