@@ -138,6 +138,43 @@ def train(
         typer.echo(f"snapshot: {snap}")
 
 
+@app.command()
+def generate(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
+    ] = None,
+    snapshot: Annotated[
+        Path | None, typer.Option(help="Snapshot folder (default: newest in RUN/train)")
+    ] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: generate items k with k % n == i")] = None,
+) -> None:
+    """Generate the protocol's synthetic pool as DICOM + manifest (resumable, shardable)."""
+    from medsynth.generation.api import generate_from_protocol
+    from medsynth.generation.pool import shard_from_env
+
+    proto = _load(protocol, set_)
+    run = Path(run_dir or _run_dir_for(proto))
+    if shard:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            _fail(f"--shard expects i/n such as 0/2, got {shard!r}")
+    else:
+        i, n = shard_from_env()
+    try:
+        res = generate_from_protocol(proto, run, snapshot=snapshot, shard=(i, n))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    rate = f"{res['images_per_s']:.1f} img/s" if res["images_per_s"] else "nothing to do"
+    typer.echo(
+        f"pool {proto.generation.pool}: generated {res['generated']} ({rate}), "
+        f"{res['already_present']} already present; pool {res['pool_images']} images, "
+        f"{res['pool_missing']} missing -> {run / 'generate' / proto.generation.pool}"
+    )
+
+
 def _run_dir_for(proto):
     from medsynth.runfolder import run_dir_for
 

@@ -177,11 +177,26 @@ class TrainingSection(_Section):
     )
 
 
+class CountMode(str, Enum):
+    per_class = "per_class"  # per_class images of every class (counts overrides single classes)
+    ratio = "ratio"  # ratio x the real training images of each class
+    balance = "balance"  # top every class up to ratio x the largest real class
+
+
 class GenerationSection(_Section):
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = "dpmpp"
+    pool: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="pool name (folder, seeds)")
+    count_mode: CountMode = CountMode.per_class
+    per_class: int = Field(100, ge=0)
+    counts: dict[str, int] = Field(default_factory=dict, description="class name -> count")
+    ratio: float = Field(1.0, ge=0)
+    sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="samples per write batch")
+    net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    export_png: bool = Field(False, description="also write 16-bit PNGs beside the DICOM")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class EvaluationSection(_Section):

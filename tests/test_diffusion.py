@@ -52,10 +52,13 @@ def test_guidance_changes_output_and_scale_one_is_single_pass(perturbed_unet):
     two = sample(perturbed_unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0, **kw)
     calls = []
     h = perturbed_unet.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-    sample(perturbed_unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=1.0, **kw)
-    h.remove()
-    assert not torch.allclose(one, two)
+    sample(perturbed_unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=1.0, net_batch=2, **kw)
     assert calls == [2] * 5  # one pass per step, no null-class batch
+    calls.clear()
+    sample(perturbed_unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0, net_batch=2, **kw)
+    h.remove()
+    assert calls == [2] * 10  # conditional + null class
+    assert not torch.allclose(one, two)
 
 
 def test_unknown_sampler_and_rflow_pairing(perturbed_unet):

@@ -36,24 +36,38 @@ class StackedNoise:
 
 
 class _Denoiser:
-    """Calls the UNet with optional classifier-free guidance; returns the raw prediction."""
+    """Calls the UNet with optional classifier-free guidance; returns the raw prediction.
+
+    The network always sees chunks of exactly ``net_batch`` rows (the last one zero-padded):
+    CPU kernels may round differently for different batch sizes, so a fixed call size is what
+    makes sample k bit-identical whatever batch it was requested in.
+    """
 
     def __init__(
-        self, model, labels: torch.Tensor, null_label: int, guidance_scale: float, autocast
+        self, model, labels, null_label: int, guidance_scale: float, autocast, net_batch: int
     ):
         self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
         self.null = torch.full_like(labels, null_label)
+        self.net_batch = net_batch
+
+    def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
+        outs, n = [], self.net_batch
+        for i in range(0, x.shape[0], n):
+            xc, yc = x[i : i + n], labels[i : i + n]
+            pad = n - xc.shape[0]
+            if pad:
+                xc = torch.cat([xc, xc.new_zeros((pad, *xc.shape[1:]))])
+                yc = torch.cat([yc, yc.new_zeros(pad)])
+            ts = torch.full((n,), int(t), device=x.device, dtype=torch.long)
+            with self.autocast():
+                outs.append(self.model(xc, timesteps=ts, class_labels=yc).float()[: n - pad])
+        return torch.cat(outs)
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self._net(x, t, self.labels)
         b = x.shape[0]
-        with self.autocast():
-            if self.scale == 1.0:
-                ts = torch.full((b,), int(t), device=x.device, dtype=torch.long)
-                return self.model(x, timesteps=ts, class_labels=self.labels).float()
-            ts = torch.full((2 * b,), int(t), device=x.device, dtype=torch.long)
-            out = self.model(
-                torch.cat([x, x]), timesteps=ts, class_labels=torch.cat([self.labels, self.null])
-            ).float()
+        out = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.null]))
         cond, uncond = out[:b], out[b:]
         return uncond + self.scale * (cond - uncond)
 
@@ -129,12 +143,14 @@ def sample(
     guidance_scale: float = 1.0,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    net_batch: int = 16,
     progress=None,
 ) -> torch.Tensor:
     """Generate one image per (label, seed): ``(B, C, H, W)`` float32 clamped to [-1, 1].
 
     ``image_shape`` is ``(C, H, W)``; ``null_label`` the class index used for the unconditional
     pass; ``guidance_scale`` 0 = unconditional, 1 = conditional only, > 1 = guided.
+    ``net_batch``: rows per network call (padded); bit-identity holds for a fixed value.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -151,7 +167,7 @@ def sample(
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    denoise = _Denoiser(model, labels, null_label, float(guidance_scale), autocast)
+    denoise = _Denoiser(model, labels, null_label, float(guidance_scale), autocast, net_batch)
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,30 @@
+"""Protocol -> pool generation (the one call the CLI and the runner make)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medsynth.generation.pool import generate_pool, plan_counts
+from medsynth.protocol import Protocol
+from medsynth.training.checkpoint import latest_snapshot
+
+
+def generate_from_protocol(
+    proto: Protocol, run_dir: str | Path, *, snapshot: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1), progress: bool = True,
+) -> dict:  # fmt: skip
+    """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot."""
+    run = Path(run_dir)
+    snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
+    summary = json.loads((run / "ingest" / "summary.json").read_text())
+    real = summary["counts"]["train"]
+    g = proto.generation
+    plan = plan_counts(g.count_mode, summary["classes"], real, per_class=g.per_class,
+                       counts=g.counts, ratio=g.ratio)  # fmt: skip
+    return generate_pool(
+        snap, run / "generate" / g.pool, plan, pool=g.pool, sampler=g.sampler, steps=g.steps,
+        guidance_scale=g.guidance_scale, batch_size=g.batch_size, net_batch=g.net_batch, precision=g.precision,
+        export_png=g.export_png, device=g.device, shard=shard, protocol_sha256=proto.sha256(),
+        progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,215 @@
+"""Generate a labeled synthetic pool: resumable, shardable, byte-reproducible.
+
+A sample is named by (pool, class, index): its seed, file name and UIDs derive from that alone,
+so the same request yields the same files whatever the batch size, shard split or restarts.
+Each file is written atomically; its manifest line (with checksums) is appended only after the
+file is in place. A rerun ignores a torn last line, re-verifies claimed files and generates only
+what is missing. ``--shard i/n`` (or torchrun's RANK/WORLD_SIZE) takes items ``k % n == i``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medsynth import __version__
+from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
+from medsynth.diffusion.sampler import sample
+from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
+from medsynth.training.loop import pick_device
+
+MANIFEST_COLUMNS = (
+    "path", "SOPInstanceUID", "class_name", "class_index", "index", "seed", "guidance_scale",
+    "sampler", "steps", "snapshot_sha256", "protocol_sha256", "pixel_sha256", "file_sha256",
+    "medsynth_version",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Item:
+    class_index: int
+    index: int  # position within its class, 0-based
+
+    def relpath(self, class_name: str) -> str:
+        return f"dicom/{class_name}/{self.index:06d}.dcm"
+
+
+def sample_seed(pool: str, class_index: int, index: int) -> int:
+    """63-bit seed from the sample's name (pool, class, index)."""
+    digest = hashlib.sha256(f"{pool}/{class_index}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def plan_counts(mode: str, classes: list[str], real_counts: dict[str, int], *, per_class: int = 100,
+                counts: dict[str, int] | None = None, ratio: float = 1.0) -> dict[str, int]:  # fmt: skip
+    """Images to generate per class. ``real_counts``: real training images per class."""
+    unknown = sorted(set(counts or {}) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"generation.counts names unknown classes {unknown}; classes are {classes}"
+        )
+    if mode == "per_class":
+        plan = dict.fromkeys(classes, per_class)
+    elif mode == "ratio":
+        plan = {c: round(ratio * real_counts.get(c, 0)) for c in classes}
+    elif mode == "balance":
+        top = round(ratio * max(real_counts.values()))
+        plan = {c: max(0, top - real_counts.get(c, 0)) for c in classes}
+    else:
+        raise ValueError(f"unknown count_mode {mode!r}; valid: per_class, ratio, balance")
+    plan.update(counts or {})
+    return plan
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a manifest part; a torn last line (crash mid-append) is ignored."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    rows = list(csv.DictReader(io.StringIO("".join(lines))))
+    return [r for r in rows if r.get("medsynth_version") and len(r) == len(MANIFEST_COLUMNS)]
+
+
+def _verified(out: Path) -> dict[tuple[int, int], dict]:
+    """Manifest rows (all parts) whose file exists with the recorded checksum."""
+    good = {}
+    for part in sorted((out / "parts").glob("*.csv")):
+        for r in _read_rows(part):
+            f = out / r["path"]
+            if f.exists() and hashlib.sha256(f.read_bytes()).hexdigest() == r["file_sha256"]:
+                good[(int(r["class_index"]), int(r["index"]))] = r
+    return good
+
+
+def _append_row(part: Path, row: dict) -> None:
+    new = not part.exists() or part.stat().st_size == 0
+    with part.open("a", newline="") as fh:
+        if not new and not part.read_text().endswith("\n"):
+            fh.write("\n")  # close a torn line so the next row stands alone
+        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_manifest(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[int, int]:
+    """Merge verified parts into ``manifest.csv`` sorted by (class, index); (done, missing)."""
+    good = _verified(out)
+    want = [(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
+    rows = [good[key] for key in want if key in good]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(out / "manifest.csv", buf.getvalue().encode())
+    return len(rows), len(want) - len(rows)
+
+
+def generate_pool(
+    snapshot_dir: str | Path,
+    out_dir: str | Path,
+    plan: dict[str, int],
+    *,
+    pool: str = "main",
+    sampler: str = "dpmpp",
+    steps: int = 20,
+    guidance_scale: float = 2.0,
+    batch_size: int = 64,
+    net_batch: int = 16,
+    precision: str = "fp32",
+    export_png: bool = False,
+    device: str = "auto",
+    shard: tuple[int, int] = (0, 1),
+    protocol_sha256: str = "",
+    progress: bool = True,
+) -> dict:
+    """Generate the planned samples of this shard into ``out_dir``; return counts and rates.
+
+    ``plan``: class name -> number of images. Writes ``dicom/<class>/<index:06d>.dcm``,
+    ``parts/shard-i-of-n.csv`` and, merged from every part, ``manifest.csv``.
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world} is not valid; use i/n with 0 <= i < n")
+    out = Path(out_dir)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    model, sched_cfg, cfg = load_snapshot(snapshot_dir, dev)
+    classes = cfg["classes"]
+    unknown = sorted(set(plan) - set(classes))
+    if unknown:
+        raise ValueError(f"plan names unknown classes {unknown}; the snapshot knows {classes}")
+    snap_sha = snapshot_sha256(snapshot_dir)
+    items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
+    mine = [it for pos, it in enumerate(items) if pos % world == rank]
+    done = _verified(out)
+    todo = [it for it in mine if (it.class_index, it.index) not in done]
+    part = out / "parts" / f"shard-{rank}-of-{world}.csv"
+    derivation = (f"medsynth {__version__} diffusion snapshot sha256:{snap_sha[:16]} "
+                  f"sampler={sampler} steps={steps} guidance={guidance_scale} net_batch={net_batch} {precision}")  # fmt: skip
+
+    t0, t_write = time.perf_counter(), 0.0
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img",
+               desc=f"generate {pool}")  # fmt: skip
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        seeds = [sample_seed(pool, it.class_index, it.index) for it in batch]
+        images = sample(model, sched_cfg, [it.class_index for it in batch], seeds,
+                        image_shape=tuple(cfg["image_shape"]), null_label=len(classes), sampler=sampler,
+                        steps=steps, guidance_scale=guidance_scale, device=dev,
+                        bf16=precision == "bf16", net_batch=net_batch).cpu().numpy()  # fmt: skip
+        tw = time.perf_counter()
+        for it, seed, img in zip(batch, seeds, images, strict=True):
+            name = classes[it.class_index]
+            ds = synthetic_instance(img[0], run_id=snap_sha, pool=pool, class_name=name,
+                                    class_index=it.class_index, seed=seed, index=it.index,
+                                    derivation=f"{derivation} seed={seed}")  # fmt: skip
+            data = to_bytes(ds)
+            rel = it.relpath(name)
+            atomic_write_bytes(out / rel, data)
+            if export_png:
+                _write_png(out / "png" / name / f"{it.index:06d}.png", img[0])
+            _append_row(part, {
+                "path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": name,
+                "class_index": it.class_index, "index": it.index, "seed": seed,
+                "guidance_scale": guidance_scale, "sampler": sampler, "steps": steps,
+                "snapshot_sha256": snap_sha, "protocol_sha256": protocol_sha256,
+                "pixel_sha256": pixel_sha256(ds), "file_sha256": hashlib.sha256(data).hexdigest(),
+                "medsynth_version": __version__,
+            })  # fmt: skip
+        t_write += time.perf_counter() - tw
+        bar.update(len(batch))
+    bar.close()
+    n_done, n_missing = write_manifest(out, plan, classes)
+    seconds = time.perf_counter() - t0
+    return {"generated": len(todo), "already_present": len(mine) - len(todo), "pool_complete": n_missing == 0,
+            "pool_images": n_done, "pool_missing": n_missing, "seconds": seconds,
+            "images_per_s": len(todo) / seconds if seconds > 0 and todo else None,
+            "dicom_written_per_s": len(todo) / t_write if t_write > 0 else None}  # fmt: skip
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    stored = np.round((np.clip(image, -1, 1) + 1) / 2 * 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
