@@ -130,7 +130,14 @@ def train(
         _fail("give a protocol file or --ingest INGEST_DIR")
     try:
         snap = train_from_sections(
-            ingest_dir, run / "train", proto.model, proto.schedule, proto.training, resume=resume
+            ingest_dir,
+            run / "train",
+            proto.model,
+            proto.schedule,
+            proto.training,
+            resume=resume,
+            train_fraction=proto.dataset.train_fraction,
+            fraction_seed=proto.dataset.fraction_seed,
         )
     except NonFiniteLossError as exc:
         _fail(str(exc))
@@ -173,6 +180,45 @@ def generate(
         f"{res['already_present']} already present; pool {res['pool_images']} images, "
         f"{res['pool_missing']} missing -> {run / 'generate' / proto.generation.pool}"
     )
+
+
+@app.command()
+def evaluate(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
+    ] = None,
+) -> None:
+    """Uplift study (arms x seeds, CIs), fidelity/diversity, memorization -> RUN/evaluate."""
+    from medsynth.evaluation.study import run_study
+
+    proto = _load(protocol, set_)
+    run = Path(run_dir or _run_dir_for(proto))
+    try:
+        res = run_study(run / "ingest", run / "generate", run / "evaluate", proto.evaluation,
+                        train_fraction=proto.dataset.train_fraction,
+                        fraction_seed=proto.dataset.fraction_seed)  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_uplift(res["uplift"]))
+    typer.echo(f"results: {run / 'evaluate'}")
+
+
+def format_uplift(uplift: list[dict]) -> str:
+    """A plain-text uplift table: AUC mean, difference to real-only and to the duplicate control."""
+
+    def ci(r, key):
+        if f"{key}" not in r:
+            return "—"
+        return f"{r[key]:+.3f} [{r[key + '_ci_low']:+.3f}, {r[key + '_ci_high']:+.3f}]"
+
+    lines = [f"{'arm':<34}{'AUC':>8}  {'vs real-only (95% CI)':<28}{'vs duplicate control':<28}"]
+    for r in uplift:
+        lines.append(
+            f"{r['arm']:<34}{r['auc_mean']:>8.3f}  {ci(r, 'auc_vs_real'):<28}{ci(r, 'auc_vs_dup'):<28}"
+        )
+    return "\n".join(lines)
 
 
 def _run_dir_for(proto):

@@ -89,6 +89,8 @@ class DatasetSection(_Section):
         default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}
     )
     split_seed: int = 0
+    train_fraction: float = Field(1.0, gt=0, le=1, description="patient-level share of train used")
+    fraction_seed: int = 0
     spatial_size: int = Field(32, ge=8, le=1024, description="cached image side in pixels")
     resize_mode: ResizeMode = ResizeMode.pad
     intensity: IntensityMode = IntensityMode.percentile
@@ -199,8 +201,42 @@ class GenerationSection(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+class Arm(str, Enum):
+    real_only = "real_only"  # the baseline every arm is compared with
+    duplicate_control = "duplicate_control"  # real + count-matched duplicates of real images
+    classical_aug = "classical_aug"  # real with shifts, rotations, contrast
+    synthetic = "synthetic"  # real + synthetic at each ratio, pool and selector
+    synthetic_only = "synthetic_only"  # train on synthetic, test on real
+
+
+class ClassifierSection(_Section):
+    kind: Literal["small_cnn", "resnet18"] = "small_cnn"
+    width: float = Field(1.0, gt=0, description="channel multiplier")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+
+
 class EvaluationSection(_Section):
-    pass
+    classifier: ClassifierSection = Field(default_factory=ClassifierSection)
+    seeds: int = Field(5, ge=1, description="classifier seeds per arm")
+    arms: list[Arm] = Field(default_factory=lambda: [a for a in Arm])
+    ratios: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0], description="synthetic per real"
+    )
+    pools: list[str] = Field(
+        default_factory=lambda: ["main"], description="generated pools to test"
+    )
+    selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
+        default_factory=lambda: ["random"]
+    )
+    class_mix: Literal["proportional", "balanced"] = "proportional"
+    bootstrap: int = Field(1000, ge=100)
+    metric_samples: int = Field(2000, ge=10, description="max images per set for fidelity metrics")
+    memorization_quantile: float = Field(0.99, gt=0.5, lt=1)
 
 
 class Protocol(_Section):

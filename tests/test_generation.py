@@ -173,6 +173,32 @@ def test_plan_counts_modes():
         plan_counts("per_class", ["a", "b"], real, counts={"c": 1})
 
 
+def test_tiny_study_end_to_end(run):
+    from medsynth.evaluation.study import run_study
+    from medsynth.generation.api import generate_from_protocol
+
+    proto = parse_protocol(YAML, ["evaluation.seeds=2", "evaluation.classifier.epochs=2",
+                                  "evaluation.bootstrap=100", "evaluation.ratios=[0.5,1]"])  # fmt: skip
+    generate_from_protocol(proto, run, progress=False)
+    res = run_study(
+        run / "ingest", run / "generate", run / "evaluate", proto.evaluation, progress=False
+    )
+    arms = [u["arm"] for u in res["uplift"]]
+    assert arms == ["real_only", "classical_aug", "duplicate_control@0.5", "synthetic:main:random@0.5",
+                    "duplicate_control@1", "synthetic:main:random@1", "synthetic_only:main"]  # fmt: skip
+    runs = list(csv.DictReader(open(run / "evaluate/runs.csv")))
+    assert len(runs) == 7 * 2
+    syn = next(u for u in res["uplift"] if u["arm"] == "synthetic:main:random@1")
+    assert {"auc_vs_real", "auc_vs_dup", "auc_vs_dup_ci_low"} <= set(syn)
+    dup = [r for r in runs if r["arm"] == "duplicate_control@1"][0]
+    synr = [r for r in runs if r["arm"] == "synthetic:main:random@1"][0]
+    assert dup["n_extra"] == synr["n_extra"]  # count-matched control
+    assert "FD_clf" in res["fidelity"]["synthetic:main:random@1"]["all"]
+    assert res["memorization"]["main"]["n_synthetic"] == 24
+    for f in ("uplift.csv", "fidelity.json", "memorization.json", "summary.json", "features.npz"):
+        assert (run / "evaluate" / f).exists()
+
+
 def _identifying_values(source: Path) -> set[bytes]:
     keywords = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName",
                 "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate")  # fmt: skip
@@ -188,7 +214,13 @@ def _identifying_values(source: Path) -> set[bytes]:
 
 
 def _scan_outputs(run: Path, values: set[bytes]) -> list[str]:
-    outputs = [run / "train", run / "generate", run / "protocol.yaml", run / "environment.json"]
+    outputs = [
+        run / "train",
+        run / "generate",
+        run / "evaluate",
+        run / "protocol.yaml",
+        run / "environment.json",
+    ]
     hits = []
     for root in outputs:
         for f in [root] if root.is_file() else root.rglob("*"):
@@ -199,6 +231,7 @@ def _scan_outputs(run: Path, values: set[bytes]) -> list[str]:
 
 
 def test_canary_no_source_identifier_in_any_output(run):
+    # Runs after the study test in this module, so evaluate/ outputs are scanned too.
     values = _identifying_values(run / "phantoms")
     assert any(b"CANARY" in v for v in values) and len(values) > 50
     generate_pool(run / "train/snapshot-0000020", run / "generate/canary", {"normal": 3, "opacity": 3},

@@ -19,15 +19,51 @@ class CachedSplit:
     rows: list[dict]  # index.csv rows of these images (ids stay inside the run folder)
 
 
-def load_split(ingest_dir: str | Path, split: str = "train") -> CachedSplit:
-    """Images and labels of one split from ``ingest/`` (``split='all'`` for every row)."""
+def fraction_rows(rows: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """A patient-level, class-stratified subset holding about ``fraction`` of ``rows``.
+
+    Patients are shuffled once per class with ``seed`` and taken in that order, so subsets are
+    nested (5 % within 10 % within 25 %) and the same for the generator and the classifier.
+    """
+    if fraction >= 1.0:
+        return list(rows)
+    by_class: dict[str, list[str]] = {}
+    for r in rows:
+        pid = r.get("PatientID") or r["path"]
+        by_class.setdefault(r["label"], [])
+        if pid not in by_class[r["label"]]:
+            by_class[r["label"]].append(pid)
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    for label in sorted(by_class):
+        pids = sorted(by_class[label])
+        rng.shuffle(pids)
+        keep.update(pids[: max(1, round(fraction * len(pids)))])
+    return [r for r in rows if (r.get("PatientID") or r["path"]) in keep]
+
+
+def split_rows(
+    ingest_dir: str | Path, split: str = "train", fraction: float = 1.0, fraction_seed: int = 0
+) -> list[dict]:
+    """index.csv rows of one split (``'all'`` for every row), optionally a nested fraction."""
     ingest_dir = Path(ingest_dir)
     if not (ingest_dir / "index.csv").is_file():
         raise FileNotFoundError(f"no ingest cache in {ingest_dir}; run `medsynth ingest` first")
-    summary = json.loads((ingest_dir / "summary.json").read_text())
     with (ingest_dir / "index.csv").open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if split == "all" or r["split"] == split]
-    cache = np.load(ingest_dir / "images.npy", mmap_mode="r")
+    return fraction_rows(rows, fraction, fraction_seed)
+
+
+def load_split(
+    ingest_dir: str | Path, split: str = "train", fraction: float = 1.0, fraction_seed: int = 0
+) -> CachedSplit:
+    """Images and labels of one split from ``ingest/`` (``split='all'`` for every row).
+
+    ``fraction`` < 1 keeps a nested patient-level subset (see :func:`fraction_rows`).
+    """
+    rows = split_rows(ingest_dir, split, fraction, fraction_seed)
+    summary = json.loads((Path(ingest_dir) / "summary.json").read_text())
+    cache = np.load(Path(ingest_dir) / "images.npy", mmap_mode="r")
     idx = np.array([int(r["row"]) for r in rows], dtype=np.int64)
     images = torch.from_numpy(np.asarray(cache[idx], dtype=np.float32))
     labels = torch.tensor([int(r["label_index"]) for r in rows], dtype=torch.long)

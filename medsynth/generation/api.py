@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medsynth.data.datasets import split_rows
 from medsynth.generation.pool import generate_pool, plan_counts
 from medsynth.protocol import Protocol
 from medsynth.training.checkpoint import latest_snapshot
@@ -18,7 +19,10 @@ def generate_from_protocol(
     run = Path(run_dir)
     snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
     summary = json.loads((run / "ingest" / "summary.json").read_text())
-    real = summary["counts"]["train"]
+    rows = split_rows(
+        run / "ingest", "train", proto.dataset.train_fraction, proto.dataset.fraction_seed
+    )
+    real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     g = proto.generation
     plan = plan_counts(g.count_mode, summary["classes"], real, per_class=g.per_class,
                        counts=g.counts, ratio=g.ratio)  # fmt: skip

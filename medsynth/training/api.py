@@ -27,11 +27,13 @@ def train_from_sections(
     schedule: ScheduleSection,
     training: TrainingSection,
     *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
     resume: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Train on the ``train`` split of an ingest cache only (val/test never reach the generator)."""
-    data = load_split(ingest_dir, "train")
+    """Train on the ``train`` split (or its ``train_fraction``) only: val/test never reach it."""
+    data = load_split(ingest_dir, "train", train_fraction, fraction_seed)
     return train(
         data.images,
         data.labels,

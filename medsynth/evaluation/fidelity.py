@@ -1,0 +1,122 @@
+"""Fidelity and diversity of a synthetic set against real images.
+
+Features come from a classifier trained on real data inside the run, so every distance is named
+after it: ``FD_clf`` (Fréchet distance, MONAI's FIDMetric on those features), ``KID_clf``,
+k-NN precision / recall / density / coverage (Kynkäänniemi 2019, Naeem 2020), pairwise MS-SSIM
+among synthetic images relative to the same statistic among real ones, and the Vendi score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import pairwise_distances
+from sklearn.neighbors import NearestNeighbors
+
+
+def fd(real: np.ndarray, fake: np.ndarray) -> float:
+    """Fréchet distance between Gaussian fits of two ``(N, D)`` feature sets (MONAI)."""
+    from monai.metrics import FIDMetric
+
+    return float(
+        FIDMetric()(
+            torch.as_tensor(fake, dtype=torch.float64), torch.as_tensor(real, dtype=torch.float64)
+        )
+    )
+
+
+def kid(
+    real: np.ndarray, fake: np.ndarray, subset_size: int = 200, n_subsets: int = 20, seed: int = 0
+) -> float:
+    """Kernel inception-style distance: unbiased MMD² with a cubic polynomial kernel, averaged
+    over random subsets (Bińkowski et al. 2018). ~0 for sets from one distribution."""
+    rng = np.random.default_rng(seed)
+    d = real.shape[1]
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        return float("nan")
+    vals = []
+    for _ in range(n_subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx, kyy, kxy = (((a @ b.T) / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                    - 2 * kxy.mean())  # fmt: skip
+    return float(np.mean(vals))
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+    """k-NN precision, recall, density and coverage of ``fake`` against ``real`` (Naeem 2020)."""
+    k = min(k, len(real) - 1, len(fake) - 1)
+    if k < 1:
+        return dict.fromkeys(("precision", "recall", "density", "coverage"), float("nan"))
+    r_radius = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, -1]
+    f_radius = NearestNeighbors(n_neighbors=k + 1).fit(fake).kneighbors(fake)[0][:, -1]
+    d_rf = pairwise_distances(real, fake)  # (R, F)
+    inside_real = d_rf < r_radius[:, None]
+    return {
+        "precision": float(inside_real.any(0).mean()),
+        "recall": float((d_rf < f_radius[None, :]).any(1).mean()),
+        "density": float(inside_real.sum(0).mean() / k),
+        "coverage": float((d_rf.min(1) < r_radius).mean()),
+    }
+
+
+def vendi(x: np.ndarray) -> float:
+    """Vendi score (Friedman & Dieng 2023) with a cosine kernel: exp of the eigenvalue entropy
+    of K/n. 1 for identical items, n for mutually orthogonal ones. ``x``: ``(N, D)``."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.where(norm > 0, x / np.maximum(norm, 1e-12), 0)
+    # Eigenvalues of K/n equal those of X^T X / n (smaller when D < N).
+    gram = x.T @ x if x.shape[1] < len(x) else x @ x.T
+    w = np.clip(np.linalg.eigvalsh(gram / len(x)), 0, None)
+    w = w[w > 1e-12]
+    return float(np.exp(-(w * np.log(w)).sum())) if len(w) else 1.0
+
+
+def _msssim_metric(size: int):
+    from monai.metrics import MultiScaleSSIMMetric
+
+    kernel = 7 if size >= 48 else 3
+    # MONAI's validity rule for `w` scales: size // max(1, w - 1) ** 2 > kernel - 1.
+    scales = max(w for w in range(1, 6) if size // max(1, w - 1) ** 2 > kernel - 1)
+    base = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])[:scales]
+    return MultiScaleSSIMMetric(
+        spatial_dims=2, data_range=2.0, kernel_size=kernel, weights=tuple(base / base.sum())
+    )
+
+
+def mean_pairwise_msssim(images: torch.Tensor, n_pairs: int = 500, seed: int = 0) -> float:
+    """Mean MS-SSIM over random distinct pairs of ``(N, C, H, W)`` images in [-1, 1]
+    (higher = more alike = less diverse). Scales and kernel adapt to small images."""
+    n = len(images)
+    if n < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, n_pairs)
+    j = (i + rng.integers(1, n, n_pairs)) % n
+    metric = _msssim_metric(images.shape[-1])
+    return float(metric(images[i].float(), images[j].float()).mean())
+
+
+def msssim_ratio(
+    fake: torch.Tensor, real: torch.Tensor, n_pairs: int = 500, seed: int = 0
+) -> float:
+    """Mean pairwise MS-SSIM among synthetic images / the same among real ones (1 = as
+    diverse as real; > 1 = less diverse; a collapsed pool gives 1 / real)."""
+    return mean_pairwise_msssim(fake, n_pairs, seed) / mean_pairwise_msssim(real, n_pairs, seed)
+
+
+def fidelity_diversity(real_feats: np.ndarray, fake_feats: np.ndarray, real_imgs: torch.Tensor,
+                       fake_imgs: torch.Tensor, k: int = 5, seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """All metrics of one (class or overall) comparison, keys named after the extractor."""
+    out = {"n_real": len(real_feats), "n_synthetic": len(fake_feats),
+           "FD_clf": fd(real_feats, fake_feats), "KID_clf": kid(real_feats, fake_feats, seed=seed)}  # fmt: skip
+    out.update({f"{k_}_clf": v for k_, v in prdc(real_feats, fake_feats, k).items()})
+    out["msssim_ratio"] = msssim_ratio(fake_imgs, real_imgs, seed=seed)
+    out["vendi_clf"] = vendi(fake_feats)
+    out["vendi_clf_real"] = vendi(real_feats)
+    out["vendi_pixels"] = vendi(fake_imgs.numpy())
+    out["vendi_pixels_real"] = vendi(real_imgs.numpy())
+    return out

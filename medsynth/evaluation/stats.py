@@ -1,0 +1,124 @@
+"""Classification metrics and paired bootstrap confidence intervals (scikit-learn underneath)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as sps
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_auc_score
+
+
+def auc_score(y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
+    """ROC AUC: binary on p(class 1), else one-vs-rest macro. NaN if a class is absent."""
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if num_classes == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    return float(
+        roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(num_classes)))
+    )
+
+
+def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties averaged (equals sklearn's roc_auc_score)."""
+    ranks = sps.rankdata(score)
+    pos = y == 1
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_metric(name: str, y: np.ndarray, proba: np.ndarray, k: int) -> float:
+    """``auc``, ``accuracy`` or ``balanced_accuracy`` without sklearn's per-call overhead."""
+    if name == "auc":
+        return _binary_auc(y, proba[:, 1]) if k == 2 else auc_score(y, proba, k)
+    pred = proba.argmax(1)
+    if name == "accuracy":
+        return float((pred == y).mean())
+    if name == "balanced_accuracy":
+        present = np.unique(y)
+        return float(np.mean([(pred[y == c] == c).mean() for c in present]))
+    raise ValueError(f"no fast path for metric {name!r}; use auc, accuracy or balanced_accuracy")
+
+
+def metrics(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """AUC, accuracy, balanced accuracy and per-class sensitivity / specificity."""
+    k = len(classes)
+    pred = proba.argmax(1)
+    out = {
+        "auc": auc_score(y, proba, k),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+    }
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    for i, c in enumerate(classes):
+        tp, fn = cm[i, i], cm[i].sum() - cm[i, i]
+        fp = cm[:, i].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        out[f"sensitivity_{c}"] = float(tp / (tp + fn)) if tp + fn else float("nan")
+        out[f"specificity_{c}"] = float(tn / (tn + fp)) if tn + fp else float("nan")
+    return out
+
+
+def paired_bootstrap_diff(
+    y: np.ndarray,
+    proba_arm: list[np.ndarray],
+    proba_base: list[np.ndarray],
+    metric: str,
+    classes: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean difference arm - base of ``metric`` with a paired 95 % bootstrap CI.
+
+    ``proba_arm[s]`` and ``proba_base[s]`` are ``(N, K)`` test probabilities of classifier
+    seed ``s`` (paired by seed). Each replicate resamples seeds (pairs kept) and test cases
+    (the same cases for both arms), so the CI covers seed and test-set variability.
+    """
+    rng = np.random.default_rng(seed)
+    n, s = len(y), len(proba_arm)
+    if s != len(proba_base) or s == 0:
+        raise ValueError("arm and baseline need the same, non-zero number of seeds")
+
+    k = len(classes)
+
+    def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
+        yi = y[idx]
+        return float(np.mean([
+            fast_metric(metric, yi, proba_arm[j][idx], k) - fast_metric(metric, yi, proba_base[j][idx], k)
+            for j in seeds
+        ]))  # fmt: skip
+
+    point = diff(np.arange(s), np.arange(n))
+    reps = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if len(np.unique(y[idx])) < 2:
+            continue
+        reps.append(diff(rng.integers(0, s, s), idx))
+    lo, hi = np.percentile(reps, [2.5, 97.5]) if reps else (float("nan"), float("nan"))
+    return {
+        "diff": point,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "n_boot": len(reps),
+        "seeds": s,
+    }
+
+
+def spearman_with_ci(
+    x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Spearman rho of paired values with a percentile bootstrap 95 % CI (resampling pairs)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return {"rho": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": len(x)}
+    rho = float(sps.spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[i])) > 1 and len(np.unique(y[i])) > 1:
+            reps.append(sps.spearmanr(x[i], y[i]).statistic)
+    lo, hi = np.percentile(reps, [2.5, 97.5]) if reps else (float("nan"), float("nan"))
+    return {"rho": rho, "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}

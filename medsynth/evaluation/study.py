@@ -1,0 +1,243 @@
+"""The uplift study: does synthetic data help a classifier, by how much, with what confidence?
+
+Every arm is trained with the same classifier settings and ``seeds`` seeds, selected on the real
+validation split and tested on the same real test split. Synthetic arms are compared with
+real-only *and* with a duplicate-real control holding exactly as many extra images per class.
+The real-only classifier of seed 0 doubles as the feature extractor (named ``clf``) for the
+fidelity, diversity and memorization metrics. Reads the ingest cache and generated pools only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medsynth.data.datasets import load_split
+from medsynth.evaluation.classifier import Classifier, ClassifierConfig
+from medsynth.evaluation.fidelity import fidelity_diversity
+from medsynth.evaluation.memorization import audit
+from medsynth.evaluation.selection import select
+from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
+from medsynth.generation.dataset import load_pool
+from medsynth.protocol import EvaluationSection
+
+UPLIFT_METRICS = ("auc", "balanced_accuracy")
+DIVERSITY_KEYS = ("FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf",
+                  "msssim_ratio", "vendi_clf", "vendi_pixels")  # fmt: skip
+
+
+def class_counts(labels: torch.Tensor, k: int, ratio: float, mix: str) -> list[int]:
+    """Extra images per class for ``ratio`` extra per real image (proportional or balanced)."""
+    n = torch.bincount(labels, minlength=k).tolist()
+    if mix == "balanced":
+        return [round(ratio * sum(n) / k)] * k
+    return [round(ratio * c) for c in n]
+
+
+def _pick_per_class(labels: torch.Tensor, counts: list[int], chooser) -> np.ndarray:
+    out = []
+    for c, m in enumerate(counts):
+        idx = np.flatnonzero(labels.numpy() == c)
+        if m and len(idx):
+            out.append(idx[chooser(idx, m, c)])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def run_study(
+    ingest_dir: str | Path,
+    generate_dir: str | Path,
+    out_dir: str | Path,
+    ev: EvaluationSection,
+    *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run every arm x seed, the statistics and the audits; write tidy files into ``out_dir``."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    real = load_split(ingest_dir, "train", train_fraction, fraction_seed)
+    val, test = load_split(ingest_dir, "val"), load_split(ingest_dir, "test")
+    classes, k = real.classes, len(real.classes)
+    size = real.images.shape[-1]
+    cfg = ClassifierConfig(**ev.classifier.model_dump())
+    pools = {p: load_pool(Path(generate_dir) / p, classes, size) for p in ev.pools}
+    y_test = test.labels.numpy()
+
+    rows, probas = [], {}
+    bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
+
+    def fit(
+        arm: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+        n_extra: int = 0,
+        augment=False,
+        **tags,
+    ):
+        clf = Classifier(
+            k, x.shape[1], ClassifierConfig(**dict(cfg.to_dict(), augment=augment)), seed=seed
+        )
+        clf.fit(x, y, val.images, val.labels)
+        p = clf.predict_proba(test.images)
+        probas.setdefault(arm, []).append(p)
+        rows.append({"arm": arm, "seed": seed, "n_train": len(x), "n_extra": n_extra,
+                     "best_epoch": clf.best_epoch, **tags, **metrics(y_test, p, classes)})  # fmt: skip
+        bar.update(1)
+        return clf
+
+    # 1. Real-only; seed 0 is the feature extractor.
+    extractor = None
+    for s in range(ev.seeds):
+        clf = fit("real_only", real.images, real.labels, s)
+        extractor = extractor or clf
+    feats = {"real_train": extractor.features(real.images), "real_holdout": extractor.features(
+        torch.cat([val.images, test.images]))}  # fmt: skip
+    for name, pool in pools.items():
+        feats[f"pool:{name}"] = extractor.features(pool.images)
+    np.savez_compressed(
+        out / "features.npz", **{k_.replace(":", "_"): v for k_, v in feats.items()}
+    )
+
+    arms = set(ev.arms)
+    if "classical_aug" in arms:
+        for s in range(ev.seeds):
+            fit("classical_aug", real.images, real.labels, s, augment=True)
+
+    variants = []  # (arm key, pool, selector, ratio, selected indices)
+    for ratio in ev.ratios:
+        counts = class_counts(real.labels, k, ratio, ev.class_mix)
+        if "duplicate_control" in arms:
+            dup_rng = np.random.default_rng(1000 + int(ratio * 1000))
+            dup = _pick_per_class(
+                real.labels, counts, lambda idx, m, c, r=dup_rng: r.integers(0, len(idx), m)
+            )
+            for s in range(ev.seeds):
+                fit(f"duplicate_control@{ratio:g}", torch.cat([real.images, real.images[dup]]),
+                    torch.cat([real.labels, real.labels[dup]]), s, len(dup), ratio=ratio)  # fmt: skip
+        if "synthetic" not in arms:
+            continue
+        for name, pool in pools.items():
+            pf = feats[f"pool:{name}"]
+            conf = extractor.predict_proba(pool.images)[
+                np.arange(len(pool.labels)), pool.labels.numpy()
+            ]
+            for sel in ev.selectors:
+                chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c, sel=sel, pf=pf, conf=conf: select(
+                    sel, m, pf[idx], conf[idx], seed=c))  # fmt: skip
+                key = f"synthetic:{name}:{sel}@{ratio:g}"
+                variants.append((key, name, sel, ratio, chosen))
+                for s in range(ev.seeds):
+                    fit(key, torch.cat([real.images, pool.images[chosen]]),
+                        torch.cat([real.labels, pool.labels[chosen]]), s, len(chosen),
+                        pool=name, selector=sel, ratio=ratio)  # fmt: skip
+    if "synthetic_only" in arms:
+        counts = class_counts(real.labels, k, 1.0, ev.class_mix)
+        for name, pool in pools.items():
+            chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c: np.random.default_rng(c).permutation(
+                len(idx))[:m])  # fmt: skip
+            for s in range(ev.seeds):
+                fit(
+                    f"synthetic_only:{name}",
+                    pool.images[chosen],
+                    pool.labels[chosen],
+                    s,
+                    len(chosen),
+                    pool=name,
+                )
+    bar.close()
+
+    # 2. Uplift against real-only and against the duplicate control of the same ratio.
+    uplift = []
+    for arm, ps in probas.items():
+        rec = {"arm": arm, "seeds": len(ps)}
+        for m in UPLIFT_METRICS:
+            vals = [r[m] for r in rows if r["arm"] == arm]
+            rec[f"{m}_mean"], rec[f"{m}_sd"] = (
+                float(np.mean(vals)),
+                float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            )
+            if arm != "real_only":
+                d = paired_bootstrap_diff(y_test, ps, probas["real_only"], m, classes, ev.bootstrap)
+                rec.update({f"{m}_vs_real": d["diff"], f"{m}_vs_real_ci_low": d["ci_low"],
+                            f"{m}_vs_real_ci_high": d["ci_high"]})  # fmt: skip
+            dup = (
+                f"duplicate_control@{arm.rsplit('@', 1)[1]}"
+                if arm.startswith("synthetic:")
+                else None
+            )
+            if dup in probas:
+                d = paired_bootstrap_diff(y_test, ps, probas[dup], m, classes, ev.bootstrap)
+                rec.update({f"{m}_vs_dup": d["diff"], f"{m}_vs_dup_ci_low": d["ci_low"],
+                            f"{m}_vs_dup_ci_high": d["ci_high"]})  # fmt: skip
+        uplift.append(rec)
+
+    # 3. Fidelity / diversity of each selected set (per class and overall), memorization per pool.
+    rng = np.random.default_rng(0)
+    cap = ev.metric_samples
+
+    def capped(idx: np.ndarray) -> np.ndarray:
+        return idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)
+
+    fidelity = {}
+    for key, name, _sel, _ratio, chosen in variants:
+        pool, pf = pools[name], feats[f"pool:{name}"]
+        per = {}
+        for c, cname in [(None, "all")] + list(enumerate(classes)):
+            ri = capped(
+                np.arange(len(real.labels))
+                if c is None
+                else np.flatnonzero(real.labels.numpy() == c)
+            )
+            fi = capped(chosen if c is None else chosen[pool.labels.numpy()[chosen] == c])
+            if len(fi) >= 2 and len(ri) >= 2:
+                per[cname] = fidelity_diversity(
+                    feats["real_train"][ri], pf[fi], real.images[ri], pool.images[fi]
+                )
+        fidelity[key] = per
+    memo = {}
+    holdout_px = torch.cat([val.images, test.images]).numpy()
+    for name, pool in pools.items():
+        memo[name] = audit(pool.images.numpy(), real.images.numpy(), holdout_px, feats[f"pool:{name}"],
+                           feats["real_train"], feats["real_holdout"], quantile=ev.memorization_quantile)  # fmt: skip
+        memo[name]["synthetic_paths"] = [r["path"] for r in pool.rows]
+        # Cache rows, not file paths: source paths often embed patient identifiers.
+        memo[name]["train_cache_rows"] = [int(r["row"]) for r in real.rows]
+
+    # 4. Diversity <-> uplift across variants (pools x selectors x ratios).
+    up_by_arm = {u["arm"]: u for u in uplift}
+    div_up = {}
+    if len(variants) >= 3:
+        y_up = [up_by_arm[key].get("auc_vs_real", np.nan) for key, *_ in variants]
+        for m in DIVERSITY_KEYS:
+            x = [fidelity[key].get("all", {}).get(m, np.nan) for key, *_ in variants]
+            div_up[m] = spearman_with_ci(np.array(x), np.array(y_up)) | {"x": x, "uplift_auc": y_up}
+
+    summary = {"classes": classes, "train_fraction": train_fraction, "n_real_train": len(real.labels),
+               "n_val": len(val.labels), "n_test": len(test.labels), "classifier": cfg.to_dict(),
+               "seeds": ev.seeds, "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    _write_csv(out / "runs.csv", rows)
+    _write_csv(out / "uplift.csv", uplift)
+    for fname, obj in (("fidelity.json", fidelity), ("memorization.json", memo),
+                       ("diversity_uplift.json", div_up), ("summary.json", summary)):  # fmt: skip
+        (out / fname).write_text(json.dumps(obj, indent=2, default=float))
+    return {"summary": summary, "uplift": uplift, "fidelity": fidelity, "diversity_uplift": div_up,
+            "memorization": {n: {k_: v for k_, v in m.items() if k_ not in ("per_sample", "synthetic_paths",
+                                 "train_cache_rows")} for n, m in memo.items()}}  # fmt: skip
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,135 @@
+"""Evaluation metrics with known answers, the classifier, statistics and a tiny study."""
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.evaluation.classifier import Classifier, ClassifierConfig, classical_augment
+from medsynth.evaluation.fidelity import fd, fidelity_diversity, kid, msssim_ratio, prdc, vendi
+from medsynth.evaluation.memorization import audit
+from medsynth.evaluation.selection import kcenter_greedy, select
+from medsynth.evaluation.stats import fast_metric, metrics, paired_bootstrap_diff, spearman_with_ci
+
+
+def _images(n, seed, size=16):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(base, size=size, mode="bilinear").clamp(-1, 1)
+
+
+def test_identical_sets():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(300, 16))
+    imgs = _images(300, 0)
+    m = fidelity_diversity(f, f.copy(), imgs, imgs.clone())
+    assert abs(m["FD_clf"]) < 1e-6 and abs(m["KID_clf"]) < 0.05
+    assert m["coverage_clf"] == 1.0 and m["precision_clf"] == 1.0 and m["recall_clf"] == 1.0
+    assert abs(m["msssim_ratio"] - 1) < 1e-6
+
+
+def test_disjoint_sets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) + 10
+    assert fd(a, b) > 1000 and kid(a, b) > 1
+    p = prdc(a, b)
+    assert p["precision"] == 0 and p["recall"] == 0 and p["coverage"] == 0
+
+
+def test_collapsed_pool_is_not_diverse_and_flagged():
+    real = _images(200, 1)
+    train, holdout = real[:150], real[150:]
+    collapsed = train[:1].repeat(50, 1, 1, 1)
+    rng = np.random.default_rng(0)
+    f_train = rng.normal(size=(150, 8))
+    assert vendi(collapsed.numpy()) == pytest.approx(1.0, abs=1e-6)
+    assert vendi(np.eye(20)) == pytest.approx(20.0, rel=1e-6)
+    assert msssim_ratio(collapsed, real) > 1.5  # far more alike than real images are
+    res = audit(collapsed.numpy(), train.numpy(), holdout.numpy(), np.repeat(f_train[:1], 50, 0),
+                f_train, rng.normal(size=(50, 8)))  # fmt: skip
+    assert res["share_flagged"] == 1.0 and res["exact_copies"] == 50
+
+
+def test_copies_of_training_images_are_flagged_and_fresh_ones_are_not():
+    real = _images(300, 2)
+    train, holdout, fresh = real[:200], real[200:250], real[250:]
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(300, 8))
+    copies = audit(train[:40].numpy(), train.numpy(), holdout.numpy(), f[:40], f[:200], f[200:250])
+    assert copies["exact_copies"] == 40 and copies["share_flagged"] == 1.0
+    unseen = audit(fresh.numpy(), train.numpy(), holdout.numpy(), f[250:], f[:200], f[200:250])
+    assert unseen["exact_copies"] == 0 and unseen["share_flagged"] < 0.2
+
+
+def test_kcenter_covers_clusters_random_may_not():
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(500, 2))
+    far = rng.normal(size=(5, 2)) + 50
+    feats = np.concatenate([big, far])
+    chosen = kcenter_greedy(feats, 4, seed=0)
+    assert len(set(chosen)) == 4 and any(i >= 500 for i in chosen)
+    assert len(select("random", 10, feats, seed=1)) == 10
+    conf = np.linspace(0, 1, len(feats))
+    assert list(select("fidelity", 3, feats, conf)) == [504, 503, 502]
+    with pytest.raises(ValueError, match="valid choices"):
+        select("best", 3, feats)
+
+
+def test_metrics_and_fast_paths_agree():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(y * 0.3 + rng.uniform(0, 0.7, 200), 0, 1)
+    proba = np.stack([1 - p1, p1], 1)
+    m = metrics(y, proba, ["a", "b"])
+    for name in ("auc", "accuracy", "balanced_accuracy"):
+        assert fast_metric(name, y, proba, 2) == pytest.approx(m[name])
+    assert 0 <= m["sensitivity_b"] <= 1 and 0 <= m["specificity_b"] <= 1
+
+
+def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+
+    def proba(noise, seed):
+        r = np.random.default_rng(seed)
+        s = np.clip(y + r.normal(0, noise, len(y)), -3, 4)
+        p = 1 / (1 + np.exp(-(s - 0.5) * 3))
+        return np.stack([1 - p, p], 1)
+
+    good = [proba(0.3, s) for s in range(5)]
+    bad = [proba(1.2, 10 + s) for s in range(5)]
+    same = [proba(1.2, 20 + s) for s in range(5)]
+    d = paired_bootstrap_diff(y, good, bad, "auc", ["a", "b"], n_boot=300)
+    assert d["diff"] > 0.1 and d["ci_low"] > 0
+    d0 = paired_bootstrap_diff(y, same, bad, "auc", ["a", "b"], n_boot=300)
+    assert d0["ci_low"] < 0 < d0["ci_high"]
+
+
+def test_spearman_ci():
+    x = np.arange(10.0)
+    r = spearman_with_ci(x, x**2)
+    assert r["rho"] == pytest.approx(1.0) and r["ci_low"] > 0.9
+    assert np.isnan(spearman_with_ci([1, 2], [2, 1])["rho"])
+
+
+def test_classifier_learns_and_features():
+    g = torch.Generator().manual_seed(0)
+    n = 160
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
+    x[y == 1, :, 4:12, 4:12] += 1.0
+    clf = Classifier(2, 1, ClassifierConfig(epochs=5, batch_size=32), seed=0).fit(
+        x[:120], y[:120], x[120:], y[120:]
+    )
+    p = clf.predict_proba(x[120:])
+    assert p.shape == (40, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert metrics(y[120:].numpy(), p, ["a", "b"])["auc"] > 0.95
+    assert clf.features(x[:7]).shape == (7, 128)
+    assert len(clf.history) == 5 and 0 <= clf.best_epoch < 5
+    aug = classical_augment(x[:8], torch.Generator().manual_seed(1))
+    assert aug.shape == x[:8].shape and not torch.equal(aug, x[:8]) and aug.abs().max() <= 1
+
+
+def test_resnet18_builds_for_small_images():
+    clf = Classifier(3, 1, ClassifierConfig(kind="resnet18", width=0.25, epochs=1))
+    assert clf.predict_proba(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+    assert clf.features(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
