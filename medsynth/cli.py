@@ -205,6 +205,69 @@ def evaluate(
     typer.echo(f"results: {run / 'evaluate'}")
 
 
+@app.command("run")
+def run_cmd(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of ingest,train,generate,evaluate,report"),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: from protocol)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the resolved protocol and planned stages only")
+    ] = False,
+) -> None:
+    """Run a whole study from a protocol; a rerun skips done stages and resumes an interrupted one."""
+    from medsynth.experiment.runner import StudyError, plan_stages, run_protocol, show
+
+    proto = _load(protocol, set_)
+    run = Path(run_dir or _run_dir_for(proto))
+    chosen = [s.strip() for s in stages.split(",")] if stages else None
+    try:
+        if dry_run:
+            typer.echo(proto.to_yaml())
+            for p in plan_stages(proto, run, chosen):
+                typer.echo(f"{p.stage:<9} {p.action:<7} inputs {p.inputs_sha256[:12]}")
+            typer.echo(f"run folder: {run}")
+            return
+        res = run_protocol(proto, stages=chosen, run_dir=run, log=typer.echo)
+    except StudyError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - turn known user errors into one paragraph
+        _fail(_explain(exc))
+    typer.echo(show(res.run_dir))
+
+
+@app.command("show")
+def show_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder")]) -> None:
+    """Print a run's stage status and headline results."""
+    from medsynth.experiment.runner import StudyError, show
+
+    try:
+        typer.echo(show(run_dir))
+    except StudyError as exc:
+        _fail(str(exc))
+
+
+def _explain(exc: Exception) -> str:
+    """One paragraph for errors a user meets; anything else re-raises with its traceback."""
+    import errno
+
+    from medsynth.data.index import IngestError
+    from medsynth.training.loop import NonFiniteLossError
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"the disk is full while writing {exc.filename or 'run outputs'}. Free space (or point "
+                "output_root at a larger disk) and rerun the same command: finished work is kept and "
+                "interrupted stages resume.")  # fmt: skip
+    if isinstance(exc, (IngestError, NonFiniteLossError, FileNotFoundError, ValueError, KeyError)):
+        return str(exc).strip("'\"")
+    raise exc
+
+
 def format_uplift(uplift: list[dict]) -> str:
     """A plain-text uplift table: AUC mean, difference to real-only and to the duplicate control."""
 

@@ -1,23 +1,48 @@
 """Run folders: ``<output_root>/<name>-<hash8>/`` holding the resolved protocol and environment.
 
-The folder name comes from the protocol hash, so rerunning the same protocol finds the same
-folder (and can resume), while any change to the protocol gets a folder of its own.
+The folder name comes from the hash of the protocol's *dataset* section: rerunning the protocol
+finds the same folder (and resumes), a changed model/training/generation/evaluation setting
+reuses it and recomputes only the stages whose inputs changed (see ``stage_inputs``), and a
+different dataset gets a folder of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
 from pathlib import Path
 
 from medsynth import __version__
-from medsynth.protocol import Protocol
+from medsynth.protocol import Protocol, canonical_json
+
+STAGES = ("ingest", "train", "generate", "evaluate", "report")
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 def run_dir_for(protocol: Protocol, output_root: str | Path | None = None) -> Path:
     root = Path(output_root or protocol.output_root)
-    return root / f"{protocol.name}-{protocol.sha256()[:8]}"
+    return root / f"{protocol.name}-{_sha(protocol.dataset.model_dump(mode='json'))[:8]}"
+
+
+def stage_inputs(protocol: Protocol) -> dict[str, str]:
+    """SHA-256 of everything each stage depends on, chained through the stages before it."""
+    p = protocol.model_dump(mode="json")
+    ds = p["dataset"]
+    out: dict[str, str] = {}
+    out["ingest"] = _sha(
+        {k: v for k, v in ds.items() if k not in ("train_fraction", "fraction_seed", "workers")}
+    )
+    out["train"] = _sha([out["ingest"], ds["train_fraction"], ds["fraction_seed"], p["model"], p["schedule"],
+                         p["training"]])  # fmt: skip
+    out["generate"] = _sha([out["train"], p["generation"]])
+    out["evaluate"] = _sha([out["generate"], p["evaluation"]])
+    out["report"] = _sha([out["evaluate"], p["name"], p["description"]])
+    return out
 
 
 def environment() -> dict:

@@ -77,7 +77,9 @@ def test_resolved_protocol_written(tmp_path):
 
     proto = parse_protocol(GOOD)
     run = prepare_run_dir(proto, run_dir_for(proto, tmp_path))
-    assert run.name == f"t-{proto.sha256()[:8]}"
+    assert run.name.startswith("t-") and run == run_dir_for(
+        parse_protocol(GOOD, ["training.lr=0.1"]), tmp_path
+    )
     assert (run / "protocol.sha256").read_text().strip() == proto.sha256()
     again = parse_protocol((run / "protocol.yaml").read_text())
     assert again.sha256() == proto.sha256()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -155,6 +156,9 @@ def generate_pool(
     snap_sha = snapshot_sha256(snapshot_dir)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
+    request = {"snapshot_sha256": snap_sha, "plan": plan, "pool": pool, "sampler": sampler, "steps": steps,
+               "guidance_scale": guidance_scale, "net_batch": net_batch, "precision": precision}  # fmt: skip
+    _check_request(out, request)
     done = _verified(out)
     todo = [it for it in mine if (it.class_index, it.index) not in done]
     part = out / "parts" / f"shard-{rank}-of-{world}.csv"
@@ -199,6 +203,19 @@ def generate_pool(
             "pool_images": n_done, "pool_missing": n_missing, "seconds": seconds,
             "images_per_s": len(todo) / seconds if seconds > 0 and todo else None,
             "dicom_written_per_s": len(todo) / t_write if t_write > 0 else None}  # fmt: skip
+
+
+def _check_request(out: Path, request: dict) -> None:
+    """Refuse to mix samples of different requests in one pool folder (resume needs the same)."""
+    path = out / "request.json"
+    if path.exists():
+        if json.loads(path.read_text()) != request:
+            raise ValueError(
+                f"pool folder {out} holds samples of another request ({path}); use another "
+                "generation.pool name or delete the folder to regenerate"
+            )
+        return
+    atomic_write_bytes(path, json.dumps(request, indent=2, sort_keys=True).encode())
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

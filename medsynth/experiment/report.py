@@ -1,0 +1,260 @@
+"""The study report: ``report/index.html`` (self-contained, images inlined) plus its PNGs.
+
+It reads only the run folder: protocol, environment, ingest summary, training log, pool
+manifest, evaluation results. No DICOM attribute of a source file is read or shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medsynth import __version__  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1d2330;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:2px solid #e4e7ee;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #d8dce6;padding:.3em .6em;
+text-align:right}th{background:#f3f5f9}td:first-child,th:first-child{text-align:left}
+.pos{color:#0a7a32;font-weight:600}.neg{color:#b3261e;font-weight:600}.muted{color:#667}
+img{max-width:100%;border:1px solid #e4e7ee}.card{background:#f7f8fb;border-left:4px solid #4a6fd1;
+padding:.6em 1em;margin:1em 0}.warn{border-left-color:#d17a4a}pre{background:#f3f5f9;padding:.8em;overflow-x:auto;
+font-size:.85em}
+"""
+
+
+def _png(fig, path: Path) -> str:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{path.stem}">'
+
+
+def _table(rows: list[list], head: list[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _fmt(v, digits=3) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _ci(r: dict, key: str) -> str:
+    if not r.get(key):
+        return "—"
+    d, lo, hi = float(r[key]), float(r[key + "_ci_low"]), float(r[key + "_ci_high"])
+    cls = "pos" if lo > 0 else "neg" if hi < 0 else ""
+    return f'<span class="{cls}">{d:+.3f}</span> <span class="muted">[{lo:+.3f}, {hi:+.3f}]</span>'
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    """(R, K, H, W) in [-1, 1] -> one (R*H, K*W) image in [0, 1]."""
+    r, k, h, w = images.shape
+    return ((images.transpose(0, 2, 1, 3).reshape(r * h, k * w) + 1) / 2).clip(0, 1)
+
+
+def write_report(run: Path, protocol) -> Path:
+    """Render the report of a run folder; returns the path of ``index.html``."""
+    from medsynth.data.datasets import load_split
+    from medsynth.generation.dataset import load_pool, read_manifest
+
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    env = json.loads((run / "environment.json").read_text())
+    ingest = json.loads((run / "ingest" / "summary.json").read_text())
+    classes = ingest["classes"]
+    parts = [f"<h1>medsynth study: {html.escape(protocol.name)}</h1>",
+             f"<p class=muted>{html.escape(protocol.description)}</p>"]  # fmt: skip
+
+    # What was run.
+    skipped = list(csv.DictReader((run / "ingest" / "skipped.csv").open()))
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
+    counts = [[s] + [ingest["counts"][s][c] for c in classes] for s in ("train", "val", "test")]
+    parts += ["<h2>What was run</h2>",
+              f"<p>{ingest['images']} images from {ingest['files_scanned']} files at {ingest['spatial_size']} px; "
+              f"{ingest['skipped']} files skipped"
+              + (" (" + ", ".join(f"{n}× {html.escape(r)}" for r, n in reasons.items()) + ")" if reasons else "")
+              + f"; training fraction {protocol.dataset.train_fraction:g} of the train split.</p>",
+              _table(counts, ["split"] + classes),
+              "<p class=muted>" + ", ".join(f"{k} {v}" for k, v in env.items() if v) + "</p>"]  # fmt: skip
+
+    # Training curve.
+    log = run / "train" / "log.jsonl"
+    if log.exists():
+        recs = [json.loads(line) for line in log.read_text().splitlines()]
+        fig, ax = plt.subplots(figsize=(6.5, 2.6))
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2)
+        ax.set(
+            xlabel="optimizer step",
+            ylabel="diffusion loss (MSE)",
+            yscale="log",
+            title="Training curve",
+        )
+        ax.grid(alpha=0.3)
+        parts += ["<h2>Generator training</h2>", _png(fig, out / "training_curve.png")]
+    # Samples beside real images.
+    pool_name = protocol.generation.pool
+    pool_dir = run / "generate" / pool_name
+    if (pool_dir / "manifest.csv").exists():
+        manifest = read_manifest(pool_dir)
+        real = load_split(
+            run / "ingest", "train", protocol.dataset.train_fraction, protocol.dataset.fraction_seed
+        )
+        per = 8
+        rows_syn = [r for c in classes for r in [m for m in manifest if m["class_name"] == c][:per]]
+        pool = load_pool(pool_dir, classes, real.images.shape[-1], rows=rows_syn)
+        fig, axes = plt.subplots(
+            len(classes), 2, figsize=(10, 1.5 * len(classes) + 0.6), squeeze=False
+        )
+        for ci, c in enumerate(classes):
+            ridx = np.flatnonzero(real.labels.numpy() == ci)[:per]
+            sidx = np.flatnonzero(pool.labels.numpy() == ci)[:per]
+            for ax, imgs, title in (
+                (axes[ci, 0], real.images[ridx], "real"),
+                (axes[ci, 1], pool.images[sidx], "synthetic"),
+            ):
+                if len(imgs):
+                    ax.imshow(_grid(imgs[:, 0].numpy()[None]), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"{c}: {title}", fontsize=9)
+                ax.axis("off")
+        parts += [f"<h2>Samples (pool <code>{html.escape(pool_name)}</code>)</h2>",
+                  f"<p>{len(manifest)} synthetic images, sampler {protocol.generation.sampler}-{protocol.generation.steps}, "
+                  f"guidance {protocol.generation.guidance_scale:g}. Left: real training images; right: synthetic.</p>",
+                  _png(fig, out / "samples.png")]  # fmt: skip
+    parts += _evaluation_sections(run, out, classes)
+    parts += _cards(run, protocol, ingest)
+    parts += ["<h2>Protocol</h2>", f"<pre>{html.escape((run / 'protocol.yaml').read_text())}</pre>",
+              f"<p class=muted>medsynth {__version__}</p>"]  # fmt: skip
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>medsynth report: "
+            f"{html.escape(protocol.name)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    (out / "index.html").write_text(page)
+    return out / "index.html"
+
+
+def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
+    ev = run / "evaluate"
+    if not (ev / "uplift.csv").exists():
+        return ["<h2>Uplift</h2><p>Not evaluated yet.</p>"]
+    summary = json.loads((ev / "summary.json").read_text())
+    uplift = list(csv.DictReader((ev / "uplift.csv").open()))
+    parts = ["<h2>Does it help the diagnosis?</h2>",
+             f"<p>Classifier: {summary['classifier']['kind']}, {summary['seeds']} seeds per arm, best epoch on the real "
+             f"validation split, tested on {summary['n_test']} real test images. Differences are paired (same seeds, "
+             "same test cases) with bootstrap 95 % CIs; green/red = CI excludes zero. Synthetic arms must beat the "
+             "duplicate-real control holding as many extra images per class.</p>",
+             _table([[html.escape(r["arm"]), _fmt(r["auc_mean"]), _fmt(r["balanced_accuracy_mean"]),
+                      _ci(r, "auc_vs_real"), _ci(r, "auc_vs_dup"), _ci(r, "balanced_accuracy_vs_real")]
+                     for r in uplift],
+                    ["arm", "AUC", "bal. acc.", "ΔAUC vs real-only", "ΔAUC vs duplicate control",
+                     "Δbal. acc. vs real-only"])]  # fmt: skip
+    arms = [r for r in uplift if r.get("auc_vs_real")]
+    if arms:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(arms) + 1))
+        y = np.arange(len(arms))
+        d = np.array([float(r["auc_vs_real"]) for r in arms])
+        lo = d - np.array([float(r["auc_vs_real_ci_low"]) for r in arms])
+        hi = np.array([float(r["auc_vs_real_ci_high"]) for r in arms]) - d
+        ax.barh(y, d, xerr=[lo, hi], color=["#4a6fd1" if a["arm"].startswith("synthetic") else "#9aa4b8" for a in arms],
+                capsize=3)  # fmt: skip
+        ax.set_yticks(y, [a["arm"] for a in arms], fontsize=8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(xlabel="test AUC difference to real-only (95 % CI)", title="Uplift")
+        parts.append(_png(fig, out / "uplift.png"))
+    fid = json.loads((ev / "fidelity.json").read_text())
+    keys = ["FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf", "msssim_ratio",
+            "vendi_clf", "vendi_clf_real"]  # fmt: skip
+    rows = [
+        [html.escape(f"{arm} / {c}")] + [_fmt(m.get(k)) for k in keys]
+        for arm, per in fid.items()
+        for c, m in per.items()
+    ]
+    parts += ["<h2>Fidelity and diversity</h2>",
+              "<p>In the features of the real-only classifier (seed 0), hence the <code>_clf</code> names — not FID. "
+              "MS-SSIM ratio: mean pairwise MS-SSIM among synthetic images over the same among real ones (1 = as "
+              "diverse as real, higher = less diverse).</p>", _table(rows, ["set / class"] + keys)]  # fmt: skip
+    div = json.loads((ev / "diversity_uplift.json").read_text())
+    if div:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        for ax, key in zip(axes, ("vendi_clf", "coverage_clf", "msssim_ratio"), strict=False):
+            ax.scatter(div[key]["x"], div[key]["uplift_auc"])
+            ax.set(xlabel=key, ylabel="ΔAUC vs real-only", title=f"ρ = {_fmt(div[key]['rho'], 2)}")
+        parts += ["<h2>Diversity ↔ uplift</h2>",
+                  _table([[k, _fmt(v["rho"], 2), f"[{_fmt(v['ci_low'], 2)}, {_fmt(v['ci_high'], 2)}]", v["n"]]
+                          for k, v in div.items()], ["metric", "Spearman ρ", "95 % CI", "sets"]),
+                  _png(fig, out / "diversity_uplift.png")]  # fmt: skip
+    memo = json.loads((ev / "memorization.json").read_text())
+    parts.append("<h2>Memorization audit</h2>")
+    for name, m in memo.items():
+        parts.append(f"<p>Pool <code>{html.escape(name)}</code>: {100 * m['share_flagged']:.1f} % of {m['n_synthetic']} "
+                     f"samples flagged (closer to a training image than {100 * (1 - m['holdout_flag_rate_expected']):.0f} % "
+                     f"of held-out real images are; expected ≈{100 * m['holdout_flag_rate_expected']:.0f} % by chance), "
+                     f"{m['exact_copies']} exact copies.</p>")  # fmt: skip
+        parts.append(_pairs_png(run, out, name, m))
+    return parts
+
+
+def _pairs_png(run: Path, out: Path, name: str, m: dict) -> str:
+    from medsynth.dicom.read import DecodeOptions, load_unit_image
+
+    top = m["top_pairs"][:8]
+    if not top:
+        return ""
+    cache = np.load(run / "ingest" / "images.npy", mmap_mode="r")
+    fig, axes = plt.subplots(2, len(top), figsize=(1.4 * len(top), 3.2), squeeze=False)
+    for j, p in enumerate(top):
+        syn = load_unit_image(run / "generate" / name / m["synthetic_paths"][p["synthetic"]],
+                              DecodeOptions(intensity="window", window_center=0, window_width=2))[0]  # fmt: skip
+        real = (cache[m["train_cache_rows"][p["train"]], 0].astype(np.float32) + 1) / 2
+        for i, (img, t) in enumerate(
+            ((syn, f"r={p['pixel_similarity']:.3f}"), (real, "nearest train"))
+        ):
+            axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].set_title(t + (" ⚑" if i == 0 and p["flagged"] else ""), fontsize=7)
+            axes[i, j].axis("off")
+    return _png(fig, out / f"memorization_{name}.png")
+
+
+def _cards(run: Path, protocol, ingest: dict) -> list[str]:
+    g, t = protocol.generation, protocol.training
+    snaps = sorted((run / "train").glob("snapshot-[0-9]*")) if (run / "train").exists() else []
+    snap = snaps[-1].name if snaps else "—"
+    memo_path = run / "evaluate" / "memorization.json"
+    memo = json.loads(memo_path.read_text()).get(g.pool) if memo_path.exists() else None
+    audit = (
+        f"{100 * memo['share_flagged']:.1f} % flagged, {memo['exact_copies']} exact copies"
+        if memo
+        else "not run"
+    )
+    return [
+        "<h2>Dataset card: synthetic pool</h2>",
+        f"<div class='card warn'><b>Not for clinical use.</b> Synthetic images generated by a diffusion model; they "
+        f"depict no patient. Intended use: research on data augmentation for the classes {', '.join(ingest['classes'])}, "
+        f"after human review (medsynth dashboard). Made from snapshot <code>{snap}</code> with {g.sampler}-{g.steps}, "
+        f"guidance {g.guidance_scale:g}; labels are the conditioning class (manifest.csv is the source of truth). "
+        f"Written as DICOM Secondary Capture with ConversionType SYN and ImageType DERIVED\\SECONDARY\\SYNTHETIC; no "
+        f"attribute of any source file is copied. Memorization audit: {audit}.</div>",
+        "<h2>Model card: generator snapshot</h2>",
+        f"<div class=card>Class-conditional MONAI DiffusionModelUNet, channels {protocol.model.channels}, "
+        f"{protocol.schedule.kind} schedule ({protocol.schedule.beta_schedule}, {protocol.schedule.prediction_type}), "
+        f"trained {t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, EMA half-life {t.ema_halflife_steps:g} steps, "
+        f"label dropout {t.label_dropout:g} for classifier-free guidance, {t.precision}. Trained only on the "
+        f"train split{'' if protocol.dataset.train_fraction >= 1 else f' ({protocol.dataset.train_fraction:g} of it)'}; "
+        f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
+        f"quality and diversity as measured above, on this dataset only.</div>",
+    ]
