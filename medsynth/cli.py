@@ -252,6 +252,32 @@ def show_cmd(run_dir: Annotated[Path, typer.Argument(help="Run folder")]) -> Non
         _fail(str(exc))
 
 
+review_app = typer.Typer(
+    help="Human review of generated pools (the dashboard writes the decisions)."
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder")],
+    pool: Annotated[str, typer.Option(help="Pool name under RUN/generate")] = "main",
+    out: Annotated[
+        Path | None, typer.Option(help="Destination (default RUN/generate/<pool>-accepted)")
+    ] = None,
+    reviewer: Annotated[str | None, typer.Option(help="Only this reviewer's decisions")] = None,
+    link: Annotated[bool, typer.Option(help="Symlink DICOM files instead of copying")] = False,
+) -> None:
+    """Export the accepted samples of a reviewed pool as a pool of their own."""
+    from medsynth.review.export import export_accepted
+
+    try:
+        folder, n = export_accepted(run_dir, pool, out, reviewer=reviewer, link=link)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"exported {n} accepted samples to {folder}")
+
+
 def _explain(exc: Exception) -> str:
     """One paragraph for errors a user meets; anything else re-raises with its traceback."""
     import errno

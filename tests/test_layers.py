@@ -10,6 +10,7 @@ LEVEL = {
     "training": 2, "generation": 2,
     "evaluation": 3,
     "experiment": 4,
+    "review": 4,
     "cli": 5,
 }  # fmt: skip
 FORBIDDEN = {

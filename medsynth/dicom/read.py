@@ -204,3 +204,32 @@ def load_unit_image(path: str | Path, opts: DecodeOptions = DecodeOptions()) -> 
             return unit[None]
         return np.ascontiguousarray(unit.transpose(2, 0, 1))
     return unit[None] if opts.color == "grey" else np.repeat(unit[None], 3, axis=0)
+
+
+# Values shown unmasked in a header view of a *real* file: technical attributes only.
+TECHNICAL_KEYWORDS = frozenset({
+    "SOPClassUID", "Modality", "ConversionType", "ImageType", "BodyPartExamined", "ViewPosition",
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "PixelSpacing",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
+    "RescaleType", "WindowCenter", "WindowWidth", "LossyImageCompression", "BurnedInAnnotation",
+    "PatientIdentityRemoved", "SeriesDescription", "DerivationDescription", "SpecificCharacterSet",
+})  # fmt: skip
+
+
+def header_table(path: str | Path, mask: bool = False) -> list[dict[str, str]]:
+    """Header elements as rows (tag, keyword, VR, value) without pixel data.
+
+    With ``mask`` every value outside :data:`TECHNICAL_KEYWORDS` is replaced by a mask, so a
+    real file's names, IDs, dates, UIDs and free text are never displayed.
+    """
+    ds = _dcmread(Path(path), stop_before_pixels=True)
+    rows = []
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            continue
+        kw = elem.keyword or "(private)"
+        value = str(elem.value)
+        if mask and kw not in TECHNICAL_KEYWORDS:
+            value = "•••• (masked)" if value else ""
+        rows.append({"tag": str(elem.tag), "keyword": kw, "VR": str(elem.VR), "value": value[:200]})
+    return rows
