@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 # Main job on the embedded default: a phantom DICOM study, end to end.
 demo: setup
-	$(BIN)/medsynth ingest protocols/quickstart.yaml
+	$(BIN)/medsynth run protocols/quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
