@@ -161,6 +161,7 @@ def main() -> None:
         "--quality-n", type=int, default=None, help="images per sampler (default 128 CPU, 1000 GPU)"
     )
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only-quality", action="store_true", help="skip the speed sections")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev.type == "cuda"
@@ -170,6 +171,13 @@ def main() -> None:
                  "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
     print(f"device: {res['device']}  torch {torch.__version__}  threads {res['threads']}")
 
+    if args.only_quality:
+        res["quality"] = quality_table(
+            args.snapshot, args.ingest, dev, args.quality_n or (1000 if on_gpu else 128), False
+        )
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return
     res["ceiling_fp32_tflops"] = matmul_ceiling(dev, torch.float32) / 1e12
     res["ceiling_bf16_tflops"] = matmul_ceiling(dev, torch.bfloat16) / 1e12
     print(

@@ -1,28 +1,42 @@
 """Fidelity and diversity of a synthetic set against real images.
 
 Features come from a classifier trained on real data inside the run, so every distance is named
-after it: ``FD_clf`` (Fréchet distance, MONAI's FIDMetric on those features), ``KID_clf``,
+after it: ``FD_clf`` (Fréchet distance on those features), ``KID_clf``,
 k-NN precision / recall / density / coverage (Kynkäänniemi 2019, Naeem 2020), pairwise MS-SSIM
 among synthetic images relative to the same statistic among real ones, and the Vendi score.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import scipy.linalg
 import torch
 from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
 
 def fd(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance between Gaussian fits of two ``(N, D)`` feature sets (MONAI)."""
-    from monai.metrics import FIDMetric
+    """Fréchet distance between Gaussian fits of two ``(N, D)`` feature sets.
 
-    return float(
-        FIDMetric()(
-            torch.as_tensor(fake, dtype=torch.float64), torch.as_tensor(real, dtype=torch.float64)
-        )
-    )
+    ``|mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, as MONAI's ``FIDMetric`` computes it
+    (tests check agreement); written out because that class calls ``scipy.linalg.sqrtm`` with a
+    ``disp`` argument newer SciPy releases removed.
+    """
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    s_r, s_f = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
+    with warnings.catch_warnings():
+        # Few samples in many dimensions give singular covariances; sqrtm still returns the
+        # best estimate, which is what a small pool can have.
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s_r @ s_f)
+    covmean = np.real(covmean)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(s_r)) * 1e-6
+        covmean = np.real(scipy.linalg.sqrtm((s_r + eps) @ (s_f + eps)))
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(s_r) + np.trace(s_f) - 2 * np.trace(covmean))
 
 
 def kid(
