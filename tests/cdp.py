@@ -25,7 +25,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-async def _session(ws_url: str, url: str, out: Path, min_images: int, timeout: float) -> int:
+async def _session(
+    ws_url: str, url: str, out: Path, min_images: int, timeout: float, full_page: bool
+) -> int:
     import websockets  # streamlit's server stack brings it
 
     ws = await websockets.connect(ws_url, max_size=200 * 1024 * 1024)
@@ -49,14 +51,19 @@ async def _session(ws_url: str, url: str, out: Path, min_images: int, timeout: f
             await asyncio.sleep(2.5)  # let the last paints and the sidebar animation land
             break
         await asyncio.sleep(0.5)
-    shot = await call("Page.captureScreenshot", format="png")
+    params: dict = {"format": "png"}
+    if full_page:
+        size = (await call("Page.getLayoutMetrics"))["cssContentSize"]
+        params.update(captureBeyondViewport=True,
+                      clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})  # fmt: skip
+    shot = await call("Page.captureScreenshot", **params)
     out.write_bytes(base64.b64decode(shot["data"]))
     await ws.close()
     return n
 
 
 def screenshot_when_images_loaded(
-    url: str, out: Path, min_images: int = 1, timeout: float = 60
+    url: str, out: Path, min_images: int = 1, timeout: float = 60, full_page: bool = False
 ) -> int:
     """Open ``url`` in headless Chromium, wait until ``min_images`` images have loaded, save a PNG.
 
@@ -65,7 +72,8 @@ def screenshot_when_images_loaded(
     """
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     port = _port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium may still be writing its profile as it exits.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                                  "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
@@ -84,7 +92,7 @@ def screenshot_when_images_loaded(
                     raise RuntimeError("chromium did not open its DevTools port")
                 time.sleep(0.2)
             return asyncio.run(
-                _session(pages[0]["webSocketDebuggerUrl"], url, out, min_images, timeout)
+                _session(pages[0]["webSocketDebuggerUrl"], url, out, min_images, timeout, full_page)
             )
         finally:
             proc.terminate()

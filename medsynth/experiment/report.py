@@ -139,7 +139,8 @@ def write_report(run: Path, protocol) -> Path:
                   _png(fig, out / "samples.png")]  # fmt: skip
     parts += _evaluation_sections(run, out, classes)
     parts += _cards(run, protocol, ingest)
-    parts += ["<h2>Protocol</h2>", f"<pre>{html.escape((run / 'protocol.yaml').read_text())}</pre>",
+    parts += ["<h2>Protocol</h2>", "<details><summary>resolved protocol (YAML)</summary>"
+              f"<pre>{html.escape((run / 'protocol.yaml').read_text())}</pre></details>",
               f"<p class=muted>medsynth {__version__}</p>"]  # fmt: skip
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>medsynth report: "
             f"{html.escape(protocol.name)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
