@@ -24,6 +24,10 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a protocol value, e.g. --set training.max_steps=500"),
 ]
 
+RunDirOpt = Annotated[
+    Path | None, typer.Option(help="Run folder (default: runs/<name>-<dataset hash8>)")
+]
+
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -77,9 +81,7 @@ def phantoms(
 def ingest(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
-    ] = None,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Scan, label, split and cache the protocol's DICOM dataset into RUN/ingest."""
     proto = _load(protocol, set_)
@@ -94,9 +96,7 @@ def train(
         Path | None, typer.Argument(help="Protocol YAML (omit with --ingest)")
     ] = None,
     set_: SetOpt = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
-    ] = None,
+    run_dir: RunDirOpt = None,
     ingest_dir: Annotated[
         Path | None, typer.Option("--ingest", help="Train from this ingest folder instead")
     ] = None,
@@ -139,7 +139,7 @@ def train(
             train_fraction=proto.dataset.train_fraction,
             fraction_seed=proto.dataset.fraction_seed,
         )
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, ValueError) as exc:
         _fail(str(exc))
     if main_rank:
         typer.echo(f"snapshot: {snap}")
@@ -149,9 +149,7 @@ def train(
 def generate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
-    ] = None,
+    run_dir: RunDirOpt = None,
     snapshot: Annotated[
         Path | None, typer.Option(help="Snapshot folder (default: newest in RUN/train)")
     ] = None,
@@ -186,9 +184,7 @@ def generate(
 def evaluate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder (default: from protocol hash)")
-    ] = None,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Uplift study (arms x seeds, CIs), fidelity/diversity, memorization -> RUN/evaluate."""
     from medsynth.evaluation.study import run_study
@@ -213,9 +209,7 @@ def run_cmd(
         str | None,
         typer.Option(help="Comma-separated subset of ingest,train,generate,evaluate,report"),
     ] = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder (default: from protocol)")
-    ] = None,
+    run_dir: RunDirOpt = None,
     dry_run: Annotated[
         bool, typer.Option(help="Print the resolved protocol and planned stages only")
     ] = False,

@@ -115,3 +115,24 @@ def test_dry_run_and_errors(tmp_path):
         app, ["run", str(SMOKE), "--set", "generation.sampler=heun", "--dry-run"]
     )
     assert sampler.exit_code == 2 and "'ddpm', 'ddim', 'dpmpp' or 'euler'" in sampler.output
+
+
+def test_disk_full_is_one_paragraph(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    import medsynth.experiment.runner as runner
+    from medsynth.cli import app
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.dcm"))
+
+    monkeypatch.setattr(runner, "run_protocol", full)
+    res = CliRunner().invoke(app, ["run", str(SMOKE), "--run-dir", str(tmp_path / "r")])
+    assert (
+        res.exit_code == 2
+        and "disk is full" in res.output
+        and "rerun the same command" in res.output
+    )
+    assert "Traceback" not in res.output

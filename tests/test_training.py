@@ -119,6 +119,25 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_resume_refuses_another_model(tmp_path):
+    images, labels = torch.rand(8, 1, 16, 16) * 2 - 1, torch.randint(0, 2, (8,))
+    train(
+        images, labels, ["a", "b"], tmp_path, unet=TINY, max_steps=2, batch_size=4, progress=False
+    )
+    other = UNetConfig(channels=[16, 16], attention_levels=[False, True], num_head_channels=16)
+    with pytest.raises(ValueError, match="another model"):
+        train(
+            images,
+            labels,
+            ["a", "b"],
+            tmp_path,
+            unet=other,
+            max_steps=4,
+            batch_size=4,
+            progress=False,
+        )
+
+
 def test_conditioning_conditions(tmp_path):
     """Two classes that differ only in where the bright blob is: samples must follow the label."""
     g = torch.Generator().manual_seed(0)

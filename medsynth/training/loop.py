@@ -165,6 +165,11 @@ def train(
     step, nonfinite_total = 0, 0
 
     state = latest_state(out) if resume else None
+    if state is not None and state.get("config") != config:
+        raise ValueError(
+            f"{out} holds training states of another model, schedule or class list; "
+            "resume only with the same settings (or train into another folder, or pass --no-resume)"
+        )
     if state is not None:
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
