@@ -10,6 +10,7 @@ what is missing. ``--shard i/n`` (or torchrun's RANK/WORLD_SIZE) takes items ``k
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -107,7 +108,16 @@ def _append_row(part: Path, row: dict) -> None:
 
 
 def write_manifest(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[int, int]:
-    """Merge verified parts into ``manifest.csv`` sorted by (class, index); (done, missing)."""
+    """Merge verified parts into ``manifest.csv`` sorted by (class, index); (done, missing).
+
+    Shards finishing at once take turns (file lock), so the last writer sees every part.
+    """
+    with open(out / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_parts(out, plan, classes)
+
+
+def _merge_parts(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[int, int]:
     good = _verified(out)
     want = [(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     rows = [good[key] for key in want if key in good]
