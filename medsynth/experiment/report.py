@@ -119,20 +119,28 @@ def write_report(run: Path, protocol) -> Path:
         per = 8
         rows_syn = [r for c in classes for r in [m for m in manifest if m["class_name"] == c][:per]]
         pool = load_pool(pool_dir, classes, real.images.shape[-1], rows=rows_syn)
+        rows_img = []
+        for ci in range(len(classes)):
+            strips = []
+            for imgs in (
+                real.images[real.labels == ci][:per],
+                pool.images[pool.labels == ci][:per],
+            ):
+                strip = np.zeros((imgs.shape[-2], per * imgs.shape[-1]), np.float32)
+                if len(imgs):
+                    g = _grid(imgs[:, 0].numpy()[None])
+                    strip[:, : g.shape[1]] = g
+                strips.append(strip)
+            gap = np.ones((strips[0].shape[0], strips[0].shape[0] // 2), np.float32)
+            rows_img.append(np.concatenate([strips[0], gap, strips[1]], 1))
         fig, axes = plt.subplots(
-            len(classes), 2, figsize=(10, 1.5 * len(classes) + 0.6), squeeze=False
+            len(classes), 1, figsize=(11, 1.05 * len(classes) + 0.3), squeeze=False
         )
         for ci, c in enumerate(classes):
-            ridx = np.flatnonzero(real.labels.numpy() == ci)[:per]
-            sidx = np.flatnonzero(pool.labels.numpy() == ci)[:per]
-            for ax, imgs, title in (
-                (axes[ci, 0], real.images[ridx], "real"),
-                (axes[ci, 1], pool.images[sidx], "synthetic"),
-            ):
-                if len(imgs):
-                    ax.imshow(_grid(imgs[:, 0].numpy()[None]), cmap="gray", vmin=0, vmax=1)
-                ax.set_title(f"{c}: {title}", fontsize=9)
-                ax.axis("off")
+            axes[ci, 0].imshow(rows_img[ci], cmap="gray", vmin=0, vmax=1)
+            axes[ci, 0].set_title(f"{c}: real (left) | synthetic (right)", fontsize=9, loc="left")
+            axes[ci, 0].axis("off")
+        fig.tight_layout()
         parts += [f"<h2>Samples (pool <code>{html.escape(pool_name)}</code>)</h2>",
                   f"<p>{len(manifest)} synthetic images, sampler {protocol.generation.sampler}-{protocol.generation.steps}, "
                   f"guidance {protocol.generation.guidance_scale:g}. Left: real training images; right: synthetic.</p>",
