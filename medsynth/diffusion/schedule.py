@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 # MONAI schedule name -> diffusers beta_schedule name with the same betas.
@@ -77,8 +76,3 @@ def dpmpp_scheduler(cfg: ScheduleConfig, solver_order: int = 2):
         # diffusers' cosine caps betas at 0.999 like MONAI's; no beta_start/end.
         return DPMSolverMultistepScheduler(**kwargs)
     return DPMSolverMultistepScheduler(beta_start=cfg.beta_start, beta_end=cfg.beta_end, **kwargs)
-
-
-def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
-    """``(T,)`` cumulative signal fractions of the DDPM schedule (for tests and docs)."""
-    return training_scheduler(cfg).alphas_cumprod

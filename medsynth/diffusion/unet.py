@@ -43,9 +43,5 @@ def build_unet(cfg: UNetConfig) -> DiffusionModelUNet:
     )
 
 
-def null_label(cfg: UNetConfig) -> int:
-    return cfg.num_classes
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
