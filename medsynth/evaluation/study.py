@@ -101,8 +101,11 @@ def run_study(
         extractor = extractor or clf
     feats = {"real_train": extractor.features(real.images), "real_holdout": extractor.features(
         torch.cat([val.images, test.images]))}  # fmt: skip
+    conf = {}  # the real-only classifier's probability of each sample's own label
     for name, pool in pools.items():
         feats[f"pool:{name}"] = extractor.features(pool.images)
+        idx = np.arange(len(pool.labels))
+        conf[name] = extractor.predict_proba(pool.images)[idx, pool.labels.numpy()]
     np.savez_compressed(
         out / "features.npz", **{k_.replace(":", "_"): v for k_, v in feats.items()}
     )
@@ -127,12 +130,9 @@ def run_study(
             continue
         for name, pool in pools.items():
             pf = feats[f"pool:{name}"]
-            conf = extractor.predict_proba(pool.images)[
-                np.arange(len(pool.labels)), pool.labels.numpy()
-            ]
             for sel in ev.selectors:
-                chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c, sel=sel, pf=pf, conf=conf: select(
-                    sel, m, pf[idx], conf[idx], seed=c))  # fmt: skip
+                chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c, sel=sel, pf=pf, pc=conf[name]: select(
+                    sel, m, pf[idx], pc[idx], seed=c))  # fmt: skip
                 key = f"synthetic:{name}:{sel}@{ratio:g}"
                 variants.append((key, name, sel, ratio, chosen))
                 for s in range(ev.seeds):

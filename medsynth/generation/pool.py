@@ -96,8 +96,14 @@ def _verified(out: Path) -> dict[tuple[int, int], dict]:
 
 def _append_row(part: Path, row: dict) -> None:
     new = not part.exists() or part.stat().st_size == 0
+    torn = False
+    if not new:
+        # Only the last byte matters; reading the whole part per row would be quadratic.
+        with part.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
     with part.open("a", newline="") as fh:
-        if not new and not part.read_text().endswith("\n"):
+        if torn:
             fh.write("\n")  # close a torn line so the next row stands alone
         w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         if new:
