@@ -100,6 +100,12 @@ class DatasetSection(_Section):
     window_width: float | None = Field(None, gt=0)
     color: ColorMode = ColorMode.grey
     multiframe: MultiFramePolicy = MultiFramePolicy.skip
+    max_pixels: int = Field(
+        8192 * 8192,
+        ge=0,
+        description="largest Rows x Columns x frames x samples decoded (0 = no limit); "
+        "larger files are skipped from their header, before decoding",
+    )
     workers: int = Field(2, ge=1, description="decoding processes")
     phantoms: PhantomSettings = Field(default_factory=PhantomSettings)
 

@@ -171,7 +171,8 @@ def test_ingest_lists_bad_files_with_reasons(tmp_path):
         assert fragment in skipped[name], (name, skipped[name])
     assert summary.images == 3 and summary.skipped == len(expected)
     assert summary.unlabelled == 1  # good.dcm has no label row
-    assert summary.unmatched_labels == 1  # "missing"
+    # "missing", and nopixels.dcm's row: a file without an image is skipped from its header.
+    assert summary.unmatched_labels == 2
     assert "skipped 5" in summary.line()
     images = np.load(tmp_path / "out/images.npy")
     assert images.shape == (3, 1, 16, 16) and images.dtype == np.float16

@@ -136,7 +136,10 @@ def test_rsna_jpeg_ingest_at_64(tmp_path):
         join_column="patientId", label_column="Target", spatial_size=64,
     )  # fmt: skip
     summary = ingest(ds, tmp_path)
-    assert summary.images == 400 and summary.skipped == 0
+    # Only side tables beside the images (boxes.csv) are skipped, as not DICOM.
+    skipped = _rows(tmp_path / "skipped.csv")
+    assert summary.images == 400 and summary.skipped == len(skipped)
+    assert all(r["path"].endswith(".csv") and r["reason"] == "not DICOM" for r in skipped)
     assert sum(summary.counts[s]["1"] for s in summary.counts) == 139
     images = np.load(tmp_path / "images.npy")
     assert images.shape == (400, 1, 64, 64)

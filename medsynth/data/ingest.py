@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -63,18 +64,22 @@ class IngestSummary:
         )
 
 
-def _header_task(args: tuple[str, tuple[str, ...]]) -> tuple[str, dict | None, str | None]:
-    path, keywords = args
+def _header_task(args: tuple[str, tuple[str, ...], int]) -> tuple[str, dict | None, str | None]:
+    path, keywords, max_pixels = args
     try:
-        return path, read_header(path, keywords), None
+        return path, read_header(path, keywords, check_image=True, max_pixels=max_pixels), None
     except DicomSkip as exc:
         return path, None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops an ingest
+        return path, None, f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _decode_task(args: tuple[str, DecodeOptions, int, str]) -> tuple[np.ndarray | None, str | None]:
     path, opts, size, mode = args
     try:
-        return fit_to_square(load_unit_image(path, opts), size, mode).astype(np.float16), None
+        return fit_to_square(load_unit_image(path, opts, reduce_to=size), size, mode).astype(
+            np.float16
+        ), None
     except DicomSkip as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file never stops an ingest
@@ -124,6 +129,7 @@ def decode_options(ds: DatasetSection) -> DecodeOptions:
         window_width=ds.window_width,
         color=ds.color,
         multiframe=ds.multiframe,
+        max_pixels=ds.max_pixels,
     )
 
 
@@ -148,15 +154,20 @@ def ingest(
     table_columns, table_rows = read_label_table(ds.labels_csv)
 
     # 1. Headers of every candidate file.
-    table = Path(ds.labels_csv).resolve()
-    files = [str(p) for p in iter_candidate_files(root) if p.resolve() != table]
+    # realpath, not Path.resolve: it never raises on a symlink loop.
+    table = os.path.realpath(ds.labels_csv)
+    skipped: list[dict] = []
+
+    def unlisted(path: Path, reason: str) -> None:
+        skipped.append({"path": str(path.relative_to(root)), "reason": reason})
+
+    files = [str(p) for p in iter_candidate_files(root, unlisted) if os.path.realpath(p) != table]
     if not files:
         raise IngestError(f"no files found below {root}")
     keywords = (ds.join_attribute,)
-    headers, skipped = [], []
-    for path, header, reason in _pmap(
-        _header_task, [(f, keywords) for f in files], ds.workers, "headers"
-    ):
+    headers = []
+    tasks = [(f, keywords, ds.max_pixels) for f in files]
+    for path, header, reason in _pmap(_header_task, tasks, ds.workers, "headers"):
         if header is None:
             skipped.append({"path": str(Path(path).relative_to(root)), "reason": reason})
         else:

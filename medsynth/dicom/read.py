@@ -6,15 +6,27 @@ cannot be used raises :class:`DicomSkip` with a short reason; callers list it an
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+from medsynth.dicom.files import (
+    DEFAULT_MAX_PIXELS,
+    DicomSkip,
+    _int,
+    check_image_header,
+    is_dicomdir,
+    iter_candidate_files,
+    open_dataset,
+)
+
+__all__ = [
+    "DecodeOptions", "DicomSkip", "iter_candidate_files", "read_header", "load_unit_image",
+    "header_table", "check_image_header",
+]  # fmt: skip
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_KEYWORDS = (
@@ -37,10 +49,6 @@ _CODEC_HINT = (
 )
 
 
-class DicomSkip(Exception):
-    """A file that is not a usable image; ``str(exc)`` is the reason written to skipped.csv."""
-
-
 @dataclass(frozen=True)
 class DecodeOptions:
     """How stored pixels become a unit-range image (see ``DatasetSection`` for meanings)."""
@@ -52,49 +60,32 @@ class DecodeOptions:
     window_width: float | None = None
     color: str = "grey"  # grey | rgb
     multiframe: str = "skip"  # skip | first | middle
-
-
-def iter_candidate_files(root: str | Path) -> Iterator[Path]:
-    """Every regular file below ``root`` in sorted order, with or without extension.
-
-    DICOMDIR index files and hidden files are passed over; whether a file is DICOM is decided
-    when it is read, so non-DICOM files end up in skipped.csv with their reason.
-    """
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or name.upper() == "DICOMDIR":
-                continue
-            yield Path(dirpath) / name
+    max_pixels: int = DEFAULT_MAX_PIXELS  # Rows x Columns x frames x samples; 0 = no limit
 
 
 def _dcmread(path: Path, stop_before_pixels: bool) -> pydicom.Dataset:
-    if path.stat().st_size == 0:
-        raise DicomSkip("empty file")
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        pass  # No preamble: may still be a raw DICOM data set.
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input
-        raise DicomSkip(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-    except Exception:  # noqa: BLE001
-        raise DicomSkip("not DICOM") from None
-    # force=True parses almost anything; demand the identity of a real instance.
-    if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
-        raise DicomSkip("not DICOM")
-    return ds
+    return open_dataset(path, pixels=not stop_before_pixels)[0]
 
 
-def read_header(path: str | Path, keywords: tuple[str, ...] = ()) -> dict[str, str]:
-    """Header attributes of one file as strings (missing ones as '').
+def read_header(
+    path: str | Path,
+    keywords: tuple[str, ...] = (),
+    *,
+    check_image: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, str]:
+    """Header attributes of one file as strings (missing ones as ''), pixel data not read.
 
     Returns the :data:`HEADER_KEYWORDS` plus ``keywords`` and ``TransferSyntaxUID``.
-    Raises :class:`DicomSkip` for non-DICOM, empty or unreadable files.
+    Raises :class:`DicomSkip` for non-files, empty, unreadable, non-DICOM files and DICOMDIRs;
+    with ``check_image`` also for files without an image or larger than ``max_pixels``
+    (see :func:`check_image_header`).
     """
-    ds = _dcmread(Path(path), stop_before_pixels=True)
+    ds, has_pixels = open_dataset(Path(path), pixels=False)
+    if is_dicomdir(ds):
+        raise DicomSkip("DICOMDIR (a media directory index), not an image")
+    if check_image:
+        check_image_header(ds, has_pixels, max_pixels)
     out = {}
     for kw in dict.fromkeys(HEADER_KEYWORDS + tuple(keywords)):
         try:
@@ -105,15 +96,6 @@ def read_header(path: str | Path, keywords: tuple[str, ...] = ()) -> dict[str, s
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     out["TransferSyntaxUID"] = str(tsyntax or "")
     return out
-
-
-def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
-    """An integer header value, or :class:`DicomSkip` naming the malformed attribute."""
-    try:
-        value = ds.get(keyword, default)
-        return default if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        raise DicomSkip(f"malformed {keyword}: {ds.get(keyword)!r}") from None
 
 
 def _stored_range(ds: pydicom.Dataset) -> tuple[float, float]:
@@ -127,13 +109,23 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
 
 
+def _modality_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The stored-bit range in modality units (rescale, or the extremes of a Modality LUT)."""
+    lo, hi = _stored_range(ds)
+    if "ModalityLUTSequence" in ds:
+        # Every output of the LUT (entries below/above it map to its first/last value).
+        n_entries, first = (int(v) for v in ds.ModalityLUTSequence[0].LUTDescriptor[:2])
+        lut = np.asarray(apply_modality_lut(np.arange(first, first + (n_entries or 65536)), ds))
+        return float(lut.min()), float(lut.max())
+    lo, hi = (float(v) for v in apply_modality_lut(np.array([lo, hi]), ds))
+    return min(lo, hi), max(lo, hi)
+
+
 def _to_unit(
     arr: np.ndarray, ds: pydicom.Dataset, opts: DecodeOptions, is_color: bool
 ) -> np.ndarray:
     if opts.intensity == "bits":
-        lo, hi = _stored_range(ds)
-        if not is_color:
-            lo, hi = (float(v) for v in apply_modality_lut(np.array([lo, hi]), ds))
+        lo, hi = _stored_range(ds) if is_color else _modality_range(ds)
     elif opts.intensity == "percentile":
         lo, hi = (
             float(v) for v in np.percentile(arr, [opts.lower_percentile, opts.upper_percentile])
@@ -154,35 +146,91 @@ def _to_unit(
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def load_unit_image(path: str | Path, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
-    """Decode one file to ``(C, H, W) float32 in [0, 1]``, bright = dense (MONOCHROME2 sense).
+def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` × ``factor`` blocks of ``(H, W[, C])`` native values -> float32.
 
-    Steps: pick a frame (multi-frame policy), Modality LUT (rescale slope/intercept or LUT),
-    intensity mapping (bits / percentile / window), MONOCHROME1 inversion, colour policy
-    (C = 1 for ``grey``, 3 for ``rgb``). Raises :class:`DicomSkip` with the reason.
+    Converts to float a band of rows at a time, so a large integer frame never has a
+    full-size float copy; up to ``factor - 1`` edge rows/columns are dropped.
     """
-    path = Path(path)
-    ds = _dcmread(path, stop_before_pixels=False)
-    if not any(k in ds for k in PIXEL_KEYWORDS):
-        raise DicomSkip("no pixel data")
-    frames = _int(ds, "NumberOfFrames", 1)
+    if factor <= 1:
+        return arr.astype(np.float32)
+    h, w = arr.shape[0] // factor, arr.shape[1] // factor
+    rest = arr.shape[2:]
+    out = np.empty((h, w) + rest, np.float32)
+    per_row = factor * factor * w * int(np.prod(rest, dtype=np.int64))
+    step = max(1, (1 << 22) // max(1, per_row))  # ~4 Mi samples (16 MiB float32) per band
+    for i in range(0, h, step):
+        j = min(h, i + step)
+        band = arr[i * factor : j * factor, : w * factor].astype(np.float32)
+        out[i:j] = band.reshape((j - i, factor, w, factor) + rest).mean(axis=(1, 3))
+    return out
+
+
+def _is_bomb(exc: BaseException) -> bool:
+    from PIL import Image
+
+    while exc is not None:
+        if isinstance(exc, Image.DecompressionBombError) or "decompression bomb" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _decode_failure(exc: Exception, tsyntax) -> DicomSkip:
+    """A reason for a failed pixel decode; codec advice only when a plugin is really missing."""
+    name = getattr(tsyntax, "name", str(tsyntax))
+    if _is_bomb(exc):
+        return DicomSkip(f"decompression bomb refused while decoding {name}: {exc}")
+    if tsyntax is not None and tsyntax.is_compressed:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        try:
+            available = get_decoder(tsyntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            return DicomSkip(f"cannot decode {name}: no decoder plugin installed; {_CODEC_HINT}")
+        return DicomSkip(f"pixel decode failed ({name}, {type(exc).__name__}): {exc}")
+    return DicomSkip(f"pixel decode failed ({type(exc).__name__}): {exc}")
+
+
+def _decode_frame(path: Path, opts: DecodeOptions) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Header checks, then the stored values of the chosen frame, in their native dtype."""
+    head, has_pixels = open_dataset(path, pixels=False)
+    samples = check_image_header(head, has_pixels, opts.max_pixels)
+    frames = _int(head, "NumberOfFrames", 1)
     if frames > 1 and opts.multiframe == "skip":
         raise DicomSkip(f"multi-frame ({frames} frames); set dataset.multiframe to first or middle")
+    # Inflate at most what the header declares (8 bytes a sample) plus room for the header.
+    ds, _ = open_dataset(path, pixels=True, inflate_limit=samples * 8 + (16 << 20))
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        raise DicomSkip("no pixel data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
+        if frames > 1:
+            # Decode only the frame we keep.
+            ds.pixel_array_options(index=0 if opts.multiframe == "first" else frames // 2)
         arr = ds.pixel_array
-    except (RuntimeError, NotImplementedError) as exc:
-        name = getattr(tsyntax, "name", str(tsyntax))
-        if tsyntax is not None and tsyntax.is_compressed:
-            raise DicomSkip(f"cannot decode {name}: {_CODEC_HINT}") from None
-        raise DicomSkip(f"pixel decode failed: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - truncated data raises ValueError, EOFError, ...
-        raise DicomSkip(f"pixel decode failed ({type(exc).__name__}): {exc}") from None
+        raise _decode_failure(exc, tsyntax) from None
+    return ds, arr
 
+
+def load_unit_image(
+    path: str | Path, opts: DecodeOptions = DecodeOptions(), reduce_to: int | None = None
+) -> np.ndarray:
+    """Decode one file to ``(C, H, W) float32 in [0, 1]``, bright = dense (MONOCHROME2 sense).
+
+    Steps: header checks (image present, at most ``opts.max_pixels`` samples), pick a frame
+    (multi-frame policy), decode in the stored dtype, Modality LUT Sequence on the stored
+    integers, block-average down to at least ``2 * reduce_to`` on the short side (when given;
+    before any float conversion, so memory stays near the stored size), rescale
+    slope/intercept, intensity mapping (bits / percentile / window), MONOCHROME1 inversion,
+    colour policy (C = 1 for ``grey``, 3 for ``rgb``). Raises :class:`DicomSkip` with the reason.
+    """
+    ds, arr = _decode_frame(Path(path), opts)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     spp = _int(ds, "SamplesPerPixel", 1)
-    if frames > 1:
-        arr = arr[0 if opts.multiframe == "first" else frames // 2]
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         spp = 3
@@ -190,9 +238,14 @@ def load_unit_image(path: str | Path, opts: DecodeOptions = DecodeOptions()) -> 
     expected = (_int(ds, "Rows", 0), _int(ds, "Columns", 0)) + ((3,) if is_color else ())
     if arr.shape != expected:
         raise DicomSkip(f"pixel array shape {arr.shape} does not match header {expected}")
-    arr = arr.astype(np.float64)
-    if not is_color:
-        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    lut = not is_color and "ModalityLUTSequence" in ds
+    if lut:
+        # A LUT indexes by stored integer: apply it before any averaging or float cast.
+        arr = apply_modality_lut(arr, ds)
+    factor = max(1, min(arr.shape[:2]) // (2 * reduce_to)) if reduce_to else 1
+    arr = block_mean(arr, factor)
+    if not is_color and not lut:
+        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     if not np.isfinite(arr).all():
         raise DicomSkip("non-finite pixel values")
     unit = _to_unit(arr, ds, opts, is_color)
