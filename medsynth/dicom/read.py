@@ -158,7 +158,7 @@ def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
     rest = arr.shape[2:]
     out = np.empty((h, w) + rest, np.float32)
     per_row = factor * factor * w * int(np.prod(rest, dtype=np.int64))
-    step = max(1, (1 << 22) // max(1, per_row))  # ~4 Mi samples (16 MiB float32) per band
+    step = max(1, (1 << 20) // max(1, per_row))  # ~1 Mi samples (4 MiB float32) per band
     for i in range(0, h, step):
         j = min(h, i + step)
         band = arr[i * factor : j * factor, : w * factor].astype(np.float32)
