@@ -53,7 +53,24 @@ def validate_protocol(
     proto = _load(protocol, set_)
     if show:
         typer.echo(proto.to_yaml())
+    problems = _missing_data_paths(proto.dataset)
+    if problems:
+        _fail(f"{protocol}: " + "; ".join(problems))
     typer.echo(f"ok: {protocol} (sha256 {proto.sha256()[:16]})")
+
+
+def _missing_data_paths(ds) -> list[str]:
+    """Data paths of a ``dicom_folder`` dataset that do not exist (phantoms are written later)."""
+    from medsynth.protocol import DatasetKind
+
+    if ds.kind != DatasetKind.dicom_folder.value:
+        return []
+    out = []
+    if not Path(ds.root).expanduser().is_dir():
+        out.append(f"dataset.root {ds.root} does not exist or is not a folder")
+    if not Path(ds.labels_csv).expanduser().is_file():
+        out.append(f"dataset.labels_csv {ds.labels_csv} does not exist or is not a file")
+    return out
 
 
 @app.command()

@@ -321,13 +321,30 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+def _override_for(loc: tuple, overrides: list[str]) -> str | None:
+    """The last ``--set`` item that set ``loc`` or a section above it (it wins over the file)."""
+    dotted = ".".join(str(p) for p in loc)
+    hit = None
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if dotted == key or dotted.startswith(key + "."):
+            hit = item
+    return hit
+
+
+def _format_errors(
+    err: ValidationError, source: str, root: yaml.Node | None, overrides: list[str] = ()
+) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(root, loc)
-        at = f"{source}:{line}" if line else source
+        item = _override_for(loc, list(overrides))
+        if item is not None:
+            at = f"--set {item}"
+        else:
+            line = _line_of(root, loc)
+            at = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             valid = sorted(parent.model_fields) if parent else []
@@ -365,7 +382,7 @@ def parse_protocol(
     try:
         proto = Protocol.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(_format_errors(exc, source, root)) from None
+        raise ProtocolError(_format_errors(exc, source, root, overrides or [])) from None
     if base_dir is not None:
         ds = proto.dataset
         if ds.root and not Path(ds.root).expanduser().is_absolute():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from medsynth.utils.csvsafe import read_rows
 
 
 @dataclass
@@ -49,9 +50,28 @@ def split_rows(
     ingest_dir = Path(ingest_dir)
     if not (ingest_dir / "index.csv").is_file():
         raise FileNotFoundError(f"no ingest cache in {ingest_dir}; run `medsynth ingest` first")
-    with (ingest_dir / "index.csv").open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if split == "all" or r["split"] == split]
+    rows = [r for r in read_rows(ingest_dir / "index.csv") if split == "all" or r["split"] == split]
     return fraction_rows(rows, fraction, fraction_seed)
+
+
+# Fewer training images than this in a class is worth a warning: a generator (or classifier)
+# trained on a handful of images memorises them rather than learning the class.
+MIN_TRAIN_IMAGES_PER_CLASS = 5
+
+
+def small_class_warnings(
+    rows: list[dict], classes: list[str], minimum: int = MIN_TRAIN_IMAGES_PER_CLASS
+) -> list[str]:
+    """One sentence per class with fewer than ``minimum`` images in ``rows`` (a training set)."""
+    counts = {c: 0 for c in classes}
+    for r in rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    return [
+        f"class {c!r} has only {n} training image{'s' if n != 1 else ''} (fewer than {minimum}); "
+        "results for it will not mean much — raise dataset.train_fraction or add data"
+        for c, n in counts.items()
+        if n < minimum
+    ]
 
 
 def load_split(

@@ -33,10 +33,23 @@ def read_label_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"label table not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = list(reader.fieldnames or [])
-        rows = [{k: (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])
+            rows = [{k: (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IngestError(f"label table {path} cannot be read as UTF-8 CSV: {exc}") from None
+    if not columns:
+        raise IngestError(
+            f"label table {path} is empty (no header row). It needs a header naming the join "
+            "column and the label column, then one row per image or patient."
+        )
+    if not rows:
+        raise IngestError(
+            f"label table {path} has a header but no rows (columns: {', '.join(columns)}); "
+            "add one row per labelled image or patient."
+        )
     return columns, rows
 
 
@@ -50,29 +63,32 @@ def join_labels(
     label_column: str = "label",
     classes: list[str] | None = None,
     split_column: str | None = None,
+    table: str | Path = "",
 ) -> JoinResult:
     """Attach a label (and the table's split value, if any) to each header by a DICOM attribute.
 
     ``headers``: dicts from ``read_header`` plus ``path``. Several images may share one table row
     (e.g. a per-patient label); a key that appears twice in the table with different labels is
-    an error. Unknown class names are reported per image, not silently dropped.
+    an error. Unknown class names are reported per image, not silently dropped. ``table`` is
+    the table's path, named in every error.
     """
+    name = f"label table {table}" if str(table) else "label table"
     join_column = join_column or join_attribute
     for col, what in ((join_column, "join_column"), (label_column, "label_column")):
         if col not in table_columns:
             raise IngestError(
-                f"label table has no column {col!r} ({what}); its columns are: "
+                f"{name} has no column {col!r} ({what}); its columns are: "
                 f"{', '.join(table_columns)}. Set dataset.{what} to one of them."
             )
     if split_column and split_column not in table_columns:
         raise IngestError(
-            f"label table has no split column {split_column!r}; columns: {', '.join(table_columns)}"
+            f"{name} has no split column {split_column!r}; columns: {', '.join(table_columns)}"
         )
     by_key: dict[str, dict[str, str]] = {}
     for r in table_rows:
         key = r[join_column]
         if key in by_key and by_key[key][label_column] != r[label_column]:
-            raise IngestError(f"label table gives key {key!r} two labels")
+            raise IngestError(f"{name} gives key {key!r} two labels")
         by_key[key] = r
     names = classes or sorted({r[label_column] for r in table_rows if r[label_column]})
     class_index = {c: i for i, c in enumerate(names)}
@@ -106,7 +122,7 @@ def join_labels(
     if empty:
         raise IngestError(
             f"class(es) {empty} have no images after the join; check dataset.classes, "
-            f"dataset.label_column and the label table"
+            f"dataset.label_column and {name}"
         )
     return result
 

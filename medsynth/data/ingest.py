@@ -6,7 +6,6 @@ processes and streams into a memory-mapped array, so memory stays flat as file c
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing as mp
 import os
@@ -35,6 +34,7 @@ from medsynth.dicom.read import (
     read_header,
 )
 from medsynth.protocol import DatasetKind, DatasetSection
+from medsynth.utils.csvsafe import write_rows
 
 INDEX_COLUMNS = (
     "row", "path", "PatientID", "StudyInstanceUID", "SOPInstanceUID", "label", "label_index",
@@ -99,10 +99,9 @@ def _pmap(fn: Callable, items: list, workers: int, desc: str) -> Iterator:
 
 
 def _write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict]) -> None:
+    # Labels and paths come from the user's data: neutralise spreadsheet formulas.
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+        write_rows(fh, columns, rows)
 
 
 def _trim_rows(src: Path, dst: Path, n: int, chunk: int = 4096) -> None:
@@ -183,6 +182,7 @@ def ingest(
         label_column=ds.label_column,
         classes=ds.classes,
         split_column=ds.split_column,
+        table=ds.labels_csv,
     )
 
     # 3. Decode the labelled images, streaming into a memory-mapped cache.

@@ -67,6 +67,19 @@ def _grid(images: np.ndarray) -> np.ndarray:
     return ((images.transpose(0, 2, 1, 3).reshape(r * h, k * w) + 1) / 2).clip(0, 1)
 
 
+def _small_class_card(run: Path, protocol, classes: list[str]) -> str:
+    """A warning card naming classes with fewer than a handful of training images, or ''."""
+    from medsynth.data.datasets import small_class_warnings, split_rows
+
+    ds = protocol.dataset
+    rows = split_rows(run / "ingest", "train", ds.train_fraction, ds.fraction_seed)
+    lines = small_class_warnings(rows, classes)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f"<div class='card warn'><b>Small classes.</b><ul>{items}</ul></div>"
+
+
 def write_report(run: Path, protocol) -> Path:
     """Render the report of a run folder; returns the path of ``index.html``."""
     from medsynth.data.datasets import load_split
@@ -92,6 +105,7 @@ def write_report(run: Path, protocol) -> Path:
               + (" (" + ", ".join(f"{n}× {html.escape(r)}" for r, n in reasons.items()) + ")" if reasons else "")
               + f"; training fraction {protocol.dataset.train_fraction:g} of the train split.</p>",
               _table(counts, ["split"] + classes),
+              _small_class_card(run, protocol, classes),
               "<p class=muted>" + ", ".join(f"{k} {v}" for k, v in env.items() if v) + "</p>"]  # fmt: skip
 
     # Training curve.

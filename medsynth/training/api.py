@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from medsynth.data.datasets import load_split
+from medsynth.data.datasets import load_split, small_class_warnings
 from medsynth.diffusion.schedule import ScheduleConfig
 from medsynth.diffusion.unet import UNetConfig
 from medsynth.protocol import ModelSection, ScheduleSection, TrainingSection
@@ -20,6 +22,10 @@ def schedule_config(schedule: ScheduleSection) -> ScheduleConfig:
     return ScheduleConfig(**schedule.model_dump())
 
 
+def _stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
 def train_from_sections(
     ingest_dir: str | Path,
     out_dir: str | Path,
@@ -31,9 +37,16 @@ def train_from_sections(
     fraction_seed: int = 0,
     resume: bool = True,
     progress: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Train on the ``train`` split (or its ``train_fraction``) only: val/test never reach it."""
+    """Train on the ``train`` split (or its ``train_fraction``) only: val/test never reach it.
+
+    A class with fewer than a handful of training images is reported through ``warn``
+    (default: a ``warning:`` line on stderr); the report repeats it.
+    """
     data = load_split(ingest_dir, "train", train_fraction, fraction_seed)
+    for line in small_class_warnings(data.rows, data.classes):
+        (warn or _stderr)(f"{line} (train_fraction {train_fraction:g})")
     return train(
         data.images,
         data.labels,
