@@ -22,6 +22,7 @@ from medsynth.generation.dataset import read_manifest
 from medsynth.review.db import DECISIONS, db_path, decide, status_by_sample
 from medsynth.review.export import export_accepted, sample_key
 from medsynth.review.thumbs import array_thumbnail, dicom_thumbnail
+from medsynth.utils.csvsafe import read_rows
 
 st.set_page_config(page_title="medsynth review", layout="wide")
 
@@ -51,8 +52,7 @@ def real_cache(ingest_dir: str):
 
 @st.cache_data(show_spinner=False)
 def train_rows(ingest_dir: str) -> list[dict]:
-    with (Path(ingest_dir) / "index.csv").open() as fh:
-        return [r for r in csv.DictReader(fh) if r["split"] == "train"]
+    return [r for r in read_rows(Path(ingest_dir) / "index.csv") if r["split"] == "train"]
 
 
 @st.cache_data(show_spinner=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from medsynth.data.transforms import fit_to_square
 from medsynth.dicom.read import DecodeOptions, load_unit_image
+from medsynth.utils.csvsafe import read_rows
 
 # Synthetic instances store the training scale [-1, 1] as modality values (see dicom.write).
 _SYNTHETIC_WINDOW = DecodeOptions(intensity="window", window_center=0.0, window_width=2.0)
@@ -28,8 +28,7 @@ def read_manifest(pool_dir: str | Path) -> list[dict]:
     path = Path(pool_dir) / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest.csv in {pool_dir}; run `medsynth generate` first")
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_rows(path)
 
 
 def load_pool(pool_dir: str | Path, classes: list[str] | None = None, spatial_size: int | None = None,

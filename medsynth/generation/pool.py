@@ -27,6 +27,7 @@ from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_ins
 from medsynth.diffusion.sampler import sample
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.loop import pick_device
+from medsynth.utils.csvsafe import neutralise_row, restore_row
 
 MANIFEST_COLUMNS = (
     "path", "SOPInstanceUID", "class_name", "class_index", "index", "seed", "guidance_scale",
@@ -79,7 +80,7 @@ def _read_rows(path: Path) -> list[dict]:
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
-    rows = list(csv.DictReader(io.StringIO("".join(lines))))
+    rows = [restore_row(r) for r in csv.DictReader(io.StringIO("".join(lines)))]
     return [r for r in rows if r.get("medsynth_version") and len(r) == len(MANIFEST_COLUMNS)]
 
 
@@ -108,7 +109,7 @@ def _append_row(part: Path, row: dict) -> None:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         if new:
             w.writeheader()
-        w.writerow(row)
+        w.writerow(neutralise_row(row))  # class names come from the user's labels
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -130,7 +131,7 @@ def _merge_parts(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[i
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(neutralise_row(r) for r in rows)
     atomic_write_bytes(out / "manifest.csv", buf.getvalue().encode())
     return len(rows), len(want) - len(rows)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
 
 from medsynth.generation.dataset import read_manifest
 from medsynth.review.db import db_path, status_by_sample
+from medsynth.utils.csvsafe import write_rows
 
 
 def sample_key(pool: str, row: dict) -> str:
@@ -51,7 +51,6 @@ def export_accepted(run_dir: str | Path, pool: str, out_dir: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     cols = list(rows[0].keys()) + ["original_class", "review_note"] if rows else ["path"]
     with (out / "manifest.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
-        w.writeheader()
-        w.writerows(accepted)
+        # Labels and reviewer notes are free text: neutralise spreadsheet formulas.
+        write_rows(fh, cols, accepted, lineterminator="\n")
     return out, len(accepted)
