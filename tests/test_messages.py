@@ -125,3 +125,15 @@ def test_formula_labels_are_neutralised_in_index(tmp_path):
     from medsynth.data.datasets import split_rows
 
     assert {r["label"] for r in split_rows(tmp_path / "out", "all")} == {"=cmd|calc", "@bad"}
+
+
+def test_formula_class_names_are_neutralised_in_manifests(tmp_path):
+    from medsynth.generation.pool import MANIFEST_COLUMNS, _append_row, _read_rows
+
+    row = dict.fromkeys(MANIFEST_COLUMNS, "1")
+    row.update(class_name='=HYPERLINK("http://x")', path="dicom/0/000001.dcm")
+    part = tmp_path / "part.csv"
+    _append_row(part, row)
+    raw = next(csv.DictReader(part.open()))
+    assert raw["class_name"].startswith("'=")
+    assert _read_rows(part) == [row]
