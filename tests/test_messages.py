@@ -137,3 +137,14 @@ def test_formula_class_names_are_neutralised_in_manifests(tmp_path):
     raw = next(csv.DictReader(part.open()))
     assert raw["class_name"].startswith("'=")
     assert _read_rows(part) == [row]
+
+
+def test_small_class_warning_reaches_the_report(tmp_path):
+    from medsynth.experiment.report import _small_class_card
+    from medsynth.protocol import parse_protocol
+
+    (tmp_path / "ingest").mkdir()
+    rows = [f"{c}{i},{c}{i},{c},train" for c, n in (("a", 20), ("b", 2)) for i in range(n)]
+    (tmp_path / "ingest" / "index.csv").write_text("path,PatientID,label,split\n" + "\n".join(rows))
+    card = _small_class_card(tmp_path, parse_protocol("dataset: {kind: phantoms}"), ["a", "b"])
+    assert "class &#x27;b&#x27; has only 2 training images" in card and "&#x27;a&#x27;" not in card
