@@ -178,3 +178,10 @@ def test_large_frame_is_averaged_before_float(tmp_path):
     # The stored bytes, the native array and one float band; never a full float64 copy
     # (8 bytes a pixel: before this, peak was ~18x the native size).
     assert peak < 3.5 * pixels.nbytes, peak / pixels.nbytes
+
+
+def test_pixel_data_far_larger_than_declared_is_refused_before_reading(tmp_path):
+    # 16 × 16 declared, 4 MiB stored: the bytes would be read into memory whatever the header says.
+    path = write_native(tmp_path / "big.dcm", image_dataset(16, 16), bytes(4 << 20))
+    with pytest.raises(DicomSkip, match="pixel data of 4,194,304 bytes is far larger than the 512"):
+        read_header(path, check_image=True)

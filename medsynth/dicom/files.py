@@ -127,20 +127,22 @@ def _parse(path: Path, force: bool, stop_when, inflate_limit: int | None) -> Fil
 
 def open_dataset(
     path: str | Path, *, pixels: bool, inflate_limit: int | None = None
-) -> tuple[pydicom.Dataset, bool]:
-    """Parse one file: ``(dataset, has_pixel_data)``.
+) -> tuple[pydicom.Dataset, int | None]:
+    """Parse one file: ``(dataset, pixel_bytes)``.
 
-    ``pixels=False`` stops before the pixel data (which is then not read, only noted);
-    ``inflate_limit`` bounds the inflated size of a deflated file read with pixels.
-    Raises :class:`DicomSkip` for non-files, empty, non-DICOM or unreadable files.
+    ``pixel_bytes`` is the length of the pixel data element (``None`` without one; the file
+    size for encapsulated data of undefined length, an upper bound). ``pixels=False`` stops
+    before the pixel data, which is then not read, only measured; ``inflate_limit`` bounds the
+    inflated size of a deflated file read with pixels. Raises :class:`DicomSkip` for
+    non-files, empty, non-DICOM or unreadable files.
     """
     path = Path(path)
-    _check_file(path)
+    size = _check_file(path).st_size
     seen: list[int] = []
 
     def at_pixels(tag, vr, length) -> bool:
         if tag in PIXEL_TAGS:
-            seen.append(int(tag))
+            seen.append(size if length == 0xFFFFFFFF else int(length))
             return True
         return False
 
@@ -165,8 +167,10 @@ def open_dataset(
         # force=True parses almost anything; demand the identity of a real instance.
         if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
             raise DicomSkip("not DICOM")
-    has_pixels = bool(seen) if not pixels else any(int(t) in PIXEL_TAGS for t in ds.keys())
-    return ds, has_pixels
+    if pixels:
+        elems = [ds[t] for t in ds.keys() if int(t) in PIXEL_TAGS]
+        seen = [len(e.value or b"") if isinstance(e.value, bytes) else size for e in elems]
+    return ds, (seen[0] if seen else None)
 
 
 def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
@@ -192,15 +196,17 @@ def declared_samples(ds: pydicom.Dataset) -> int:
     )
 
 
-def check_image_header(ds: pydicom.Dataset, has_pixels: bool, max_pixels: int) -> int:
+def check_image_header(ds: pydicom.Dataset, pixel_bytes: int | None, max_pixels: int) -> int:
     """Refuse what cannot be a usable image before decoding; return the declared sample count.
 
-    Checks: not a DICOMDIR, pixel data present, Rows/Columns positive, and
-    Rows × Columns × frames × samples per pixel at most ``max_pixels`` (0 = no limit).
+    Checks: not a DICOMDIR, pixel data present (``pixel_bytes`` from :func:`open_dataset`),
+    Rows/Columns positive, Rows × Columns × frames × samples per pixel at most ``max_pixels``
+    (0 = no limit), and pixel data not far larger than that image needs (a bomb: its bytes
+    would be read into memory whatever the header says).
     """
     if is_dicomdir(ds):
         raise DicomSkip("DICOMDIR (a media directory index), not an image")
-    if not has_pixels:
+    if pixel_bytes is None:
         raise DicomSkip("no pixel data")
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     if rows <= 0 or cols <= 0:
@@ -211,5 +217,11 @@ def check_image_header(ds: pydicom.Dataset, has_pixels: bool, max_pixels: int) -
         raise DicomSkip(
             f"image too large: header declares {rows}×{cols} × {frames} frame(s) × {spp} "
             f"sample(s) = {n:,} samples, above dataset.max_pixels {max_pixels:,}"
+        )
+    need = n * max(1, -(-_int(ds, "BitsAllocated", 8) // 8))
+    if pixel_bytes > 2 * need + (1 << 20):
+        raise DicomSkip(
+            f"pixel data of {pixel_bytes:,} bytes is far larger than the {need:,} bytes of the "
+            "image its header declares (a decompression bomb or a corrupt header)"
         )
     return n

@@ -81,11 +81,11 @@ def read_header(
     with ``check_image`` also for files without an image or larger than ``max_pixels``
     (see :func:`check_image_header`).
     """
-    ds, has_pixels = open_dataset(Path(path), pixels=False)
+    ds, pixel_bytes = open_dataset(Path(path), pixels=False)
     if is_dicomdir(ds):
         raise DicomSkip("DICOMDIR (a media directory index), not an image")
     if check_image:
-        check_image_header(ds, has_pixels, max_pixels)
+        check_image_header(ds, pixel_bytes, max_pixels)
     out = {}
     for kw in dict.fromkeys(HEADER_KEYWORDS + tuple(keywords)):
         try:
@@ -196,8 +196,8 @@ def _decode_failure(exc: Exception, tsyntax) -> DicomSkip:
 
 def _decode_frame(path: Path, opts: DecodeOptions) -> tuple[pydicom.Dataset, np.ndarray]:
     """Header checks, then the stored values of the chosen frame, in their native dtype."""
-    head, has_pixels = open_dataset(path, pixels=False)
-    samples = check_image_header(head, has_pixels, opts.max_pixels)
+    head, pixel_bytes = open_dataset(path, pixels=False)
+    samples = check_image_header(head, pixel_bytes, opts.max_pixels)
     frames = _int(head, "NumberOfFrames", 1)
     if frames > 1 and opts.multiframe == "skip":
         raise DicomSkip(f"multi-frame ({frames} frames); set dataset.multiframe to first or middle")
