@@ -151,6 +151,8 @@ def build_hostile_corpus(root: Path, huge_side: int = 16384) -> dict[str, str]:
     os.symlink("loop_a.dcm", root / "loop_b.dcm")
     os.symlink("self.dcm", root / "self.dcm")
     os.symlink("nowhere.dcm", root / "dangling.dcm")
+    os.symlink(".", root / "uplink")  # a folder link back to root: a loop if followed
+    out["uplink"] = "symlink to a folder"
     out.update({"loop_a.dcm": "symlink loop", "loop_b.dcm": "symlink loop"})
     out.update({"self.dcm": "symlink loop", "dangling.dcm": "dangling symlink"})
     locked = root / "unreadable.dcm"

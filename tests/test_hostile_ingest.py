@@ -32,10 +32,11 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _entries(root: Path) -> set[str]:
-    """Every non-folder entry below ``root`` (links included, not followed), relative."""
+    """Every entry below ``root`` but real folders (links included, not followed), relative."""
     out = set()
-    for dirpath, _dirnames, filenames in os.walk(root):
-        out.update(str((Path(dirpath) / n).relative_to(root)) for n in filenames)
+    for dirpath, dirnames, filenames in os.walk(root):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        out.update(str((Path(dirpath) / n).relative_to(root)) for n in filenames + links)
     return out
 
 

@@ -38,10 +38,10 @@ def iter_candidate_files(
 ) -> Iterator[Path]:
     """Every non-directory entry below ``root`` in sorted order, with or without extension.
 
-    Files named ``DICOMDIR`` and hidden entries are passed over; symlinks to folders are not
-    followed (no loops). Whether a file is DICOM, or a regular file at all, is decided when it
-    is read, so each yielded path ends up indexed or listed with a reason. A folder that cannot
-    be listed is reported through ``on_error(path, reason)``.
+    Files named ``DICOMDIR`` and hidden entries are passed over. Whether a file is DICOM, or a
+    regular file at all, is decided when it is read, so each yielded path ends up indexed or
+    listed with a reason. Symlinks to folders are not followed (no loops) and, like a folder
+    that cannot be listed, are reported through ``on_error(path, reason)``.
     """
 
     def walk_error(exc: OSError) -> None:
@@ -50,6 +50,12 @@ def iter_candidate_files(
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            # os.walk lists a link to a folder without following it (that is what keeps a
+            # link loop finite); say so rather than pass it over in silence.
+            dirnames.remove(d)
+            if on_error is not None:
+                on_error(Path(dirpath) / d, "symlink to a folder, not followed")
         for name in sorted(filenames):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
