@@ -148,3 +148,16 @@ def test_small_class_warning_reaches_the_report(tmp_path):
     (tmp_path / "ingest" / "index.csv").write_text("path,PatientID,label,split\n" + "\n".join(rows))
     card = _small_class_card(tmp_path, parse_protocol("dataset: {kind: phantoms}"), ["a", "b"])
     assert "class &#x27;b&#x27; has only 2 training images" in card and "&#x27;a&#x27;" not in card
+
+
+def test_no_usable_images_writes_the_skipped_csv_it_names(tmp_path):
+    data, uids = _folder(tmp_path, n=2)
+    for f in data.iterdir():
+        f.write_bytes(f.read_bytes()[:-100])  # truncated pixel data: fails at decode
+    table = tmp_path / "labels.csv"
+    table.write_text("SOPInstanceUID,label\n" + f"{uids[0]},a\n{uids[1]},b\n")
+    with pytest.raises(IngestError, match="no usable images.*2 file.*skipped.csv"):
+        ingest(_ds(data, table), tmp_path / "out")
+    reasons = {r["path"]: r["reason"] for r in read_rows(tmp_path / "out" / "skipped.csv")}
+    assert set(reasons) == {"im0.dcm", "im1.dcm"}
+    assert all("pixel decode failed" in r for r in reasons.values())

@@ -204,7 +204,14 @@ def ingest(
     arr.flush()
     del arr
     if not kept:
-        raise IngestError(f"no usable images below {root}; reasons are in {out / 'skipped.csv'}")
+        # The message points at skipped.csv: write it (and unlabelled.csv) before failing.
+        _write_csv(out / "skipped.csv", ("path", "reason"), skipped)
+        _write_csv(out / "unlabelled.csv", ("path", "reason"), joined.unlabelled)
+        tmp.unlink(missing_ok=True)
+        raise IngestError(
+            f"no usable images below {root}: {len(skipped)} file(s) skipped; "
+            f"reasons are in {out / 'skipped.csv'}"
+        )
     _trim_rows(tmp, out / "images.npy", len(kept))
     assign_splits(
         kept, split_values=ds.split_values, fractions=ds.split_fractions, seed=ds.split_seed
