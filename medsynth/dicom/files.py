@@ -18,6 +18,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+
+# _read_file_meta_info is private, but it is what read_partial itself uses to find where the
+# (deflated) data set starts; pinned by pydicom 3.0 and covered by the deflate tests.
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -179,7 +182,7 @@ def open_dataset(
     return ds, (seen[0] if seen else None)
 
 
-def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+def int_attr(ds: pydicom.Dataset, keyword: str, default: int) -> int:
     """An integer header value, or :class:`DicomSkip` naming the malformed attribute."""
     try:
         value = ds.get(keyword, default)
@@ -196,10 +199,9 @@ def is_dicomdir(ds: pydicom.Dataset) -> bool:
 
 def declared_samples(ds: pydicom.Dataset) -> int:
     """Rows × Columns × frames × samples per pixel, as the header declares them."""
-    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-    return (
-        rows * cols * max(1, _int(ds, "NumberOfFrames", 1)) * max(1, _int(ds, "SamplesPerPixel", 1))
-    )
+    rows, cols = int_attr(ds, "Rows", 0), int_attr(ds, "Columns", 0)
+    frames = max(1, int_attr(ds, "NumberOfFrames", 1))
+    return rows * cols * frames * max(1, int_attr(ds, "SamplesPerPixel", 1))
 
 
 def check_image_header(ds: pydicom.Dataset, pixel_bytes: int | None, max_pixels: int) -> int:
@@ -214,17 +216,17 @@ def check_image_header(ds: pydicom.Dataset, pixel_bytes: int | None, max_pixels:
         raise DicomSkip("DICOMDIR (a media directory index), not an image")
     if pixel_bytes is None:
         raise DicomSkip("no pixel data")
-    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    rows, cols = int_attr(ds, "Rows", 0), int_attr(ds, "Columns", 0)
     if rows <= 0 or cols <= 0:
         raise DicomSkip(f"no image size in header (Rows {rows}, Columns {cols})")
     n = declared_samples(ds)
     if max_pixels and n > max_pixels:
-        frames, spp = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
+        frames, spp = int_attr(ds, "NumberOfFrames", 1), int_attr(ds, "SamplesPerPixel", 1)
         raise DicomSkip(
             f"image too large: header declares {rows}×{cols} × {frames} frame(s) × {spp} "
             f"sample(s) = {n:,} samples, above dataset.max_pixels {max_pixels:,}"
         )
-    need = n * max(1, -(-_int(ds, "BitsAllocated", 8) // 8))
+    need = n * max(1, -(-int_attr(ds, "BitsAllocated", 8) // 8))
     if pixel_bytes > 2 * need + (1 << 20):
         raise DicomSkip(
             f"pixel data of {pixel_bytes:,} bytes is far larger than the {need:,} bytes of the "

@@ -16,11 +16,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 from medsynth.dicom.files import (
     DEFAULT_MAX_PIXELS,
     DicomSkip,
-    _int,
     check_image_header,
     is_dicomdir,
     iter_candidate_files,
     open_dataset,
+)
+from medsynth.dicom.files import (
+    int_attr as _int,
 )
 
 __all__ = [
