@@ -17,12 +17,10 @@ from medsynth.dicom.files import (
     DEFAULT_MAX_PIXELS,
     DicomSkip,
     check_image_header,
+    int_attr,
     is_dicomdir,
     iter_candidate_files,
     open_dataset,
-)
-from medsynth.dicom.files import (
-    int_attr as _int,
 )
 
 __all__ = [
@@ -101,8 +99,8 @@ def read_header(
 
 
 def _stored_range(ds: pydicom.Dataset) -> tuple[float, float]:
-    bits = _int(ds, "BitsStored", _int(ds, "BitsAllocated", 8))
-    if _int(ds, "PixelRepresentation", 0) == 1:
+    bits = int_attr(ds, "BitsStored", int_attr(ds, "BitsAllocated", 8))
+    if int_attr(ds, "PixelRepresentation", 0) == 1:
         return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     return 0.0, 2.0**bits - 1
 
@@ -200,7 +198,7 @@ def _decode_frame(path: Path, opts: DecodeOptions) -> tuple[pydicom.Dataset, np.
     """Header checks, then the stored values of the chosen frame, in their native dtype."""
     head, pixel_bytes = open_dataset(path, pixels=False)
     samples = check_image_header(head, pixel_bytes, opts.max_pixels)
-    frames = _int(head, "NumberOfFrames", 1)
+    frames = int_attr(head, "NumberOfFrames", 1)
     if frames > 1 and opts.multiframe == "skip":
         raise DicomSkip(f"multi-frame ({frames} frames); set dataset.multiframe to first or middle")
     # Inflate at most what the header declares (8 bytes a sample) plus room for the header.
@@ -232,12 +230,12 @@ def load_unit_image(
     """
     ds, arr = _decode_frame(Path(path), opts)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    spp = _int(ds, "SamplesPerPixel", 1)
+    spp = int_attr(ds, "SamplesPerPixel", 1)
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         spp = 3
     is_color = spp == 3
-    expected = (_int(ds, "Rows", 0), _int(ds, "Columns", 0)) + ((3,) if is_color else ())
+    expected = (int_attr(ds, "Rows", 0), int_attr(ds, "Columns", 0)) + ((3,) if is_color else ())
     if arr.shape != expected:
         raise DicomSkip(f"pixel array shape {arr.shape} does not match header {expected}")
     lut = not is_color and "ModalityLUTSequence" in ds
