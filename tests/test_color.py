@@ -170,3 +170,19 @@ def test_colour_thumbnails(rgb_run):
     grey = _instance(np.linspace(-1, 1, 256).reshape(16, 16).astype(np.float32), run / "g.dcm")
     thumb = np.asarray(Image.open(io.BytesIO(dicom_thumbnail(grey, marker=None))))
     assert not _is_colour(thumb, tol=0.0) and thumb.std() > 10
+
+
+def test_cli_phantoms_body_part(tmp_path):
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    runner = CliRunner()
+    args = ["phantoms", "--n-patients", "4", "--size-px", "32"]
+    res = runner.invoke(app, [*args, "--body-part", "knee", str(tmp_path / "k")])
+    assert res.exit_code == 2 and "body_part" in res.output and "fundus" in res.output
+    assert not (tmp_path / "k").exists()  # nothing written for bad input
+    res = runner.invoke(app, [*args, "--body-part", "fundus", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    ds = pydicom.dcmread(next(p for p in (tmp_path / "f").rglob("IM*")))
+    assert ds.PhotometricInterpretation == "RGB"
