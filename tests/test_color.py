@@ -186,3 +186,36 @@ def test_cli_phantoms_body_part(tmp_path):
     assert res.exit_code == 0, res.output
     ds = pydicom.dcmread(next(p for p in (tmp_path / "f").rglob("IM*")))
     assert ds.PhotometricInterpretation == "RGB"
+
+
+def test_evaluation_on_three_channels_uses_colour():
+    """Classes that differ only in hue (same per-pixel channel mean): a 3-channel classifier
+    (with classical augmentation) separates them; fidelity and memorization run on 3 channels."""
+    import torch
+
+    from medsynth.evaluation.classifier import Classifier, ClassifierConfig, classical_augment
+    from medsynth.evaluation.fidelity import fidelity_diversity
+    from medsynth.evaluation.memorization import audit
+    from medsynth.evaluation.stats import metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 160
+    y = torch.arange(n) % 2
+    x = (torch.randn(n, 3, 16, 16, generator=g) * 0.2).clamp(-1, 1)
+    sign = (2 * y - 1).float()[:, None, None]
+    x[:, 0, 4:12, 4:12] += 0.5 * sign  # red up and blue down for class 1, the reverse for 0
+    x[:, 2, 4:12, 4:12] -= 0.5 * sign
+    assert torch.allclose(x[y == 0].mean(1).mean(), x[y == 1].mean(1).mean(), atol=0.02)
+    cfg = ClassifierConfig(epochs=3, batch_size=32, augment=True)
+    clf = Classifier(2, 3, cfg, seed=0).fit(x[:120], y[:120], x[120:], y[120:])
+    assert metrics(y[120:].numpy(), clf.predict_proba(x[120:]), ["a", "b"])["auc"] > 0.95
+    assert classical_augment(x[:4], torch.Generator().manual_seed(1)).shape == (4, 3, 16, 16)
+    feats = clf.features(x)
+    fid = fidelity_diversity(feats[:60], feats[60:120], x[:60], x[60:120])
+    assert np.isfinite([fid["FD_clf"], fid["msssim_ratio"], fid["vendi_pixels"]]).all()
+    memo = audit(x[:10].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[:10], feats[10:120],
+                 feats[120:])  # fmt: skip
+    assert memo["n_synthetic"] == 10
+    copies = audit(x[10:14].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[10:14],
+                   feats[10:120], feats[120:])  # fmt: skip
+    assert copies["exact_copies"] == 4
