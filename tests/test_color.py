@@ -145,7 +145,8 @@ def test_rgb_study_end_to_end(rgb_run):
     # Report grids are colour.
     samples = np.asarray(Image.open(run / "report/samples.png").convert("RGB"))
     assert _is_colour(samples)
-    assert (run / "report/memorization_main.png").exists()
+    pairs = np.asarray(Image.open(run / "report/memorization_main.png").convert("RGB"))
+    assert _is_colour(pairs)  # synthetic samples and their nearest training images
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy not installed")
