@@ -220,3 +220,14 @@ def test_evaluation_on_three_channels_uses_colour():
     copies = audit(x[10:14].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[10:14],
                    feats[10:120], feats[120:])  # fmt: skip
     assert copies["exact_copies"] == 4
+
+
+def test_rgb_pool_png_export(rgb_run):
+    from medsynth.generation.pool import generate_pool
+
+    run, _ = rgb_run
+    snap = sorted((run / "train").glob("snapshot-[0-9]*"))[-1]
+    out = run / "generate/png"
+    generate_pool(snap, out, {"normal": 2}, steps=2, export_png=True, progress=False)
+    png = Image.open(next((out / "png/normal").glob("*.png")))
+    assert png.mode == "RGB" and png.size == (16, 16) and _is_colour(np.asarray(png))

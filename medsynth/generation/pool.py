@@ -241,7 +241,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
     if image.shape[0] == 3:
         rgb = np.round((np.clip(image, -1, 1) + 1) / 2 * 255).astype(np.uint8)
-        pil = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), mode="RGB")
+        pil = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)))
     else:
         pil = Image.fromarray(
             np.round((np.clip(image[0], -1, 1) + 1) / 2 * 65535).astype(np.uint16)
