@@ -34,11 +34,15 @@ def main() -> None:
 
     cfg = json.loads((args.snapshot / "config.json").read_text())
     classes, shape = cfg["classes"], cfg["image_shape"]
-    print(f"device cpu, {torch.get_num_threads()} threads; {shape[-1]} px, classes {classes}")
+    print(
+        f"device cpu, {torch.get_num_threads()} threads; {shape[-1]} px, {shape[0]} channel(s), "
+        f"classes {classes}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rng = np.random.default_rng(0)
-        imgs = rng.uniform(-1, 1, (args.n, shape[-2], shape[-1])).astype(np.float32)
+        # (n, C, H, W): grey snapshots write 12-bit MONOCHROME2, RGB ones 8-bit RGB.
+        imgs = rng.uniform(-1, 1, (args.n, *shape)).astype(np.float32)
         t0 = time.perf_counter()
         for i, img in enumerate(imgs):
             ds = synthetic_instance(img, run_id="0" * 64, pool="bench", class_name=classes[i % 2],

@@ -83,14 +83,21 @@ def phantoms(
     size_px: Annotated[int, typer.Option(help="Image side in pixels")] = 128,
     difficulty: Annotated[float, typer.Option(help="0 = obvious findings, 1 = invisible")] = 0.6,
     seed: int = 0,
+    body_part: Annotated[
+        str, typer.Option(help="chest (grey CR) or fundus (RGB OP: 5 colour findings)")
+    ] = "chest",
 ) -> None:
-    """Write the embedded phantom chest-radiograph DICOM dataset with labels.csv."""
+    """Write the embedded phantom DICOM dataset (chest radiographs or colour fundus photographs)
+    with labels.csv."""
     from medsynth.data.phantoms import write_phantoms
 
-    labels = write_phantoms(
-        out, n_patients=n_patients, num_classes=num_classes, size_px=size_px,
-        difficulty=difficulty, seed=seed,
-    )  # fmt: skip
+    try:
+        labels = write_phantoms(
+            out, n_patients=n_patients, num_classes=num_classes, size_px=size_px,
+            difficulty=difficulty, seed=seed, body_part=body_part,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fail(str(exc))
     typer.echo(f"wrote phantoms to {out} (labels: {labels})")
 
 

@@ -58,6 +58,11 @@ class ResizeMode(str, Enum):
     crop = "crop"  # keep aspect ratio, resize the short side, centre-crop the long side
 
 
+class PhantomBodyPart(str, Enum):
+    chest = "chest"  # grey chest-radiograph phantoms (Modality CR, 12 bit)
+    fundus = "fundus"  # RGB colour fundus photographs (Modality OP, 8 bit); use color: rgb
+
+
 class PhantomSettings(_Section):
     """Settings of the embedded phantom dataset (``dataset.kind: phantoms``)."""
 
@@ -66,6 +71,7 @@ class PhantomSettings(_Section):
     size_px: int = Field(128, ge=32, le=1024, description="written image side in pixels")
     difficulty: float = Field(0.6, ge=0.0, le=1.0, description="0 obvious findings, 1 invisible")
     seed: int = 0
+    body_part: PhantomBodyPart = PhantomBodyPart.chest
 
 
 class DatasetSection(_Section):

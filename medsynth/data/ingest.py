@@ -244,11 +244,12 @@ def ingest_dataset(ds: DatasetSection, run_dir: str | Path) -> IngestSummary:
     For ``kind: phantoms`` the embedded phantom dataset is written to ``run_dir/phantoms``
     first (once) and joined on AccessionNumber, as its ``labels.csv`` is keyed.
     """
-    from medsynth.data.phantoms import CLASS_NAMES, LABELS_FILE, write_phantoms
+    from medsynth.data.phantoms import LABELS_FILE, class_names, write_phantoms
 
     run_dir = Path(run_dir)
     if ds.kind == DatasetKind.phantoms.value:
         root = run_dir / "phantoms"
+        names = class_names(ds.phantoms.body_part)
         done = root / ".complete"
         if not done.exists():
             write_phantoms(root, **ds.phantoms.model_dump())
@@ -260,7 +261,7 @@ def ingest_dataset(ds: DatasetSection, run_dir: str | Path) -> IngestSummary:
                 join_attribute="AccessionNumber",
                 join_column="accession",
                 label_column="finding",
-                classes=ds.classes or list(CLASS_NAMES[: ds.phantoms.num_classes]),
+                classes=ds.classes or list(names[: ds.phantoms.num_classes]),
                 split_column=None,
             )
         )

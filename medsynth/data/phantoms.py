@@ -1,4 +1,5 @@
-"""Embedded demo data: chest-radiograph-like phantoms with a class-defining finding.
+"""Embedded demo data: chest-radiograph-like (grey) or fundus-like (RGB) phantoms with a
+class-defining finding.
 
 Each image has a body outline, two lungs with a domed diaphragm, heart, spine, clavicles, ribs,
 low-frequency shading and noise, all with per-patient anatomical variation. Findings:
@@ -9,7 +10,9 @@ low-frequency shading and noise, all with per-patient anatomical variation. Find
 
 ``difficulty`` in [0, 1] scales findings down and noise up: at 0 a finding is obvious, at 1 it
 is invisible. The default 0.6 leaves a small classifier trained on ~100 images clearly imperfect.
-Headers carry fake ``CANARY`` identifiers so leak tests can look for them in every output.
+``body_part="fundus"`` writes 8-bit RGB colour fundus photographs instead (Modality OP; see
+:func:`render_fundus`), whose findings differ mainly in colour, so a pipeline that drops colour
+loses them. Headers carry fake ``CANARY`` identifiers so leak tests can look for them in every output.
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ from pathlib import Path
 import numpy as np
 
 CLASS_NAMES = ("normal", "opacity", "cardiomegaly", "effusion", "nodule")
+FUNDUS_CLASS_NAMES = ("normal", "haemorrhage", "exudate", "cotton_wool", "pale_disc")
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+OP_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image Storage
+
+
+def class_names(body_part: str = "chest") -> tuple[str, ...]:
+    """The phantom classes of ``body_part`` (chest | fundus), normal first."""
+    if body_part not in ("chest", "fundus"):
+        raise ValueError(f"unknown phantom body_part {body_part!r}; valid: chest, fundus")
+    return FUNDUS_CLASS_NAMES if body_part == "fundus" else CLASS_NAMES
+
+
 LABELS_FILE = "labels.csv"
 
 
@@ -128,6 +142,61 @@ def render(
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def render_fundus(
+    anatomy: Anatomy, finding: str, difficulty: float, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """One phantom colour fundus photograph ``(size, size, 3) float32 in [0, 1]`` (RGB).
+
+    An orange-red retina in a dark circular field, a yellow optic disc on one side, a darker
+    macula, dark red vessels arching from the disc. Findings: ``haemorrhage`` dark red blots,
+    ``exudate`` small bright yellow spots, ``cotton_wool`` soft white-grey patches, ``pale_disc``
+    a whitened optic disc. Patient variation reuses :class:`Anatomy` fields.
+    """
+    s = 1.0 - difficulty
+    ax = np.linspace(-1, 1, size)
+    x, y = np.meshgrid(ax, ax)
+    r = np.sqrt(x**2 + y**2)
+    field = np.clip((0.95 - r) / 0.05, 0, 1)  # circular aperture
+    tint = np.array([0.78, 0.34, 0.14]) * anatomy.brightness
+    img = tint[None, None] * (1.0 - 0.35 * r[..., None] ** 2)  # vignetting
+    img = img * (1.0 - 0.35 * np.exp(-(x**2 + y**2) / 0.03))[..., None]  # macula
+    side = 1 if anatomy.tilt >= 0 else -1  # which eye: disc left or right of the macula
+    dx, dy = side * (anatomy.lung_dx + 0.1), anatomy.lung_dy + 0.05
+    disc_r = anatomy.heart_r * 0.75
+    disc = np.exp(-((x - dx) ** 2 + (y - dy) ** 2) / (2 * disc_r**2))
+    disc_colour = np.array([0.98, 0.85, 0.55])
+    if finding == "pale_disc":
+        disc_colour = disc_colour + s * rng.uniform(0.7, 1.0) * (
+            np.array([0.95, 0.95, 0.92]) - disc_colour
+        )
+    img = img * (1 - disc[..., None]) + disc_colour * disc[..., None]
+    # Vessels: four dark red arcs leaving the disc towards the macula side.
+    for sign in (-1, 1):
+        for bend in (anatomy.rib_gap * 3, anatomy.rib_gap * 5):
+            arc = dy + sign * bend * np.abs(x - dx) ** 0.8
+            vessel = np.exp(-((y - arc) ** 2) / 0.0012) * (side * (dx - x) > 0)
+            img = img * (1 - 0.55 * vessel[..., None]) + 0.55 * vessel[..., None] * np.array(
+                [0.45, 0.05, 0.04]
+            )
+
+    def spots(n, radius, colour, alpha):
+        nonlocal img
+        for _ in range(n):
+            cx, cy = rng.uniform(-0.55, 0.55, 2)
+            blob = alpha * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius**2))
+            img = img * (1 - blob[..., None]) + blob[..., None] * np.asarray(colour)
+
+    if finding == "haemorrhage":
+        spots(int(rng.integers(2, 5)), rng.uniform(0.05, 0.09), (0.35, 0.02, 0.02), 0.9 * s)
+    elif finding == "exudate":
+        spots(int(rng.integers(4, 9)), 0.035, (1.0, 0.92, 0.35), 0.9 * s)
+    elif finding == "cotton_wool":
+        spots(int(rng.integers(2, 4)), rng.uniform(0.07, 0.11), (0.92, 0.88, 0.82), 0.75 * s)
+    img = img + 0.04 * _smooth_field(rng, size)[..., None]
+    img = img + (0.01 + 0.04 * difficulty) * rng.standard_normal(img.shape)
+    return np.clip(img * field[..., None], 0, 1).astype(np.float32)
+
+
 def write_phantoms(
     out_dir: str | Path,
     *,
@@ -136,22 +205,27 @@ def write_phantoms(
     size_px: int = 128,
     difficulty: float = 0.6,
     seed: int = 0,
+    body_part: str = "chest",
 ) -> Path:
     """Write a labeled phantom DICOM dataset; returns the path of its ``labels.csv``.
 
     Layout mimics an export: ``<PatientID>/<study>/IMxxxxx`` (some files without extension).
     ``labels.csv`` columns: accession, patient, finding — keyed by AccessionNumber on purpose,
     so the quickstart shows a join on a non-UID attribute. Classes are imbalanced: ~60 % normal.
-    Pixels are 12-bit in 16; every fifth patient's images are stored as MONOCHROME1.
+    Chest pixels are 12-bit in 16; every fifth patient's images are stored as MONOCHROME1.
+    ``body_part="fundus"``: 8-bit RGB Ophthalmic Photography instances (Modality OP) of
+    :data:`FUNDUS_CLASS_NAMES` instead.
     """
     from medsynth.dicom.write import build_instance, deterministic_uid, write_instance
 
-    if not 2 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"num_classes must be 2..{len(CLASS_NAMES)}, got {num_classes}")
+    names = class_names(body_part)
+    fundus = body_part == "fundus"
+    if not 2 <= num_classes <= len(names):
+        raise ValueError(f"num_classes must be 2..{len(names)}, got {num_classes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    classes = CLASS_NAMES[:num_classes]
+    classes = names[:num_classes]
     prior = np.array([0.6] + [0.4 / (num_classes - 1)] * (num_classes - 1))
     rows = []
     for p in range(n_patients):
@@ -159,47 +233,49 @@ def write_phantoms(
         finding = classes[rng.choice(num_classes, p=prior)]
         pid = f"PH{seed:02d}{p:05d}"
         n_studies = 2 if rng.random() < 0.25 else 1
-        monochrome1 = p % 5 == 4
+        monochrome1 = p % 5 == 4 and not fundus
         for s in range(n_studies):
-            unit = render(anatomy, finding, difficulty, size_px, rng)
-            stored = np.round(unit * 4095).astype(np.uint16)
+            if fundus:
+                unit = render_fundus(anatomy, finding, difficulty, size_px, rng)
+                stored = np.round(unit * 255).astype(np.uint8)
+            else:
+                unit = render(anatomy, finding, difficulty, size_px, rng)
+                stored = np.round(unit * 4095).astype(np.uint16)
             if monochrome1:
                 stored = 4095 - stored
             study_uid = deterministic_uid("phantom", seed, pid, s, "study")
             accession = f"CAN{seed:02d}{p:05d}{s}"
             attrs = {
                 "SpecificCharacterSet": "ISO_IR 100",
-                "Modality": "CR",
+                "Modality": "OP" if fundus else "CR",
                 "StudyDate": f"2024{1 + (p % 12):02d}{1 + (s * 7 + p) % 28:02d}",
                 "StudyTime": "101500",
                 "AccessionNumber": accession,
                 "InstitutionName": f"CANARY INSTITUTE {p % 7}",
                 "ReferringPhysicianName": f"CANARY^REFERRER^{p % 11}",
-                "StudyDescription": "CHEST PA",
+                "StudyDescription": "FUNDUS" if fundus else "CHEST PA",
                 "PatientName": f"CANARY^PHANTOM^{pid}",
                 "PatientID": pid,
                 "PatientBirthDate": f"19{40 + p % 60:02d}0{1 + p % 9}1{p % 9}",
                 "PatientSex": "FM"[p % 2],
-                "BodyPartExamined": "CHEST",
-                "ViewPosition": "PA",
+                "BodyPartExamined": "EYE" if fundus else "CHEST",
                 "StudyInstanceUID": study_uid,
                 "SeriesInstanceUID": deterministic_uid("phantom", seed, pid, s, "series"),
                 "StudyID": str(s + 1),
                 "SeriesNumber": 1,
                 "InstanceNumber": 1,
-                "RescaleIntercept": 0,
-                "RescaleSlope": 1,
-                "WindowCenter": 2048,
-                "WindowWidth": 4096,
             }
+            if not fundus:
+                attrs.update(ViewPosition="PA", RescaleIntercept=0, RescaleSlope=1)
+                attrs.update(WindowCenter=2048, WindowWidth=4096)
             sop = deterministic_uid("phantom", seed, pid, s, "image")
             ds = build_instance(
                 stored,
                 attrs,
-                sop_class_uid=CR_STORAGE,
+                sop_class_uid=OP_STORAGE if fundus else CR_STORAGE,
                 sop_instance_uid=sop,
-                photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
-                bits_stored=12,
+                photometric="RGB" if fundus else "MONOCHROME1" if monochrome1 else "MONOCHROME2",
+                bits_stored=8 if fundus else 12,
             )
             name = f"IM{s + 1:05d}" + (".dcm" if p % 2 else "")
             write_instance(out / pid / f"ST{s + 1}" / name, ds)

@@ -1,7 +1,7 @@
 """Write DICOM instances from an explicit attribute allowlist (never copied from a source file).
 
 ``write_instance`` is the shared low-level writer: uncompressed Explicit VR Little Endian,
-monochrome, 8/16 bit. The synthetic-scan writer and the phantom generator build on it.
+monochrome 8/16 bit or RGB 8 bit (colour-by-pixel). The synthetic-scan writer and the phantom generator build on it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 _PIXEL_ATTRS = {
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
+    "BitsStored", "HighBit", "PixelRepresentation", "PixelData", "PlanarConfiguration",
 }  # fmt: skip
 
 
@@ -57,12 +57,21 @@ def build_instance(
     photometric: str = "MONOCHROME2",
     bits_stored: int | None = None,
 ) -> Dataset:
-    """A complete DICOM data set from ``pixels`` ``(H, W)`` uint8/uint16/int16 and ``attrs``.
+    """A complete DICOM data set from ``pixels`` and ``attrs``.
 
-    ``attrs`` maps DICOM keywords to values and must not contain pixel-module attributes,
-    which are derived from ``pixels`` here. Private blocks are added by callers afterwards.
+    ``pixels``: ``(H, W)`` uint8/uint16/int16 (monochrome, ``photometric`` MONOCHROME1/2) or
+    ``(H, W, 3)`` uint8 (written as RGB, SamplesPerPixel 3, PlanarConfiguration 0: R, G, B
+    interleaved per pixel; ``photometric`` must then be ``RGB``). ``attrs`` maps DICOM keywords
+    to values and must not contain pixel-module attributes, which are derived from ``pixels``
+    here. Private blocks are added by callers afterwards.
     """
-    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16, np.int16):
+    rgb = pixels.ndim == 3
+    if rgb and (pixels.shape[2] != 3 or pixels.dtype != np.uint8 or photometric != "RGB"):
+        raise ValueError(
+            f"colour pixels must be (H, W, 3) uint8 with photometric 'RGB', got {pixels.shape} "
+            f"{pixels.dtype} {photometric!r}"
+        )
+    if not rgb and (pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16, np.int16)):
         raise ValueError(
             f"pixels must be (H, W) uint8/uint16/int16, got {pixels.shape} {pixels.dtype}"
         )
@@ -81,9 +90,11 @@ def build_instance(
     for key, value in attrs.items():
         setattr(ds, key, value)
     bits = pixels.dtype.itemsize * 8
-    ds.SamplesPerPixel = 1
+    ds.SamplesPerPixel = 3 if rgb else 1
     ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = (int(v) for v in pixels.shape)
+    if rgb:
+        ds.PlanarConfiguration = 0  # (H, W, 3) in C order is already colour-by-pixel
+    ds.Rows, ds.Columns = (int(v) for v in pixels.shape[:2])
     ds.BitsAllocated = bits
     ds.BitsStored = bits_stored or bits
     ds.HighBit = ds.BitsStored - 1
@@ -108,7 +119,26 @@ def write_instance(path: str | Path, ds: Dataset) -> bytes:
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PRIVATE_CREATOR = "MEDSYNTH 1"
-STORED_BITS = 12  # [-1, 1] -> 0..4095; RescaleSlope/Intercept map stored values back
+STORED_BITS = 12  # grey: [-1, 1] -> 0..4095; RescaleSlope/Intercept map stored values back
+# A fixed placeholder study date/time: a DICOMDIR needs both, but a real date would either be
+# non-deterministic (the generation time) or come from a training file (a leak). 1900-01-01 is
+# the DICOM epoch and obviously not an acquisition date.
+SYNTHETIC_STUDY_DATE = "19000101"
+SYNTHETIC_STUDY_TIME = "000000"
+
+
+def synthetic_decode_options(samples_per_pixel: int):
+    """How ``dicom.read.load_unit_image`` maps a synthetic instance back to ``[0, 1]``.
+
+    Grey instances store the training scale [-1, 1] as modality values (via the rescale), so a
+    fixed window (centre 0, width 2) inverts it exactly. RGB instances have no Modality LUT
+    (it does not apply to colour); their 8-bit stored range 0..255 *is* [-1, 1].
+    """
+    from medsynth.dicom.read import DecodeOptions
+
+    if samples_per_pixel == 3:
+        return DecodeOptions(intensity="bits", color="rgb")
+    return DecodeOptions(intensity="window", window_center=0.0, window_width=2.0)
 
 
 def synthetic_instance(
@@ -125,22 +155,25 @@ def synthetic_instance(
 ) -> Dataset:
     """A Secondary Capture instance for one synthetic image, built from an allowlist only.
 
-    ``image``: ``(H, W)`` float in [-1, 1] (the training scale). Stored losslessly as 12-bit
-    unsigned with ``RescaleSlope = 2/4095`` and ``RescaleIntercept = -1``, so modality values
-    are the training-scale intensities (to 1/4095). ``run_id`` names the synthetic patient and
-    study (e.g. the snapshot hash); UIDs derive from (run, pool, class, seed), so the same
-    request always yields the same UIDs and bytes. No value comes from any source file.
+    ``image``: ``(H, W)`` or ``(1, H, W)`` (grey) or ``(3, H, W)`` (RGB), float in [-1, 1] (the
+    training scale). Grey is stored losslessly as 12-bit unsigned with ``RescaleSlope = 2/4095``
+    and ``RescaleIntercept = -1``, so modality values are the training-scale intensities (to
+    1/4095). RGB is stored as 8-bit RGB, colour-by-pixel (0..255 = [-1, 1], to 1/255), without
+    a Modality LUT. ``run_id`` names the synthetic patient and study (e.g. the snapshot hash);
+    UIDs derive from (run, pool, class, seed), so the same request always yields the same UIDs
+    and bytes. No value comes from any source file.
     """
-    if image.ndim != 2:
-        raise ValueError(f"image must be (H, W), got {image.shape}")
-    top = 2**STORED_BITS - 1
-    stored = np.round((np.clip(image, -1, 1) + 1) / 2 * top).astype(np.uint16)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    rgb = image.ndim == 3
+    if rgb and image.shape[0] != 3 or image.ndim not in (2, 3):
+        raise ValueError(f"image must be (H, W), (1, H, W) or (3, H, W), got {image.shape}")
     run8 = run_id[:8]
     attrs = {
         "SpecificCharacterSet": "ISO_IR 100",
         "ImageType": ["DERIVED", "SECONDARY", "SYNTHETIC"],
-        "StudyDate": "",
-        "StudyTime": "",
+        "StudyDate": SYNTHETIC_STUDY_DATE,
+        "StudyTime": SYNTHETIC_STUDY_TIME,
         "AccessionNumber": "",
         "Modality": modality,
         "ConversionType": "SYN",
@@ -162,20 +195,28 @@ def synthetic_instance(
         "SeriesNumber": class_index + 1,
         "InstanceNumber": index + 1,
         "PatientOrientation": "",
-        "Laterality": "",  # type 2C; validators cannot evaluate its condition, so send it empty
-        "RescaleIntercept": "-1",
-        "RescaleSlope": f"{2 / top:.10g}",
-        "RescaleType": "US",
-        "WindowCenter": "0",
-        "WindowWidth": "2",
-        "LossyImageCompression": "00",
+        # Series Laterality (type 2C) is absent, as the standard wants for an unpaired part; the
+        # image-level "U" (unpaired) says so explicitly, which lets validators evaluate the
+        # condition (without it dciodvfy reports the absent Laterality as an error).
+        "ImageLaterality": "U",
     }
+    if rgb:
+        stored = np.round((np.clip(image, -1, 1) + 1) / 2 * 255).astype(np.uint8)
+        stored, photometric, bits = np.ascontiguousarray(stored.transpose(1, 2, 0)), "RGB", 8
+    else:
+        top = 2**STORED_BITS - 1
+        stored = np.round((np.clip(image, -1, 1) + 1) / 2 * top).astype(np.uint16)
+        photometric, bits = "MONOCHROME2", STORED_BITS
+        attrs |= {"RescaleIntercept": "-1", "RescaleSlope": f"{2 / top:.10g}", "RescaleType": "US",
+                  "WindowCenter": "0", "WindowWidth": "2"}  # fmt: skip
+    attrs["LossyImageCompression"] = "00"
     ds = build_instance(
         stored,
         attrs,
         sop_class_uid=SECONDARY_CAPTURE,
         sop_instance_uid=deterministic_uid(run_id, pool, class_index, seed),
-        bits_stored=STORED_BITS,
+        photometric=photometric,
+        bits_stored=bits,
     )
     block = ds.private_block(0x0011, PRIVATE_CREATOR, create=True)
     block.add_new(0x01, "LO", class_name[:64])

@@ -66,9 +66,11 @@ def run_study(
     real = load_split(ingest_dir, "train", train_fraction, fraction_seed)
     val, test = load_split(ingest_dir, "val"), load_split(ingest_dir, "test")
     classes, k = real.classes, len(real.classes)
-    size = real.images.shape[-1]
+    size, channels = real.images.shape[-1], real.images.shape[1]
     cfg = ClassifierConfig(**ev.classifier.model_dump())
-    pools = {p: load_pool(Path(generate_dir) / p, classes, size) for p in ev.pools}
+    pools = {
+        p: load_pool(Path(generate_dir) / p, classes, size, channels=channels) for p in ev.pools
+    }
     y_test = test.labels.numpy()
 
     rows, probas = [], {}

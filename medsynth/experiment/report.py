@@ -61,10 +61,18 @@ def _ci(r: dict, key: str) -> str:
     return f'<span class="{cls}">{d:+.3f}</span> <span class="muted">[{lo:+.3f}, {hi:+.3f}]</span>'
 
 
-def _grid(images: np.ndarray) -> np.ndarray:
-    """(R, K, H, W) in [-1, 1] -> one (R*H, K*W) image in [0, 1]."""
-    r, k, h, w = images.shape
-    return ((images.transpose(0, 2, 1, 3).reshape(r * h, k * w) + 1) / 2).clip(0, 1)
+def _displayable(unit: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] -> what ``imshow`` shows: ``(H, W)`` grey or ``(H, W, 3)`` RGB."""
+    return unit[0] if unit.shape[0] == 1 else np.ascontiguousarray(unit.transpose(1, 2, 0))
+
+
+def _strip(images: np.ndarray, per: int) -> np.ndarray:
+    """``(N, C, H, W)`` in [-1, 1], N <= ``per`` -> one row ``(C, H, per*W)`` in [0, 1];
+    empty places stay black."""
+    n, c, h, w = images.shape
+    strip = np.zeros((c, h, per * w), np.float32)
+    strip[:, :, : n * w] = ((images.transpose(1, 2, 0, 3).reshape(c, h, n * w) + 1) / 2).clip(0, 1)
+    return strip
 
 
 def _small_class_card(run: Path, protocol, classes: list[str]) -> str:
@@ -132,21 +140,20 @@ def write_report(run: Path, protocol) -> Path:
         )
         per = 8
         rows_syn = [r for c in classes for r in [m for m in manifest if m["class_name"] == c][:per]]
-        pool = load_pool(pool_dir, classes, real.images.shape[-1], rows=rows_syn)
+        pool = load_pool(pool_dir, classes, real.images.shape[-1], rows=rows_syn,
+                         channels=real.images.shape[1])  # fmt: skip
         rows_img = []
         for ci in range(len(classes)):
-            strips = []
-            for imgs in (
-                real.images[real.labels == ci][:per],
-                pool.images[pool.labels == ci][:per],
-            ):
-                strip = np.zeros((imgs.shape[-2], per * imgs.shape[-1]), np.float32)
-                if len(imgs):
-                    g = _grid(imgs[:, 0].numpy()[None])
-                    strip[:, : g.shape[1]] = g
-                strips.append(strip)
-            gap = np.ones((strips[0].shape[0], strips[0].shape[0] // 2), np.float32)
-            rows_img.append(np.concatenate([strips[0], gap, strips[1]], 1))
+            strips = [
+                _strip(imgs.numpy(), per)
+                for imgs in (
+                    real.images[real.labels == ci][:per],
+                    pool.images[pool.labels == ci][:per],
+                )
+            ]
+            c, h, _ = strips[0].shape
+            gap = np.ones((c, h, h // 2), np.float32)
+            rows_img.append(_displayable(np.concatenate([strips[0], gap, strips[1]], 2)))
         fig, axes = plt.subplots(
             len(classes), 1, figsize=(11, 1.05 * len(classes) + 0.3), squeeze=False
         )
@@ -233,17 +240,19 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
 
 
 def _pairs_png(run: Path, out: Path, name: str, m: dict) -> str:
-    from medsynth.dicom.read import DecodeOptions, load_unit_image
+    from medsynth.dicom.read import load_unit_image
+    from medsynth.dicom.write import synthetic_decode_options
 
     top = m["top_pairs"][:8]
     if not top:
         return ""
     cache = np.load(run / "ingest" / "images.npy", mmap_mode="r")
+    opts = synthetic_decode_options(cache.shape[1])
     fig, axes = plt.subplots(2, len(top), figsize=(1.4 * len(top), 3.2), squeeze=False)
     for j, p in enumerate(top):
-        syn = load_unit_image(run / "generate" / name / m["synthetic_paths"][p["synthetic"]],
-                              DecodeOptions(intensity="window", window_center=0, window_width=2))[0]  # fmt: skip
-        real = (cache[m["train_cache_rows"][p["train"]], 0].astype(np.float32) + 1) / 2
+        path = run / "generate" / name / m["synthetic_paths"][p["synthetic"]]
+        syn = _displayable(load_unit_image(path, opts))
+        real = _displayable((cache[m["train_cache_rows"][p["train"]]].astype(np.float32) + 1) / 2)
         for i, (img, t) in enumerate(
             ((syn, f"r={p['pixel_similarity']:.3f}"), (real, "nearest train"))
         ):

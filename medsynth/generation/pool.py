@@ -195,14 +195,14 @@ def generate_pool(
         tw = time.perf_counter()
         for it, seed, img in zip(batch, seeds, images, strict=True):
             name = classes[it.class_index]
-            ds = synthetic_instance(img[0], run_id=snap_sha, pool=pool, class_name=name,
+            ds = synthetic_instance(img, run_id=snap_sha, pool=pool, class_name=name,
                                     class_index=it.class_index, seed=seed, index=it.index,
                                     derivation=f"{derivation} seed={seed}")  # fmt: skip
             data = to_bytes(ds)
             rel = it.relpath(name)
             atomic_write_bytes(out / rel, data)
             if export_png:
-                _write_png(out / "png" / name / f"{it.index:06d}.png", img[0])
+                _write_png(out / "png" / name / f"{it.index:06d}.png", img)
             _append_row(part, {
                 "path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": name,
                 "class_index": it.class_index, "index": it.index, "seed": seed,
@@ -236,11 +236,19 @@ def _check_request(out: Path, request: dict) -> None:
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
+    """``image``: ``(1, H, W)`` -> 16-bit grey PNG; ``(3, H, W)`` -> 8-bit RGB PNG (Pillow
+    writes no 16-bit RGB), both from [-1, 1]."""
     from PIL import Image
 
-    stored = np.round((np.clip(image, -1, 1) + 1) / 2 * 65535).astype(np.uint16)
+    if image.shape[0] == 3:
+        rgb = np.round((np.clip(image, -1, 1) + 1) / 2 * 255).astype(np.uint8)
+        pil = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)))
+    else:
+        pil = Image.fromarray(
+            np.round((np.clip(image[0], -1, 1) + 1) / 2 * 65535).astype(np.uint16)
+        )
     buf = io.BytesIO()
-    Image.fromarray(stored).save(buf, format="PNG")
+    pil.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -1,4 +1,8 @@
-"""Server-side PNG thumbnails with window/level, marked SYNTHETIC (never JPEG)."""
+"""Server-side PNG thumbnails with window/level, marked SYNTHETIC (never JPEG).
+
+Grey images give grey thumbnails; RGB images (``dataset.color: rgb``) keep their colour, with
+the window applied to each channel alike.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsynth.dicom.read import DecodeOptions, load_unit_image
+from medsynth.dicom.read import load_unit_image, read_header
+from medsynth.dicom.write import synthetic_decode_options
 
-# Synthetic instances store the training scale [-1, 1] as modality values.
-TRAINING_SCALE = DecodeOptions(intensity="window", window_center=0.0, window_width=2.0)
+# Grey synthetic instances store the training scale [-1, 1] as modality values.
+TRAINING_SCALE = synthetic_decode_options(1)
 
 
 def window(unit: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -19,11 +24,22 @@ def window(unit: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip((unit - (level - width / 2)) / max(width, 1e-6), 0, 1)
 
 
+def _channels_last(img: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(1, H, W)`` -> ``(H, W)``; ``(3, H, W)`` -> ``(H, W, 3)``."""
+    if img.ndim == 3 and img.shape[0] == 1:
+        return img[0]
+    if img.ndim == 3 and img.shape[0] == 3:
+        return np.ascontiguousarray(img.transpose(1, 2, 0))
+    if img.ndim != 2:
+        raise ValueError(f"image must be (H, W), (1, H, W) or (3, H, W), got {img.shape}")
+    return img
+
+
 def to_png(img01: np.ndarray, size: int = 112, marker: str | None = "SYNTHETIC") -> bytes:
-    """``(H, W)`` in [0, 1] -> PNG bytes, upsampled to ``size`` px, with a corner marker."""
-    im = Image.fromarray((img01 * 255).round().astype(np.uint8)).resize(
-        (size, size), Image.Resampling.NEAREST
-    )
+    """``(H, W)``, ``(1, H, W)`` or ``(3, H, W)`` (RGB) in [0, 1] -> PNG bytes, upsampled to
+    ``size`` px, with a corner marker."""
+    pixels = (_channels_last(img01) * 255).round().astype(np.uint8)
+    im = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
     im = im.convert("RGB")
     if marker:
         d = ImageDraw.Draw(im)
@@ -37,11 +53,14 @@ def to_png(img01: np.ndarray, size: int = 112, marker: str | None = "SYNTHETIC")
 
 def dicom_thumbnail(path: str | Path, level: float = 0.5, width: float = 1.0, size: int = 112,
                     marker: str | None = "SYNTHETIC") -> bytes:  # fmt: skip
-    unit = load_unit_image(path, TRAINING_SCALE)[0]
+    """A synthetic instance (grey or RGB, as ``dicom.write`` stores them) as a PNG thumbnail."""
+    spp = int(read_header(path).get("SamplesPerPixel") or 1)
+    unit = load_unit_image(path, synthetic_decode_options(spp))
     return to_png(window(unit, level, width), size, marker)
 
 
 def array_thumbnail(img: np.ndarray, level: float = 0.5, width: float = 1.0, size: int = 112,
                     marker: str | None = None) -> bytes:  # fmt: skip
-    """``img``: ``(H, W)`` in [-1, 1] (the ingest cache scale)."""
+    """``img``: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)`` in [-1, 1] (the ingest cache scale;
+    pass a whole cache row ``cache[i]`` to keep colour)."""
     return to_png(window((img.astype(np.float32) + 1) / 2, level, width), size, marker)

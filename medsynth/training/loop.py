@@ -96,16 +96,22 @@ def save_preview(
     device,
     per_class: int = 8,
 ) -> None:
-    """A PNG grid: one row per class, ``per_class`` samples (DPM-Solver++ 20, guidance 2)."""
+    """A PNG grid: one row per class, ``per_class`` samples (DPM-Solver++ 20, guidance 2).
+
+    ``image_shape``: ``(C, H, W)``; C = 1 gives a grey PNG, C = 3 an RGB one.
+    """
     from PIL import Image
 
     labels = [c for c in range(len(classes)) for _ in range(per_class)]
     imgs = sample(ema_model, schedule_cfg, labels, list(range(len(labels))), image_shape=image_shape,
                   null_label=len(classes), sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
                   steps=20, guidance_scale=2.0, device=device)  # fmt: skip
-    grid = imgs[:, 0].reshape(len(classes), per_class, *image_shape[1:])
-    grid = grid.permute(0, 2, 1, 3).reshape(len(classes) * image_shape[1], -1)
-    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()).save(path)
+    c, h, w = image_shape
+    # (K*per, C, H, W) -> (K, H, per, W, C) -> (K*H, per*W, C): rows of classes, channels last.
+    grid = imgs.reshape(len(classes), per_class, c, h, w).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(len(classes) * h, per_class * w, c)
+    pixels = ((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path)
 
 
 def train(
