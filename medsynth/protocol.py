@@ -58,6 +58,12 @@ class ResizeMode(str, Enum):
     crop = "crop"  # keep aspect ratio, resize the short side, centre-crop the long side
 
 
+class DuplicatePolicy(str, Enum):
+    keep = "keep"  # evaluate on every held-out image; warn how many have a near-duplicate in train
+    drop = "drop"  # leave val/test images with a near-duplicate in train out of evaluation
+    fail = "fail"  # stop the ingest (duplicates.csv is written first, to inspect)
+
+
 class PhantomSettings(_Section):
     """Settings of the embedded phantom dataset (``dataset.kind: phantoms``)."""
 
@@ -101,6 +107,10 @@ class DatasetSection(_Section):
     color: ColorMode = ColorMode.grey
     multiframe: MultiFramePolicy = MultiFramePolicy.skip
     workers: int = Field(2, ge=1, description="decoding processes")
+    duplicate_threshold: float = Field(
+        0.99, gt=0, le=1, description="pixel correlation at cache resolution = near-duplicate"
+    )
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.keep
     phantoms: PhantomSettings = Field(default_factory=PhantomSettings)
 
     @field_validator("split_fractions")

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsynth.data.leakage import excluded_rows
+
 
 @dataclass
 class CachedSplit:
@@ -51,6 +53,10 @@ def split_rows(
         raise FileNotFoundError(f"no ingest cache in {ingest_dir}; run `medsynth ingest` first")
     with (ingest_dir / "index.csv").open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if split == "all" or r["split"] == split]
+    if split != "all":
+        # duplicate_policy: drop -> held-out near-copies of train images are not evaluated on.
+        dropped = excluded_rows(ingest_dir)
+        rows = [r for r in rows if r["row"] not in dropped]
     return fraction_rows(rows, fraction, fraction_seed)
 
 
