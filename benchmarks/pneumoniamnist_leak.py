@@ -4,8 +4,9 @@ Ingests ../shared/data/pneumoniamnist-dicom with the protocol's dataset section 
 split), prints exact and near-duplicate counts within and across splits, then trains the
 real-only classifier at the protocol's classifier settings for a few seeds and scores each on the
 full test split and on the test split without the images that have a near-duplicate in train
-(same predictions, paired). Usage:
-OMP_NUM_THREADS=1 python benchmarks/pneumoniamnist_leak.py [--fractions 0.1 1.0] [--seeds 5]
+(same predictions, paired), and with the leaking validation images dropped from model selection
+(duplicate_policy: drop; a second fit per seed). Usage:
+OMP_NUM_THREADS=1 python benchmarks/pneumoniamnist_leak.py [--fraction F] [--seeds 5]
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from medsynth.data.datasets import load_split
+from medsynth.data.duplicates import find_duplicates
 from medsynth.data.ingest import ingest
+from medsynth.data.leakage import leak_summary
 from medsynth.evaluation.classifier import Classifier, ClassifierConfig
 from medsynth.evaluation.stats import metrics
 from medsynth.protocol import load_protocol
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDSYNTH_SHARED_DATA", ROOT.parent / "shared/data"))
 
 
-def duplicate_figures(ingest_dir: Path, threshold: float) -> tuple[set[str], dict]:
+def duplicate_figures(ingest_dir: Path, threshold: float) -> None:
     """Leaking val/test cache rows and counts of pairs/groups by split, from duplicates.csv."""
     dup = list(csv.DictReader((ingest_dir / "duplicates.csv").open()))
     by = Counter()
@@ -67,54 +70,71 @@ def duplicate_figures(ingest_dir: Path, threshold: float) -> tuple[set[str], dic
     for s in ("val", "test"):
         print(f"{s}: {len(leaking[s])} images with a near-duplicate in train "
               f"({len(exact_leaking[s])} exact)")  # fmt: skip
-    return leaking["test"], {"pairs": dict(by), "groups": len(groups)}
+
+
+def leaking_rows(ingest_dir: Path, threshold: float) -> dict[str, set[str]]:
+    """Val/test cache rows (strings, as in index.csv) with a train image at corr >= threshold."""
+    rows = list(csv.DictReader((ingest_dir / "index.csv").open()))
+    pairs = find_duplicates(np.load(ingest_dir / "images.npy", mmap_mode="r"), threshold)
+    leak = {str(k) for k in leak_summary(rows, pairs)["leaking_rows"]}
+    return {
+        s: {r["row"] for r in rows if r["split"] == s and r["row"] in leak} for s in ("val", "test")
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", nargs="*", type=float, default=[0.1, 1.0])
+    ap.add_argument("--fraction", type=float, default=None, help="default: the protocol's")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--sensitivity", nargs="*", type=float, default=[0.95, 0.93])
     args = ap.parse_args()
     proto = load_protocol(ROOT / "protocols/pneumoniamnist.yaml")
     root = SHARED / "pneumoniamnist-dicom"
-    upd = dict(root=str(root), labels_csv=str(root / "labels.csv"), workers=2)
-    if args.threshold is not None:
-        upd["duplicate_threshold"] = args.threshold
-    ds = proto.dataset.model_copy(update=upd)
+    ds = proto.dataset.model_copy(update=dict(root=str(root), labels_csv=str(root / "labels.csv")))
+    frac = args.fraction or ds.train_fraction
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ingest"
         t0 = time.perf_counter()
         summary = ingest(ds, out)
         print(summary.line(), f"(ingest incl. duplicate search {time.perf_counter() - t0:.1f} s)")
-        leaking_test, _ = duplicate_figures(out, ds.duplicate_threshold)
+        duplicate_figures(out, ds.duplicate_threshold)
+        thresholds = [ds.duplicate_threshold, *args.sensitivity]
+        leaks = {t: leaking_rows(out, t) for t in thresholds}
+        for t, d in leaks.items():
+            print(
+                f"corr >= {t:g}: val {len(d['val'])}, test {len(d['test'])} with a train neighbour"
+            )
+        real = load_split(out, "train", frac, ds.fraction_seed)
         val, test = load_split(out, "val"), load_split(out, "test")
-        clean = np.array([r["row"] not in leaking_test for r in test.rows])
         y = test.labels.numpy()
+        val_drop = np.array(
+            [r["row"] not in leaks[ds.duplicate_threshold]["val"] for r in val.rows]
+        )
         cfg = ClassifierConfig(**proto.evaluation.classifier.model_dump())
-        print(f"classifier {cfg.kind}, epochs {cfg.epochs}, batch {cfg.batch_size}; test {len(y)} "
-              f"images, {int((~clean).sum())} leaking (labels {np.bincount(y[~clean], minlength=2)})")  # fmt: skip
-        for frac in args.fractions:
-            real = load_split(out, "train", frac, ds.fraction_seed)
-            aucs = []
-            for seed in range(args.seeds):
+        print(f"real-only {cfg.kind}, epochs {cfg.epochs}, batch {cfg.batch_size}, train fraction "
+              f"{frac:g} (n={len(real.labels)}), test {len(y)}")  # fmt: skip
+        res = []
+        for seed in range(args.seeds):
+            rec = {}
+            for policy, keep in (("keep", np.ones(len(val.rows), bool)), ("drop", val_drop)):
                 t1 = time.perf_counter()
                 clf = Classifier(2, 1, cfg, seed=seed)
-                clf.fit(real.images, real.labels, val.images, val.labels)
+                clf.fit(real.images, real.labels, val.images[keep], val.labels[keep])
                 p = clf.predict_proba(test.images)
-                a_all = metrics(y, p, test.classes)["auc"]
-                a_clean = metrics(y[clean], p[clean], test.classes)["auc"]
-                a_leak = metrics(y[~clean], p[~clean], test.classes)["auc"] if len(
-                    set(y[~clean])) > 1 else float("nan")  # fmt: skip
-                aucs.append((a_all, a_clean, a_leak))
-                print(f"  fraction {frac:g} (n={len(real.labels)}) seed {seed}: AUC all {a_all:.4f}, "
-                      f"without leaking {a_clean:.4f}, leaking only {a_leak:.4f} "
-                      f"({time.perf_counter() - t1:.0f} s)")  # fmt: skip
-            a = np.array(aucs)
-            d = a[:, 0] - a[:, 1]
-            print(f"fraction {frac:g}: AUC all {a[:, 0].mean():.4f} ± {a[:, 0].std(ddof=1):.4f}, "
-                  f"without leaking {a[:, 1].mean():.4f} ± {a[:, 1].std(ddof=1):.4f}, "
-                  f"difference {d.mean():+.4f} ± {d.std(ddof=1):.4f} (mean ± sd over {len(d)} seeds)")  # fmt: skip
+                rec[policy] = metrics(y, p, test.classes)["auc"]
+                for t in thresholds:  # the same predictions, scored without test images near train
+                    clean = np.array([r["row"] not in leaks[t]["test"] for r in test.rows])
+                    rec[f"{policy}@{t:g}"] = metrics(y[clean], p[clean], test.classes)["auc"]
+                rec[f"{policy}_s"] = time.perf_counter() - t1
+            res.append(rec)
+            print(f"  seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items()))
+        for key in res[0]:
+            if key.endswith("_s"):
+                continue
+            v = np.array([r[key] for r in res])
+            d = v - np.array([r["keep"] for r in res])
+            print(f"AUC {key:<10} {v.mean():.4f} ± {v.std(ddof=1):.4f}; vs keep/full test "
+                  f"{d.mean():+.4f} ± {d.std(ddof=1):.4f} (mean ± sd, {len(v)} seeds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -68,10 +68,19 @@ def _pca_basis(images: np.ndarray, dims: int, fit_rows: int, seed: int) -> np.nd
     idx = np.sort(rng.choice(n, min(n, fit_rows), replace=False))
     x, ok = _unit_chunk(np.asarray(images[idx]))
     x = x[ok]
-    # Axes of the second moment (not mean-centred): exact for the distance bound either way.
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    k = int(min(dims, (s > 1e-6 * max(s[0], 1e-12)).sum()))
-    return np.ascontiguousarray(vt[:k].T)
+    # Axes of the second moment (not mean-centred; any orthonormal basis keeps the distance
+    # bound). Eigen-decompose the smaller of the (D, D) and (n, n) Gram matrices: far cheaper
+    # than an SVD of the sample.
+    if x.shape[1] <= x.shape[0]:
+        w, v = np.linalg.eigh(x.T @ x)
+        w, axes = w[::-1], v[:, ::-1]
+    else:
+        w, u = np.linalg.eigh(x @ x.T)
+        w, u = w[::-1], u[:, ::-1]
+        axes = x.T @ (u / np.sqrt(np.maximum(w, 1e-12)))
+    k = int(min(dims, (w > 1e-10 * max(w[0], 1e-12)).sum()))
+    q, _ = np.linalg.qr(axes[:, :k].astype(np.float64))  # re-orthonormalise float32 round-off
+    return np.ascontiguousarray(q.astype(np.float32))
 
 
 def find_duplicates(
