@@ -143,7 +143,11 @@ def find_duplicates(
     for a in range(0, len(ids), block):
         pa, sa = p[a : a + block], sq[a : a + block]
         for b in range(a, len(ids), block):
-            d2 = sa[:, None] + sq[None, b : b + block] - 2.0 * (pa @ p[b : b + block].T)
+            # |Pu - Pv|^2 = |Pu|^2 + |Pv|^2 - 2 Pu.Pv, in place on one (block, block) tile.
+            d2 = pa @ p[b : b + block].T
+            d2 *= -2.0
+            d2 += sa[:, None]
+            d2 += sq[None, b : b + block]
             ii, jj = np.nonzero(d2 <= radius)
             keep = (ii + a) < (jj + b)
             cand_i.append(ids[ii[keep] + a])
