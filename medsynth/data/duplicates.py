@@ -90,7 +90,7 @@ def find_duplicates(
     dims: int = 48,
     block: int = 2048,
     chunk: int = 4096,
-    fit_rows: int = 4096,
+    fit_rows: int = 2048,
     max_group_pairs: int = 64,
     seed: int = 0,
 ) -> DuplicatePairs:
