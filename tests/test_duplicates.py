@@ -186,3 +186,17 @@ def test_computed_splits_keep_duplicate_groups_together(leaky_dir, tmp_path):
         assert sum(summary.duplicates["heldout_with_train_duplicate"].values()) == 0
         dup = list(csv.DictReader(open(tmp_path / str(seed) / "duplicates.csv")))
         assert len(dup) >= 6 and not any(r["cross_split"] == "1" for r in dup)
+
+
+def test_pneumoniamnist_duplicate_counts(tmp_path):
+    """The known state of the official split: 27 exact groups, 8 val images copied in train."""
+    from .conftest import shared_dataset
+
+    root = shared_dataset("pneumoniamnist-dicom")
+    ds = DatasetSection(
+        root=str(root), labels_csv=str(root / "labels.csv"), classes=["normal", "pneumonia"],
+        split_column="split", spatial_size=28, intensity="bits",
+    )  # fmt: skip
+    d = ingest(ds, tmp_path).duplicates
+    assert d["heldout_with_train_duplicate"] == {"val": 8, "test": 0}
+    assert d["exact_pairs"] == 31 and d["by_splits"]["train-val"] == {"pairs": 10, "exact": 10}
