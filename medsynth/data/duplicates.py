@@ -76,8 +76,8 @@ def _pca_basis(images: np.ndarray, dims: int, fit_rows: int, seed: int) -> np.nd
         w, axes = w[::-1], v[:, ::-1]
     else:
         w, u = np.linalg.eigh(x @ x.T)
-        w, u = w[::-1], u[:, ::-1]
-        axes = x.T @ (u / np.sqrt(np.maximum(w, 1e-12)))
+        w, u = w[::-1], u[:, ::-1][:, :dims]
+        axes = x.T @ (u / np.sqrt(np.maximum(w[: u.shape[1]], 1e-12)))
     k = int(min(dims, (w > 1e-10 * max(w[0], 1e-12)).sum()))
     q, _ = np.linalg.qr(axes[:, :k].astype(np.float64))  # re-orthonormalise float32 round-off
     return np.ascontiguousarray(q.astype(np.float32))
@@ -105,6 +105,9 @@ def find_duplicates(
     if not 0 < threshold <= 1:
         raise ValueError(f"duplicate threshold must be in (0, 1]; got {threshold}")
     n = len(images)
+    # Bound float32 chunk copies to ~256 MB each, whatever the cache resolution.
+    chunk = max(64, min(chunk, 2**26 // max(1, int(np.prod(images.shape[1:])))))
+    fit_rows = max(256, min(fit_rows, 2**27 // max(1, int(np.prod(images.shape[1:])))))
     out_i, out_j, out_s, out_e = [], [], [], []
 
     # 1. Exact duplicates by pixel hash.
