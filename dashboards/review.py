@@ -193,6 +193,9 @@ with tab_compare:
             ps = memo["per_sample"]
             cache = real_cache(str(run / "ingest"))
             flag = "⚑ FLAGGED as a possible copy" if ps["flagged"][i] else "not flagged"
+            if not memo.get("informative", True):  # a blind audit's "not flagged" means nothing
+                st.warning(f"Memorization audit not informative: {memo['not_informative_reason']}.")
+                flag += " (audit not informative)"
             st.markdown(f"Memorization: **{flag}** (pixel threshold {memo['pixel_threshold']:.3f}, "
                         f"feature threshold {memo['feature_threshold']:.3f})")  # fmt: skip
             c1, c2, c3 = st.columns(3)

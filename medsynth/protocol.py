@@ -63,6 +63,12 @@ class PhantomBodyPart(str, Enum):
     fundus = "fundus"  # RGB colour fundus photographs (Modality OP, 8 bit); use color: rgb
 
 
+class DuplicatePolicy(str, Enum):
+    keep = "keep"  # evaluate on every held-out image; warn how many have a near-duplicate in train
+    drop = "drop"  # leave val/test images with a near-duplicate in train out of evaluation
+    fail = "fail"  # stop the ingest (duplicates.csv is written first, to inspect)
+
+
 class PhantomSettings(_Section):
     """Settings of the embedded phantom dataset (``dataset.kind: phantoms``)."""
 
@@ -113,6 +119,10 @@ class DatasetSection(_Section):
         "larger files are skipped from their header, before decoding",
     )
     workers: int = Field(2, ge=1, description="decoding processes")
+    duplicate_threshold: float = Field(
+        0.99, gt=0, le=1, description="pixel correlation at cache resolution = near-duplicate"
+    )
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.keep
     phantoms: PhantomSettings = Field(default_factory=PhantomSettings)
 
     @field_validator("split_fractions")

@@ -6,7 +6,7 @@ import torch
 
 from medsynth.evaluation.classifier import Classifier, ClassifierConfig, classical_augment
 from medsynth.evaluation.fidelity import fd, fidelity_diversity, kid, msssim_ratio, prdc, vendi
-from medsynth.evaluation.memorization import audit
+from medsynth.evaluation.memorization import audit, audit_line
 from medsynth.evaluation.selection import kcenter_greedy, select
 from medsynth.evaluation.stats import fast_metric, metrics, paired_bootstrap_diff, spearman_with_ci
 
@@ -145,3 +145,50 @@ def test_resnet18_builds_for_small_images():
     clf = Classifier(3, 1, ClassifierConfig(kind="resnet18", width=0.25, epochs=1))
     assert clf.predict_proba(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
     assert clf.features(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+
+
+def _leaky_audit_data():
+    """Phantom train set, held-out set with planted near-copies of train, synthetic near-copies."""
+    from medsynth.data.phantoms import draw_anatomy, render
+
+    rng = np.random.default_rng(7)
+    img = np.stack([render(draw_anatomy(rng), "normal", 0.3, 32, rng) for _ in range(300)])
+    img = (img[:, None] * 2 - 1).astype(np.float32)
+    train, clean_holdout, fresh = img[:150], img[150:270], img[270:]
+    leaked = train[:30] + rng.normal(0, 0.002, train[:30].shape)  # corr ~0.9999: crops/re-exports
+    holdout = np.concatenate([clean_holdout, leaked]).astype(np.float32)
+    near = train[40:50] + rng.normal(0, 0.04, train[40:50].shape)  # corr ~0.99: memorized
+    synthetic = np.concatenate([fresh, near]).astype(np.float32)
+    f = rng.normal(size=(300, 8))
+    f_hold = np.concatenate([f[150:270], f[:30]])
+    f_syn = np.concatenate([f[270:], rng.normal(size=(10, 8))])
+    return synthetic, train, holdout, f_syn, f[:150], f_hold
+
+
+def test_audit_on_a_leaky_split_is_not_informative_without_exclusion():
+    data = _leaky_audit_data()
+    blind = audit(*data, exclude_threshold=None)  # the calibration before the fix
+    assert blind["pixel_threshold"] >= 0.999 and not blind["informative"]
+    assert "degenerate pixel threshold" in blind["not_informative_reason"]
+    assert audit_line(blind).startswith("audit not informative")
+    assert "% of" not in audit_line(blind)  # never a bare "0.0 % flagged"
+
+
+def test_audit_calibrates_on_heldout_images_that_are_not_near_copies():
+    data = _leaky_audit_data()
+    res = audit(*data, exclude_threshold=0.99)
+    assert res["informative"] and res["n_calibration"] == 120
+    assert res["n_holdout"] == 150 and res["n_holdout_near_duplicates"] == 30
+    assert res["pixel_threshold"] < 0.99
+    flagged = np.array(res["per_sample"]["flagged"])
+    assert flagged[30:].all()  # the memorized samples
+    assert flagged[:30].mean() < 0.2
+    # Two OR-ed criteria flag more than 1 - q of held-out images (here 2 + 2 of 120 at most).
+    assert res["holdout_flag_rate_nominal"] < res["holdout_flag_rate"] <= 4 / 120
+    assert "calibrated on 120 held-out images, 30 near-copies" in audit_line(res)
+
+
+def test_audit_with_too_few_calibration_images_says_so():
+    synthetic, train, holdout, f_syn, f_train, f_hold = _leaky_audit_data()
+    res = audit(synthetic, train, holdout[:40], f_syn, f_train, f_hold[:40])
+    assert not res["informative"] and "too small (40" in res["not_informative_reason"]

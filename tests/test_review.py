@@ -78,6 +78,8 @@ def test_apptest_accept_persists_reload_and_export(run):
     try:
         at = AppTest.from_file(str(APP), default_timeout=60).run()
         assert not at.exception
+        # The smoke run's held-out set is too small to calibrate: the Compare tab says so.
+        assert any("audit not informative" in w.value for w in at.warning)
         assert [t.label for t in at.tabs] == [
             "Samples",
             "Review",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsynth.data.leakage import excluded_rows
 from medsynth.utils.csvsafe import read_rows
 
 
@@ -51,6 +52,10 @@ def split_rows(
     if not (ingest_dir / "index.csv").is_file():
         raise FileNotFoundError(f"no ingest cache in {ingest_dir}; run `medsynth ingest` first")
     rows = [r for r in read_rows(ingest_dir / "index.csv") if split == "all" or r["split"] == split]
+    if split != "all":
+        # duplicate_policy: drop -> held-out near-copies of train images are not evaluated on.
+        dropped = excluded_rows(ingest_dir)
+        rows = [r for r in rows if r["row"] not in dropped]
     return fraction_rows(rows, fraction, fraction_seed)
 
 

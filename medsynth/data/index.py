@@ -138,12 +138,14 @@ def assign_splits(
     split_values: dict[str, str] | None = None,
     fractions: dict[str, float] | None = None,
     seed: int = 0,
+    groups: dict[str, str] | None = None,
 ) -> None:
     """Set ``row["split"]`` in place: from ``row["table_split"]`` or computed by patient.
 
     Computed splits are stratified by each patient's majority label and grouped by PatientID,
-    seeded, so a patient's images never straddle splits. Raises if a table split puts one
-    patient in two splits.
+    seeded, so a patient's images never straddle splits. ``groups`` (patient key -> group key)
+    merges patients further, e.g. patients sharing a near-duplicate image, so a group never
+    straddles splits either. Raises if a table split puts one patient in two splits.
     """
     if rows and "table_split" in rows[0]:
         inverse = {v: k for k, v in (split_values or {s: s for s in SPLITS}).items()}
@@ -156,9 +158,14 @@ def assign_splits(
             r["split"] = inverse[r.pop("table_split")]
     else:
         fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+        groups = groups or {}
+
+        def key(r: dict) -> str:
+            return groups.get(_patient_key(r), _patient_key(r))
+
         labels_by_patient: dict[str, Counter] = defaultdict(Counter)
         for r in rows:
-            labels_by_patient[_patient_key(r)][r["label_index"]] += 1
+            labels_by_patient[key(r)][r["label_index"]] += 1
         by_class: dict[int, list[str]] = defaultdict(list)
         for pid in sorted(labels_by_patient):
             by_class[labels_by_patient[pid].most_common(1)[0][0]].append(pid)
@@ -173,7 +180,7 @@ def assign_splits(
             for i, pid in enumerate(pids):
                 split_of[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
         for r in rows:
-            r["split"] = split_of[_patient_key(r)]
+            r["split"] = split_of[key(r)]
     check_patient_splits(rows)
 
 

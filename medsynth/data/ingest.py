@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from medsynth.data.index import (
     IngestError,
-    assign_splits,
     join_labels,
     read_label_table,
     split_counts,
 )
+from medsynth.data.leakage import leak_line, split_with_duplicates
 from medsynth.data.transforms import fit_to_square
 from medsynth.dicom.read import (
     DecodeOptions,
@@ -54,6 +54,7 @@ class IngestSummary:
     spatial_size: int
     channels: int
     seconds: float
+    duplicates: dict | None = None  # leakage.split_with_duplicates figures
 
     def line(self) -> str:
         per_split = ", ".join(f"{s} {sum(c.values())}" for s, c in self.counts.items())
@@ -61,7 +62,7 @@ class IngestSummary:
             f"ingested {self.images} images ({per_split}) from {self.files_scanned} files; "
             f"skipped {self.skipped} (see skipped.csv), {self.unlabelled} without label, "
             f"{self.unmatched_labels} label rows without image; {self.seconds:.1f} s"
-        )
+        ) + (f"\n{leak_line(self.duplicates)}" if self.duplicates else "")
 
 
 def _header_task(args: tuple[str, tuple[str, ...], int]) -> tuple[str, dict | None, str | None]:
@@ -213,9 +214,8 @@ def ingest(
             f"reasons are in {out / 'skipped.csv'}"
         )
     _trim_rows(tmp, out / "images.npy", len(kept))
-    assign_splits(
-        kept, split_values=ds.split_values, fractions=ds.split_fractions, seed=ds.split_seed
-    )
+    # Splits, with duplicate search (near-duplicate groups never straddle computed splits).
+    duplicates = split_with_duplicates(out, kept, ds)
 
     # 4. Reports.
     _write_csv(out / "index.csv", INDEX_COLUMNS, kept)
@@ -233,6 +233,7 @@ def ingest(
         spatial_size=ds.spatial_size,
         channels=channels,
         seconds=round(time.perf_counter() - t0, 3),
+        duplicates=duplicates,
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

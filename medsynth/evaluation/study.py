@@ -207,9 +207,13 @@ def run_study(
         fidelity[key] = per
     memo = {}
     holdout_px = torch.cat([val.images, test.images]).numpy()
+    # Held-out near-copies of train images are left out of calibration, at the ingest threshold.
+    ingest_summary = json.loads((Path(ingest_dir) / "summary.json").read_text())
+    exclude = (ingest_summary.get("duplicates") or {}).get("threshold", 0.99)
     for name, pool in pools.items():
         memo[name] = audit(pool.images.numpy(), real.images.numpy(), holdout_px, feats[f"pool:{name}"],
-                           feats["real_train"], feats["real_holdout"], quantile=ev.memorization_quantile)  # fmt: skip
+                           feats["real_train"], feats["real_holdout"], quantile=ev.memorization_quantile,
+                           exclude_threshold=exclude)  # fmt: skip
         memo[name]["synthetic_paths"] = [r["path"] for r in pool.rows]
         # Cache rows, not file paths: source paths often embed patient identifiers.
         memo[name]["train_cache_rows"] = [int(r["row"]) for r in real.rows]

@@ -177,6 +177,10 @@ def show(run_dir: str | Path) -> str:
     if ingest.exists():
         s = json.loads(ingest.read_text())
         lines.append(f"data: {s['images']} images, classes {s['classes']}, skipped {s['skipped']}")
+        if s.get("duplicates"):
+            from medsynth.data.leakage import leak_line
+
+            lines.append("  " + leak_line(s["duplicates"]))
     uplift = run / "evaluate" / "uplift.csv"
     if uplift.exists():
         import csv
@@ -186,6 +190,12 @@ def show(run_dir: str | Path) -> str:
             d = (f"{float(r['auc_vs_real']):+.3f} [{float(r['auc_vs_real_ci_low']):+.3f}, "
                  f"{float(r['auc_vs_real_ci_high']):+.3f}]") if r.get("auc_vs_real") else ""  # fmt: skip
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")
+    memo = run / "evaluate" / "memorization.json"
+    if memo.exists():
+        from medsynth.evaluation.memorization import audit_line
+
+        for name, m in json.loads(memo.read_text()).items():
+            lines.append(f"memorization audit, pool {name}: {audit_line(m)}")
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")
     return "\n".join(lines)
