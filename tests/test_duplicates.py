@@ -200,3 +200,9 @@ def test_pneumoniamnist_duplicate_counts(tmp_path):
     d = ingest(ds, tmp_path).duplicates
     assert d["heldout_with_train_duplicate"] == {"val": 8, "test": 0}
     assert d["exact_pairs"] == 31 and d["by_splits"]["train-val"] == {"pairs": 10, "exact": 10}
+
+
+def test_constant_images_have_no_near_duplicates_and_do_not_crash():
+    blank = np.zeros((4, 1, 8, 8), np.float16)  # correlation is undefined for constant images
+    pairs = find_duplicates(blank)
+    assert len(pairs) == 6 and pairs.exact.all()  # 4 identical blank frames: 6 exact pairs

@@ -55,7 +55,8 @@ def split_rows(
     if split != "all":
         # duplicate_policy: drop -> held-out near-copies of train images are not evaluated on.
         dropped = excluded_rows(ingest_dir)
-        rows = [r for r in rows if r["row"] not in dropped]
+        if dropped:
+            rows = [r for r in rows if r["row"] not in dropped]
     return fraction_rows(rows, fraction, fraction_seed)
 
 

@@ -68,6 +68,8 @@ def _pca_basis(images: np.ndarray, dims: int, fit_rows: int, seed: int) -> np.nd
     idx = np.sort(rng.choice(n, min(n, fit_rows), replace=False))
     x, ok = _unit_chunk(np.asarray(images[idx]))
     x = x[ok]
+    if len(x) == 0:  # every sampled image is constant (blank frames): no axes to fit
+        return np.zeros((x.shape[1], 0), np.float32)
     # Axes of the second moment (not mean-centred; any orthonormal basis keeps the distance
     # bound). Eigen-decompose the smaller of the (D, D) and (n, n) Gram matrices: far cheaper
     # than an SVD of the sample.
