@@ -24,6 +24,7 @@ from medsynth.diffusion.sampler import sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
 from medsynth.training.checkpoint import (
+    clean_orphans,
     latest_state,
     rng_state,
     save_snapshot,
@@ -164,6 +165,9 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     step, nonfinite_total = 0, 0
 
+    if info.main:
+        # Temp files of a write a kill interrupted: never resumed from, so never kept.
+        clean_orphans(out)
     state = latest_state(out) if resume else None
     if state is not None and state.get("config") != config:
         raise ValueError(
