@@ -239,6 +239,22 @@ class EvaluationSection(_Section):
     memorization_quantile: float = Field(0.99, gt=0.5, lt=1)
 
 
+class RuntimeSection(_Section):
+    """How to compute, not what: left out of the protocol hash and every stage's inputs."""
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; None = $OMP_NUM_THREADS, else half the CPUs "
+        "(a bit-identical resume needs the same count)",
+    )
+
+
+# Knobs that change speed, never results: not part of the protocol's identity (sha256), so a
+# resume with another batch size or thread count is the same study.
+PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
+
+
 class Protocol(_Section):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -249,10 +265,23 @@ class Protocol(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    def identity(self) -> dict:
+        """The resolved protocol less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
+        data = self.model_dump(mode="json", exclude={"runtime"})
+        for section, keys in PERFORMANCE_ONLY.items():
+            for key in keys:
+                data[section].pop(key)
+        return data
 
     def sha256(self) -> str:
-        """SHA-256 of the canonical JSON of the resolved protocol (paths as written)."""
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+        """SHA-256 of the canonical JSON of :meth:`identity` (paths as written).
+
+        Equal for two protocols that differ only in thread count, ``dataset.workers`` or
+        ``generation.batch_size``: one pool's manifest never mixes hashes over a resume.
+        """
+        return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
