@@ -52,7 +52,9 @@ def test_threads_option_protocol_setting_and_default(monkeypatch, tmp_path):
         parse_protocol("dataset: {kind: phantoms}\nruntime: {threads: 0}\n")
     # The protocol hash (and so every manifest) ignores how many threads computed it.
     a = parse_protocol("dataset: {kind: phantoms}\n")
-    b = parse_protocol("dataset: {kind: phantoms}\nruntime: {threads: 2}\n", ["generation.batch_size=7"])
+    b = parse_protocol(
+        "dataset: {kind: phantoms}\nruntime: {threads: 2}\n", ["generation.batch_size=7"]
+    )
     assert a.sha256() == b.sha256()
     before = torch.get_num_threads()
     try:
