@@ -216,7 +216,9 @@ class ClassifierSection(_Section):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
