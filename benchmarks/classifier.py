@@ -1,7 +1,7 @@
 """Classifier fits per second: the seeds of one arm fitted one after the other vs faster paths.
 
-    python benchmarks/classifier.py [--seeds 5] [--epochs 3] [--n-train 470] [--n-val 524]
-                                    [--modes seq_fp32_nchw,seq_fp32,seq_bf16,grouped_bf16]
+    python benchmarks/classifier.py [--seeds 5] [--epochs 3] [--batch-size 64] [--n-train 470]
+                                    [--n-val 524] [--modes seq_fp32_nchw,seq_fp32,seq_bf16,...]
 
 Same data (a seeded two-class 28 px task the size of PneumoniaMNIST at a 10 % train fraction:
 470 train, 524 validation images), same small_cnn settings, one process; every mode fits the
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=470)
     ap.add_argument("--n-val", type=int, default=524)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64, help="64: protocols/pneumoniamnist.yaml")
     ap.add_argument("--modes", default="seq_fp32_nchw,seq_fp32,seq_bf16,grouped_bf16")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -57,13 +58,13 @@ def main() -> None:
     xv, yv = task(args.n_val, g)
     modes = args.modes.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds x "
-          f"{args.epochs} epochs, {args.n_train} train / {args.n_val} val at 28 px, small_cnn, batch 128")  # fmt: skip
+          f"{args.epochs} epochs, {args.n_train} train / {args.n_val} val at 28 px, small_cnn, batch {args.batch_size}")  # fmt: skip
     best = {m: float("inf") for m in modes}
     aucs = {}
     for _ in range(args.rounds):
         for m in modes:
             precision, cl, grouped = MODES[m]
-            cfg = ClassifierConfig(epochs=args.epochs, batch_size=128, precision=precision,
+            cfg = ClassifierConfig(epochs=args.epochs, batch_size=args.batch_size, precision=precision,
                                    channels_last=cl)  # fmt: skip
             t0 = time.perf_counter()
             clfs = fit_seeds(2, 1, cfg, list(range(args.seeds)), x, y, xv, yv, grouped=grouped)
