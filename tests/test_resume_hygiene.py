@@ -74,3 +74,16 @@ def test_generation_resume_cleans_its_temp_orphans_only(trained, tmp_path):
     assert not mine.exists() and not manifest_tmp.exists()
     assert other.exists()
     assert sorted(os.listdir(cls)) == [".000001.dcm.r5t4y3.tmp", "000000.dcm", "000001.dcm"]
+
+
+def test_resume_with_another_thread_count_warns(tmp_path):
+    out = tmp_path / "train"
+    _train(out, 5)
+    # As if the interrupted run had used another thread count (running it would be slow here).
+    path = out / "state-0000005.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["threads"] == torch.get_num_threads()
+    state["threads"] = torch.get_num_threads() + 1
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="threads"):
+        _train(out, 6)
