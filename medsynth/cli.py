@@ -28,19 +28,39 @@ RunDirOpt = Annotated[
     Path | None, typer.Option(help="Run folder (default: runs/<name>-<dataset hash8>)")
 ]
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (overrides runtime.threads; default $OMP_NUM_THREADS, "
+        "else half the CPUs). A bit-identical resume needs the same count.",
+    ),
+]
+
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _load(protocol: Path, overrides: list[str] | None):
+def _load(protocol: Path, overrides: list[str] | None, threads: int | None = None):
     from medsynth.protocol import ProtocolError, load_protocol
 
     try:
-        return load_protocol(protocol, overrides or [])
+        proto = load_protocol(protocol, overrides or [])
     except ProtocolError as exc:
         _fail(str(exc))
+    if threads is not None:
+        proto.runtime.threads = threads  # --threads wins over the protocol's runtime.threads
+    return proto
+
+
+def _stage(proto, stage: str, run: Path, work, **kw):
+    """Run a stage command's ``work`` and record its stage marker exactly as `run` does."""
+    from medsynth.experiment.runner import run_stage
+
+    return run_stage(proto, stage, run, work, log=typer.echo, **kw)
 
 
 @app.command("validate-protocol")
@@ -106,11 +126,12 @@ def ingest(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Scan, label, split and cache the protocol's DICOM dataset into RUN/ingest."""
-    proto = _load(protocol, set_)
-    run = _prepare(proto, run_dir or _run_dir_for(proto))
-    _ingest(proto, run)
+    proto = _load(protocol, set_, threads)
+    run = Path(run_dir or _run_dir_for(proto))
+    _stage(proto, "ingest", run, lambda: _ingest(proto, run))
     typer.echo(f"run folder: {run}")
 
 
@@ -127,33 +148,43 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from the newest state in RUN/train")
     ] = True,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train the class-conditional diffusion model on the train split (resumable; torchrun-ready)."""
     import os
 
     from medsynth.protocol import parse_protocol
+    from medsynth.runtime import apply_threads
     from medsynth.training.api import train_from_sections
     from medsynth.training.loop import NonFiniteLossError
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    record = False  # a stage marker only for the run's own ingest, kept by rank 0
     if protocol is not None:
-        proto = _load(protocol, set_)
+        proto = _load(protocol, set_, threads)
         run = Path(run_dir or _run_dir_for(proto))
-        if main_rank:
-            _prepare(proto, run)
+        record = main_rank and ingest_dir is None
         ingest_dir = ingest_dir or run / "ingest"
         if not (ingest_dir / "index.csv").exists():
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if world > 1:
                 _fail(f"no ingest cache in {ingest_dir}; run `medsynth ingest` before torchrun")
-            _ingest(proto, run)
+            _stage(proto, "ingest", run, lambda: _ingest(proto, run))
+        if record and world > 1 and _stage_action(proto, run, "train") == "rerun":
+            # Clearing RUN/train under the other ranks' feet is no option.
+            _fail(f"the protocol's training inputs changed since {run / 'train'} was made; "
+                  "run `medsynth train` once without torchrun (it clears the folder) or remove it")  # fmt: skip
     elif ingest_dir is not None:
         # Defaults for every model/training setting, with --set overrides.
         proto = parse_protocol("dataset: {kind: phantoms}\n", set_ or [])
+        if threads is not None:
+            proto.runtime.threads = threads
         run = Path(run_dir or ingest_dir.parent)
     else:
         _fail("give a protocol file or --ingest INGEST_DIR")
-    try:
-        snap = train_from_sections(
+
+    def work():
+        return train_from_sections(
             ingest_dir,
             run / "train",
             proto.model,
@@ -163,6 +194,13 @@ def train(
             train_fraction=proto.dataset.train_fraction,
             fraction_seed=proto.dataset.fraction_seed,
         )
+
+    try:
+        if record:
+            snap = _stage(proto, "train", run, work)
+        else:
+            apply_threads(proto.runtime.threads)
+            snap = work()
     except (NonFiniteLossError, ValueError) as exc:
         _fail(str(exc))
     if main_rank:
@@ -178,12 +216,14 @@ def generate(
         Path | None, typer.Option(help="Snapshot folder (default: newest in RUN/train)")
     ] = None,
     shard: Annotated[str | None, typer.Option(help="i/n: generate items k with k % n == i")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate the protocol's synthetic pool as DICOM + manifest (resumable, shardable)."""
     from medsynth.generation.api import generate_from_protocol
     from medsynth.generation.pool import shard_from_env
+    from medsynth.runtime import apply_threads
 
-    proto = _load(protocol, set_)
+    proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
     if shard:
         try:
@@ -192,8 +232,18 @@ def generate(
             _fail(f"--shard expects i/n such as 0/2, got {shard!r}")
     else:
         i, n = shard_from_env()
+
+    def work():
+        return generate_from_protocol(proto, run, snapshot=snapshot, shard=(i, n))
+
     try:
-        res = generate_from_protocol(proto, run, snapshot=snapshot, shard=(i, n))
+        if snapshot is None:
+            # Recorded done (as `run` records it) once the whole pool is there, whichever shard
+            # finishes it; a pool from a hand-picked snapshot is not what `run` would make.
+            res = _stage(proto, "generate", run, work, complete=lambda r: r["pool_complete"])
+        else:
+            apply_threads(proto.runtime.threads)
+            res = work()
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     rate = f"{res['images_per_s']:.1f} img/s" if res["images_per_s"] else "nothing to do"
@@ -209,20 +259,40 @@ def evaluate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Uplift study (arms x seeds, CIs), fidelity/diversity, memorization -> RUN/evaluate."""
     from medsynth.evaluation.study import run_study
 
-    proto = _load(protocol, set_)
+    proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
     try:
-        res = run_study(run / "ingest", run / "generate", run / "evaluate", proto.evaluation,
-                        train_fraction=proto.dataset.train_fraction,
-                        fraction_seed=proto.dataset.fraction_seed)  # fmt: skip
+        res = _stage(proto, "evaluate", run, lambda: run_study(
+            run / "ingest", run / "generate", run / "evaluate", proto.evaluation,
+            train_fraction=proto.dataset.train_fraction, fraction_seed=proto.dataset.fraction_seed))  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(format_uplift(res["uplift"]))
     typer.echo(f"results: {run / 'evaluate'}")
+
+
+@app.command()
+def report(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Write RUN/report/index.html: tables, plots, sample grids, dataset and model cards."""
+    from medsynth.experiment.report import write_report
+
+    proto = _load(protocol, set_, threads)
+    run = Path(run_dir or _run_dir_for(proto))
+    try:
+        path = _stage(proto, "report", run, lambda: write_report(run, proto))
+    except Exception as exc:  # noqa: BLE001 - known user errors become one paragraph
+        _fail(_explain(exc))
+    typer.echo(f"report: {path}")
 
 
 @app.command("run")
@@ -237,11 +307,12 @@ def run_cmd(
     dry_run: Annotated[
         bool, typer.Option(help="Print the resolved protocol and planned stages only")
     ] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a whole study from a protocol; a rerun skips done stages and resumes an interrupted one."""
     from medsynth.experiment.runner import StudyError, plan_stages, run_protocol, show
 
-    proto = _load(protocol, set_)
+    proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
     chosen = [s.strip() for s in stages.split(",")] if stages else None
     try:
@@ -334,10 +405,11 @@ def _run_dir_for(proto):
     return run_dir_for(proto)
 
 
-def _prepare(proto, run: Path) -> Path:
-    from medsynth.runfolder import prepare_run_dir
+def _stage_action(proto, run: Path, stage: str) -> str:
+    from medsynth.experiment.runner import stage_folder, stage_status
+    from medsynth.runfolder import stage_inputs
 
-    return prepare_run_dir(proto, run)
+    return stage_status(stage_folder(run, stage, proto), stage_inputs(proto)[stage])
 
 
 def _ingest(proto, run: Path):

@@ -238,7 +238,9 @@ class ClassifierSection(_Section):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -261,6 +263,22 @@ class EvaluationSection(_Section):
     memorization_quantile: float = Field(0.99, gt=0.5, lt=1)
 
 
+class RuntimeSection(_Section):
+    """How to compute, not what: left out of the protocol hash and every stage's inputs."""
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; None = $OMP_NUM_THREADS, else half the CPUs "
+        "(a bit-identical resume needs the same count)",
+    )
+
+
+# Knobs that change speed, never results: not part of the protocol's identity (sha256), so a
+# resume with another batch size or thread count is the same study.
+PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
+
+
 class Protocol(_Section):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -271,10 +289,23 @@ class Protocol(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    def identity(self) -> dict:
+        """The resolved protocol less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
+        data = self.model_dump(mode="json", exclude={"runtime"})
+        for section, keys in PERFORMANCE_ONLY.items():
+            for key in keys:
+                data[section].pop(key)
+        return data
 
     def sha256(self) -> str:
-        """SHA-256 of the canonical JSON of the resolved protocol (paths as written)."""
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+        """SHA-256 of the canonical JSON of :meth:`identity` (paths as written).
+
+        Equal for two protocols that differ only in thread count, ``dataset.workers`` or
+        ``generation.batch_size``: one pool's manifest never mixes hashes over a resume.
+        """
+        return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -39,7 +39,9 @@ def stage_inputs(protocol: Protocol) -> dict[str, str]:
     )
     out["train"] = _sha([out["ingest"], ds["train_fraction"], ds["fraction_seed"], p["model"], p["schedule"],
                          p["training"]])  # fmt: skip
-    out["generate"] = _sha([out["train"], p["generation"]])
+    # The write batch does not change a sample (its seed names it): not an input.
+    gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
+    out["generate"] = _sha([out["train"], gen])
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
     out["report"] = _sha([out["evaluate"], p["name"], p["description"]])
     return out

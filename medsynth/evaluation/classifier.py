@@ -28,8 +28,11 @@ class ClassifierConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     augment: bool = False  # classical augmentation: shifts, small rotations, contrast
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: see resolve_precision)
     device: str = "cpu"
+    # NHWC activations: oneDNN's fast convolution/BatchNorm path on CPU; equal results up to
+    # float summation order. A speed knob, kept switchable for benchmarks/classifier.py.
+    channels_last: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +59,19 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where the device computes bf16 natively (AVX-512 BF16/AMX, or a
+    bf16 GPU), else ``fp32``; ``fp32``/``bf16`` unchanged. Emulated bf16 would be slower."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
 
 
 def build_network(kind: str, in_channels: int, num_classes: int, width: float = 1.0) -> nn.Module:
@@ -96,14 +112,18 @@ class Classifier:
 
     def __init__(self, num_classes: int, in_channels: int = 1, config: ClassifierConfig | None = None,
                  seed: int = 0) -> None:  # fmt: skip
-        self.cfg = config or ClassifierConfig()
+        self.cfg = copy.copy(config or ClassifierConfig())
+        self.cfg.precision = resolve_precision(self.cfg.precision, self.cfg.device)
         self.num_classes, self.in_channels, self.seed = num_classes, in_channels, seed
         torch.manual_seed(seed)
         self.net = build_network(self.cfg.kind, in_channels, num_classes, self.cfg.width).to(
-            self.cfg.device
+            self.cfg.device, memory_format=self._memory_format()
         )
         self.history: list[dict] = []
         self.best_epoch = -1
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
 
     def _autocast(self):
         dev = torch.device(self.cfg.device).type
@@ -133,7 +153,7 @@ class Classifier:
                 if cfg.augment:
                     xb = classical_augment(xb, g)
                 with self._autocast():
-                    logits = self.net(xb.to(dev)).float()
+                    logits = self.net(xb.to(dev, memory_format=self._memory_format())).float()
                 loss = F.cross_entropy(logits, y[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -160,8 +180,9 @@ class Classifier:
         )
         try:
             for i in range(0, len(x), batch):
+                xb = x[i : i + batch].to(dev, memory_format=self._memory_format())
                 with self._autocast():
-                    logits = self.net(x[i : i + batch].to(dev)).float()
+                    logits = self.net(xb).float()
                 outs.append(feats.pop() if features else logits.softmax(1))
         finally:
             if hook:

@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from medsynth.data.datasets import load_split
-from medsynth.evaluation.classifier import Classifier, ClassifierConfig
+from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
 from medsynth.evaluation.fidelity import fidelity_diversity
+from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.memorization import audit
 from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
@@ -68,6 +69,7 @@ def run_study(
     classes, k = real.classes, len(real.classes)
     size, channels = real.images.shape[-1], real.images.shape[1]
     cfg = ClassifierConfig(**ev.classifier.model_dump())
+    cfg.precision = resolve_precision(cfg.precision, cfg.device)  # summary names what ran
     pools = {
         p: load_pool(Path(generate_dir) / p, classes, size, channels=channels) for p in ev.pools
     }
@@ -76,31 +78,22 @@ def run_study(
     rows, probas = [], {}
     bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
 
-    def fit(
-        arm: str,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        seed: int,
-        n_extra: int = 0,
-        augment=False,
-        **tags,
+    def fit_arm(
+        arm: str, x: torch.Tensor, y: torch.Tensor, n_extra: int = 0, augment=False, **tags
     ):
-        clf = Classifier(
-            k, x.shape[1], ClassifierConfig(**dict(cfg.to_dict(), augment=augment)), seed=seed
-        )
-        clf.fit(x, y, val.images, val.labels)
-        p = clf.predict_proba(test.images)
-        probas.setdefault(arm, []).append(p)
-        rows.append({"arm": arm, "seed": seed, "n_train": len(x), "n_extra": n_extra,
-                     "best_epoch": clf.best_epoch, **tags, **metrics(y_test, p, classes)})  # fmt: skip
-        bar.update(1)
-        return clf
+        """Every seed of one arm, fitted together (grouped where that pays: see fit_seeds)."""
+        clfs = fit_seeds(k, x.shape[1], ClassifierConfig(**dict(cfg.to_dict(), augment=augment)),
+                         list(range(ev.seeds)), x, y, val.images, val.labels)  # fmt: skip
+        for seed, clf in enumerate(clfs):
+            p = clf.predict_proba(test.images)
+            probas.setdefault(arm, []).append(p)
+            rows.append({"arm": arm, "seed": seed, "n_train": len(x), "n_extra": n_extra,
+                         "best_epoch": clf.best_epoch, **tags, **metrics(y_test, p, classes)})  # fmt: skip
+        bar.update(len(clfs))
+        return clfs
 
     # 1. Real-only; seed 0 is the feature extractor.
-    extractor = None
-    for s in range(ev.seeds):
-        clf = fit("real_only", real.images, real.labels, s)
-        extractor = extractor or clf
+    extractor = fit_arm("real_only", real.images, real.labels)[0]
     feats = {"real_train": extractor.features(real.images), "real_holdout": extractor.features(
         torch.cat([val.images, test.images]))}  # fmt: skip
     conf = {}  # the real-only classifier's probability of each sample's own label
@@ -114,8 +107,7 @@ def run_study(
 
     arms = set(ev.arms)
     if "classical_aug" in arms:
-        for s in range(ev.seeds):
-            fit("classical_aug", real.images, real.labels, s, augment=True)
+        fit_arm("classical_aug", real.images, real.labels, augment=True)
 
     variants = []  # (arm key, pool, selector, ratio, selected indices)
     for ratio in ev.ratios:
@@ -125,9 +117,8 @@ def run_study(
             dup = _pick_per_class(
                 real.labels, counts, lambda idx, m, c, r=dup_rng: r.integers(0, len(idx), m)
             )
-            for s in range(ev.seeds):
-                fit(f"duplicate_control@{ratio:g}", torch.cat([real.images, real.images[dup]]),
-                    torch.cat([real.labels, real.labels[dup]]), s, len(dup), ratio=ratio)  # fmt: skip
+            fit_arm(f"duplicate_control@{ratio:g}", torch.cat([real.images, real.images[dup]]),
+                    torch.cat([real.labels, real.labels[dup]]), len(dup), ratio=ratio)  # fmt: skip
         if "synthetic" not in arms:
             continue
         for name, pool in pools.items():
@@ -137,24 +128,16 @@ def run_study(
                     sel, m, pf[idx], pc[idx], seed=c))  # fmt: skip
                 key = f"synthetic:{name}:{sel}@{ratio:g}"
                 variants.append((key, name, sel, ratio, chosen))
-                for s in range(ev.seeds):
-                    fit(key, torch.cat([real.images, pool.images[chosen]]),
-                        torch.cat([real.labels, pool.labels[chosen]]), s, len(chosen),
+                fit_arm(key, torch.cat([real.images, pool.images[chosen]]),
+                        torch.cat([real.labels, pool.labels[chosen]]), len(chosen),
                         pool=name, selector=sel, ratio=ratio)  # fmt: skip
     if "synthetic_only" in arms:
         counts = class_counts(real.labels, k, 1.0, ev.class_mix)
         for name, pool in pools.items():
             chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c: np.random.default_rng(c).permutation(
                 len(idx))[:m])  # fmt: skip
-            for s in range(ev.seeds):
-                fit(
-                    f"synthetic_only:{name}",
-                    pool.images[chosen],
-                    pool.labels[chosen],
-                    s,
-                    len(chosen),
-                    pool=name,
-                )
+            fit_arm(f"synthetic_only:{name}", pool.images[chosen], pool.labels[chosen], len(chosen),
+                    pool=name)  # fmt: skip
     bar.close()
 
     # 2. Uplift against real-only and against the duplicate control of the same ratio.

@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -278,7 +279,10 @@ def _pairs_png(run: Path, out: Path, name: str, m: dict) -> str:
 
 def _cards(run: Path, protocol, ingest: dict) -> list[str]:
     g, t = protocol.generation, protocol.training
-    snaps = sorted((run / "train").glob("snapshot-[0-9]*")) if (run / "train").exists() else []
+    # Published snapshots only (an unpublished snapshot-XXXXXXX.tmp is not the model).
+    snaps = sorted(
+        p for p in (run / "train").glob("snapshot-*") if re.fullmatch(r"snapshot-\d{7}", p.name)
+    )
     snap = snaps[-1].name if snaps else "—"
     memo_path = run / "evaluate" / "memorization.json"
     memo = json.loads(memo_path.read_text()).get(g.pool) if memo_path.exists() else None

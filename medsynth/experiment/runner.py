@@ -1,9 +1,12 @@
 """One protocol, one study: ingest -> train -> generate -> evaluate -> report, resumable.
 
-Each stage writes ``<stage>/.stage.json`` last, holding the SHA-256 of its inputs (the protocol
+Each stage writes ``<stage>/.stage.json`` last (``generate/<pool>/.stage.json`` for a pool, so
+pools of other names stay valid beside it), holding the SHA-256 of its inputs (the protocol
 sections it reads, chained through the stages before it). A rerun skips a stage whose marker
 matches, resumes one without a marker (training from its newest state, generation from its
 verified files), and clears and recomputes one whose inputs changed — and everything after it.
+The stage commands (``medsynth ingest|train|generate|evaluate|report``) go through
+:func:`run_stage` and record the same markers, so a following ``run`` skips what they did.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medsynth.runfolder import STAGES, prepare_run_dir, run_dir_for, stage_inputs
+from medsynth.runtime import apply_threads
 
 MARKER = ".stage.json"
 
@@ -29,6 +34,7 @@ class StagePlan:
     stage: str
     action: str  # run | resume | rerun (inputs changed) | skip (done)
     inputs_sha256: str
+    folder: Path  # RUN/<stage>, or RUN/generate/<pool>
 
 
 @dataclass
@@ -38,11 +44,19 @@ class StudyResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def stage_status(run_dir: Path, stage: str, want: str) -> str:
-    marker = run_dir / stage / MARKER
+def stage_folder(run_dir: Path, stage: str, protocol) -> Path:
+    """Where ``stage`` writes for this protocol: a pool has a folder (and marker) of its own."""
+    if stage == "generate":
+        return Path(run_dir) / "generate" / protocol.generation.pool
+    return Path(run_dir) / stage
+
+
+def stage_status(folder: Path, want: str) -> str:
+    """``skip`` (done with inputs ``want``), ``resume``, ``rerun`` (other inputs) or ``run``."""
+    marker = folder / MARKER
     if marker.exists():
         return "skip" if json.loads(marker.read_text()).get("inputs_sha256") == want else "rerun"
-    started = run_dir / stage / ".inputs"
+    started = folder / ".inputs"
     if started.exists():
         return "resume" if started.read_text().strip() == want else "rerun"
     return "run"
@@ -59,31 +73,94 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
     for stage in STAGES:
         if stage not in chosen:
             continue
-        action = stage_status(run_dir, stage, hashes[stage])
+        folder = stage_folder(Path(run_dir), stage, protocol)
+        action = stage_status(folder, hashes[stage])
         if dirty and action == "skip":
             action = "rerun"
         dirty = dirty or action != "skip"
-        plan.append(StagePlan(stage, action, hashes[stage]))
+        plan.append(StagePlan(stage, action, hashes[stage], folder))
     return plan
 
 
-def _begin(run_dir: Path, p: StagePlan) -> Path:
-    folder = run_dir / p.stage
+def _begin(p: StagePlan) -> Path:
+    folder = p.folder
     if p.action == "rerun" and folder.exists():
         # Stale outputs from other inputs must not be resumed from or mixed in.
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # In progress: a kill from here on leaves "resume", never a "done" claim for new outputs.
+    (folder / MARKER).unlink(missing_ok=True)
     (folder / ".inputs").write_text(p.inputs_sha256 + "\n")
     return folder
 
 
-def _finish(run_dir: Path, p: StagePlan, seconds: float, extra: dict | None = None) -> None:
+def _finish(p: StagePlan, seconds: float, extra: dict | None = None) -> None:
     marker = {
         "inputs_sha256": p.inputs_sha256,
         "seconds": round(seconds, 2),
         "finished": time.time(),
     }
-    (run_dir / p.stage / MARKER).write_text(json.dumps(marker | (extra or {}), indent=2))
+    (p.folder / MARKER).write_text(json.dumps(marker | (extra or {}), indent=2))
+
+
+def _invalidate_after(protocol, run: Path, stage: str) -> None:
+    """``stage`` was (re)computed: what later stages made from its old outputs is stale.
+
+    Their markers go and their ``.inputs`` no longer match, so the next run clears and
+    recomputes them. A pool no evaluation reads leaves evaluate and report alone.
+    """
+    if stage == "generate" and protocol.generation.pool not in protocol.evaluation.pools:
+        return
+    for later in STAGES[STAGES.index(stage) + 1 :]:
+        if later == "generate":
+            folders = sorted(p for p in (run / "generate").glob("*") if p.is_dir())
+        else:
+            folders = [run / later]
+        for folder in folders:
+            if (folder / MARKER).exists() or (folder / ".inputs").exists():
+                (folder / MARKER).unlink(missing_ok=True)
+                (folder / ".inputs").write_text(f"stale: {stage} was recomputed\n")
+
+
+def run_stage(
+    protocol,
+    stage: str,
+    run_dir: str | Path,
+    work: Callable[[], Any],
+    *,
+    complete: Callable[[Any], bool] = lambda result: True,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """Do one stage the way :func:`run_protocol` does, for a stage command; return ``work()``.
+
+    Inputs changed since the folder was made: it is cleared first (as ``run`` does). The stage
+    is recorded done (``.stage.json``) when ``complete(result)`` holds and every stage before it
+    is done for this protocol; stages after it that used its old outputs are marked stale.
+    """
+    run = Path(run_dir)
+    prepare_run_dir(protocol, run)
+    threads = apply_threads(protocol.runtime.threads)
+    hashes = stage_inputs(protocol)
+    folder = stage_folder(run, stage, protocol)
+    p = StagePlan(stage, stage_status(folder, hashes[stage]), hashes[stage], folder)
+    if p.action == "rerun":
+        log(f"[{stage}] inputs changed since {folder} was made: clearing it and recomputing")
+    _begin(p)
+    t0 = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - t0
+    if p.action != "skip":
+        _invalidate_after(protocol, run, stage)
+    before = STAGES[: STAGES.index(stage)]
+    pending = [
+        s for s in before if stage_status(stage_folder(run, s, protocol), hashes[s]) != "skip"
+    ]
+    if pending:
+        log(f"[{stage}] not recorded as done: {', '.join(pending)} not done for this protocol "
+            "in this run folder (`medsynth run` does them first)")  # fmt: skip
+    elif complete(result):
+        _finish(p, seconds, {"threads": threads})
+    return result
 
 
 def run_protocol(
@@ -99,6 +176,7 @@ def run_protocol(
 
     run = Path(run_dir or run_dir_for(protocol))
     prepare_run_dir(protocol, run)
+    threads = apply_threads(protocol.runtime.threads)
     plan = plan_stages(protocol, run, stages)
     result = StudyResult(run, plan)
     ds = protocol.dataset
@@ -110,13 +188,13 @@ def run_protocol(
         t0 = time.perf_counter()
         if p.stage == "ingest":
             # Ingest writes into RUN/ingest itself; its cache is cheap to rebuild on change.
-            _begin(run, p)
+            _begin(p)
             summary = ingest_dataset(ds, run)
             log("  " + summary.line())
         elif p.stage == "train":
             from medsynth.training.api import train_from_sections
 
-            _begin(run, p)
+            _begin(p)
             snap = train_from_sections(run / "ingest", run / "train", protocol.model, protocol.schedule,
                                        protocol.training, train_fraction=ds.train_fraction,
                                        fraction_seed=ds.fraction_seed, progress=progress)  # fmt: skip
@@ -124,7 +202,7 @@ def run_protocol(
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
 
-            _begin(run, p)
+            _begin(p)
             res = generate_from_protocol(protocol, run, progress=progress)
             if not res["pool_complete"]:
                 raise StudyError(
@@ -134,7 +212,7 @@ def run_protocol(
         elif p.stage == "evaluate":
             from medsynth.evaluation.study import run_study
 
-            _begin(run, p)
+            _begin(p)
             missing = [
                 pl
                 for pl in protocol.evaluation.pools
@@ -150,11 +228,12 @@ def run_protocol(
         elif p.stage == "report":
             from medsynth.experiment.report import write_report
 
-            _begin(run, p)
+            _begin(p)
             path = write_report(run, protocol)
             log(f"  report {path}")
         result.seconds[p.stage] = time.perf_counter() - t0
-        _finish(run, p, result.seconds[p.stage])
+        _invalidate_after(protocol, run, p.stage)
+        _finish(p, result.seconds[p.stage], {"threads": threads})
     return result
 
 
@@ -165,14 +244,20 @@ def show(run_dir: str | Path) -> str:
         raise StudyError(f"{run} is not a run folder (no protocol.yaml)")
     lines = [f"run folder: {run}"]
     for stage in STAGES:
-        marker = run / stage / MARKER
-        if marker.exists():
-            m = json.loads(marker.read_text())
-            lines.append(f"  {stage:<9} done in {m['seconds']:.1f} s")
-        elif (run / stage).exists():
-            lines.append(f"  {stage:<9} started, not finished (a rerun resumes it)")
+        if stage == "generate" and (run / stage).is_dir():
+            folders = sorted(p for p in (run / stage).glob("*") if p.is_dir()) or [run / stage]
         else:
-            lines.append(f"  {stage:<9} not run")
+            folders = [run / stage]
+        for folder in folders:
+            what = stage if folder.parent == run else f"{stage} {folder.name}"
+            marker = folder / MARKER
+            if marker.exists():
+                m = json.loads(marker.read_text())
+                lines.append(f"  {what:<9} done in {m['seconds']:.1f} s")
+            elif folder.exists():
+                lines.append(f"  {what:<9} started, not finished (a rerun resumes it)")
+            else:
+                lines.append(f"  {what:<9} not run")
     ingest = run / "ingest" / "summary.json"
     if ingest.exists():
         s = json.loads(ingest.read_text())

@@ -175,7 +175,11 @@ def generate_pool(
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
     request = {"snapshot_sha256": snap_sha, "plan": plan, "pool": pool, "sampler": sampler, "steps": steps,
                "guidance_scale": guidance_scale, "net_batch": net_batch, "precision": precision}  # fmt: skip
-    _check_request(out, request)
+    with open(out / ".manifest.lock", "w") as lock:
+        # Shards start together: one at a time checks the request and sweeps its own orphans.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _check_request(out, request)
+        _clean_orphans(out, {it.relpath(classes[it.class_index]) for it in mine})
     done = _verified(out)
     todo = [it for it in mine if (it.class_index, it.index) not in done]
     part = out / "parts" / f"shard-{rank}-of-{world}.csv"
@@ -233,6 +237,30 @@ def _check_request(out: Path, request: dict) -> None:
             )
         return
     atomic_write_bytes(path, json.dumps(request, indent=2, sort_keys=True).encode())
+
+
+def _clean_orphans(out: Path, mine: set[str]) -> list[str]:
+    """Remove temp files a kill left in the pool folder; return their paths (relative).
+
+    ``atomic_write_bytes`` writes ``.<name>.<random>.tmp`` beside its target. Only temp files of
+    this shard's own items (``mine``: ``dicom/<class>/<index>.dcm``, and their PNGs) and of the
+    request/manifest files (written under the pool lock the caller holds) are removed: a
+    ``.tmp`` of another shard's item may be a write in progress.
+    """
+    png = {f"png/{Path(r).parent.name}/{Path(r).stem}.png" for r in mine}
+    removed = []
+    for folder in [out, *sorted(out.glob("dicom/*")), *sorted(out.glob("png/*"))]:
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(".tmp")) or not entry.is_file():
+                continue
+            target = (Path(folder) / name[1:].rsplit(".", 2)[0]).relative_to(out).as_posix()
+            if target in mine or target in png or target in ("manifest.csv", "request.json"):
+                os.unlink(entry.path)
+                removed.append(target)
+    return removed
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -131,8 +132,41 @@ def save_snapshot(
     return final
 
 
+_SNAPSHOT = re.compile(r"snapshot-\d{7}")
+_STATE = re.compile(r"state-\d{7}\.pt")
+
+
 def list_snapshots(train_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(train_dir).glob("snapshot-[0-9]*") if (p / COMPLETE).exists())
+    """Published snapshots, oldest first: ``snapshot-XXXXXXX`` with its COMPLETE marker.
+
+    ``snapshot-XXXXXXX.tmp`` is never one, even with its marker: a kill between the marker and
+    the rename leaves exactly that, and sampling from it would use an unpublished model.
+    """
+    return sorted(
+        p
+        for p in Path(train_dir).glob("snapshot-*")
+        if _SNAPSHOT.fullmatch(p.name) and (p / COMPLETE).exists()
+    )
+
+
+def clean_orphans(train_dir: str | Path) -> list[str]:
+    """Remove what a kill during a write leaves behind; return the names removed.
+
+    That is ``.state-XXXXXXX.pt.*.tmp`` files (from :func:`atomic_torch_save`, a full-size state
+    each) and ``snapshot-XXXXXXX.tmp/`` folders. Only the single writer (rank 0, before it
+    writes) may call this: another process's write in progress would be taken for an orphan.
+    """
+    removed = []
+    for p in sorted(Path(train_dir).iterdir()):
+        if p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):
+            target = p.name[1:].rsplit(".", 2)[0]  # .state-0000010.pt.ab12cd.tmp -> state-...pt
+            if _STATE.fullmatch(target):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        elif p.is_dir() and p.name.endswith(".tmp") and _SNAPSHOT.fullmatch(p.name[:-4]):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def latest_snapshot(train_dir: str | Path) -> Path:

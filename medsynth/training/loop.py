@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from medsynth.diffusion.sampler import sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
 from medsynth.training.checkpoint import (
+    clean_orphans,
     latest_state,
     rng_state,
     save_snapshot,
@@ -170,6 +172,9 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     step, nonfinite_total = 0, 0
 
+    if info.main:
+        # Temp files of a write a kill interrupted: never resumed from, so never kept.
+        clean_orphans(out)
     state = latest_state(out) if resume else None
     if state is not None and state.get("config") != config:
         raise ValueError(
@@ -185,6 +190,14 @@ def train(
         gen.set_state(state["data_generator"])
         set_rng_state(state["rng"])
         step, nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
+        if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            warnings.warn(
+                f"resuming {out} at step {step} with {torch.get_num_threads()} threads; the run "
+                f"was interrupted with {state['threads']} threads. Training goes on correctly but "
+                "not bit-identically to an uninterrupted run (use --threads "
+                f"{state['threads']} for that)",
+                stacklevel=2,
+            )
     if info.main:
         _truncate_log(out / "log.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
@@ -198,7 +211,8 @@ def train(
         return {"model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
                 "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "step": step,
                 "data_generator": gen.get_state(), "rng": rng_state(),
-                "nonfinite_total": nonfinite_total, "config": config}  # fmt: skip
+                "nonfinite_total": nonfinite_total, "config": config,
+                "threads": torch.get_num_threads()}  # fmt: skip
 
     if info.main:
         print(f"training {count_parameters(model) / 1e6:.2f} M parameters on {dev} x{info.world}, "
