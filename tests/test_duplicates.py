@@ -206,3 +206,11 @@ def test_constant_images_have_no_near_duplicates_and_do_not_crash():
     blank = np.zeros((4, 1, 8, 8), np.float16)  # correlation is undefined for constant images
     pairs = find_duplicates(blank)
     assert len(pairs) == 6 and pairs.exact.all()  # 4 identical blank frames: 6 exact pairs
+
+
+def test_grouping_that_empties_a_computed_split_is_a_clear_error(leaky_dir, tmp_path):
+    root, _ = leaky_dir
+    # Every chest phantom correlates with some other above 0.3: one group swallows all patients.
+    with pytest.raises(IngestError, match=r"computed test/val split is empty.*duplicate_threshold"):
+        ingest(_section(root, duplicate_threshold=0.3), tmp_path)
+    assert (tmp_path / "duplicates.csv").is_file()  # the pairs are there to inspect

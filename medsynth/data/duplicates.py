@@ -43,9 +43,15 @@ class DuplicatePairs:
 
 
 def _unit_chunk(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centred, L2-normalised rows ``(n, D) float32`` and a mask of non-constant rows."""
-    x = x.reshape(len(x), -1).astype(np.float32)
-    x -= x.mean(1, keepdims=True)
+    """Centred, L2-normalised rows ``(n, D) float32`` and a mask of non-constant rows.
+
+    ``x``: ``(n, C, S, S)``. Each channel is centred on its own mean: colour images share channel
+    offsets (a fundus photograph is red) that would otherwise make any two correlate near 1.
+    """
+    n = len(x)
+    x = x.reshape(n, x.shape[1] if x.ndim > 2 else 1, -1).astype(np.float32)
+    x -= x.mean(2, keepdims=True)
+    x = x.reshape(n, -1)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     ok = norm[:, 0] > 1e-6
     return x / np.maximum(norm, 1e-6), ok

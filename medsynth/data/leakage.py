@@ -105,6 +105,21 @@ def _write(out: Path, rows: list[dict], pairs: DuplicatePairs) -> None:
                         int(_patient_key(a) == _patient_key(b)), a["label"], b["label"]])  # fmt: skip
 
 
+def _check_grouped_splits(rows: list[dict], ds, out: Path) -> None:
+    """Refuse computed splits that duplicate grouping (or a tiny dataset) left empty."""
+    asked = {k for k, v in ds.split_fractions.items() if v > 0}
+    present = {r["split"] for r in rows}
+    empty = sorted(asked - present - {"train"})
+    if empty:
+        raise IngestError(
+            f"the computed {'/'.join(empty)} split is empty: {len(rows)} images could not be split "
+            f"by patient, and patients sharing a near-duplicate image (pixel correlation >= "
+            f"{ds.duplicate_threshold:g}; pairs in {out / 'duplicates.csv'}) must stay together. "
+            "Add images, raise dataset.duplicate_threshold if the pairs are not real copies, or "
+            "give the splits in the label table."
+        )
+
+
 def split_with_duplicates(out_dir: str | Path, rows: list[dict], ds) -> dict:
     """Find duplicates in ``out_dir/images.npy``, assign splits, write reports, apply the policy.
 
@@ -125,6 +140,8 @@ def split_with_duplicates(out_dir: str | Path, rows: list[dict], ds) -> dict:
         groups=_merged_patients(rows, pairs) if computed else None,
     )
     _write(out, rows, pairs)
+    if computed:
+        _check_grouped_splits(rows, ds, out)
     d = leak_summary(rows, pairs)
     d.update(threshold=ds.duplicate_threshold, policy=ds.duplicate_policy, excluded=0)
     leaking = d.pop("leaking_rows")
