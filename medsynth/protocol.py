@@ -194,6 +194,9 @@ class GenerationSection(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
+    ddim_eta: float = Field(
+        0.0, ge=0, le=1, description="DDIM stochasticity: 0 deterministic, 1 DDPM-like"
+    )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -233,10 +236,82 @@ class EvaluationSection(_Section):
     selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
         default_factory=lambda: ["random"]
     )
-    class_mix: Literal["proportional", "balanced"] = "proportional"
+    class_mix: Literal["proportional", "balanced", "minority_topup"] = Field(
+        "proportional",
+        description="extra images per class: as the real classes, equal, or filling the "
+        "smaller classes first (minority top-up)",
+    )
     bootstrap: int = Field(1000, ge=100)
     metric_samples: int = Field(2000, ge=10, description="max images per set for fidelity metrics")
     memorization_quantile: float = Field(0.99, gt=0.5, lt=1)
+
+
+class SamplerSetting(_Section):
+    """One sampler configuration of a sweep (the generation keys of the same names)."""
+
+    sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
+    steps: int = Field(20, ge=1)
+    ddim_eta: float = Field(0.0, ge=0, le=1, description="only for sampler ddim")
+
+    @model_validator(mode="after")
+    def _eta(self) -> SamplerSetting:
+        if self.ddim_eta and self.sampler != "ddim":
+            raise ValueError(f"ddim_eta applies to sampler 'ddim' only, not {self.sampler!r}")
+        return self
+
+
+class SweepSection(_Section):
+    """Values to sweep; an empty list keeps the single value of the section it overrides.
+
+    Every combination (a grid) of the generation knobs is one pool per train fraction, generated
+    once; every combination of the evaluation knobs is evaluated on every pool.
+    """
+
+    train_fractions: list[float] = Field(
+        default_factory=list, description="dataset.train_fraction values; one generator each"
+    )
+    guidance_scale: list[float] = Field(default_factory=list, description="generation values")
+    samplers: list[SamplerSetting] = Field(default_factory=list, description="sampler+steps+eta")
+    pool_size: list[float] = Field(
+        default_factory=list,
+        description="images generated per class, as a multiple of the largest real class",
+    )
+    selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(default_factory=list)
+    ratios: list[float] = Field(default_factory=list, description="synthetic per real image")
+    class_mix: list[Literal["proportional", "balanced", "minority_topup"]] = Field(
+        default_factory=list
+    )
+    seconds_per_train_step: float = Field(0.05, gt=0, description="for --dry-run estimates")
+    seconds_per_image_step: float = Field(
+        0.002, gt=0, description="one network call for one image (for estimates)"
+    )
+    seconds_per_fit_image_epoch: float = Field(
+        1e-4, gt=0, description="one classifier epoch over one image (for estimates)"
+    )
+
+    @field_validator("train_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"train_fractions must lie in (0, 1]; got {bad}")
+        return v
+
+    @field_validator("guidance_scale", "ratios", "pool_size")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"values must be >= 0; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> SweepSection:
+        for name in ("train_fractions", "guidance_scale", "pool_size", "selectors", "ratios",
+                     "class_mix"):  # fmt: skip
+            vals = getattr(self, name)
+            if len(set(vals)) != len(vals):
+                raise ValueError(f"sweep.{name} lists a value twice: {vals}")
+        return self
 
 
 class Protocol(_Section):
@@ -249,13 +324,21 @@ class Protocol(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
+
+    def dump(self) -> dict:
+        """Plain data; an absent sweep is left out so protocols without one keep their hash."""
+        data = self.model_dump(mode="json")
+        if data.get("sweep") is None:
+            data.pop("sweep", None)
+        return data
 
     def sha256(self) -> str:
         """SHA-256 of the canonical JSON of the resolved protocol (paths as written)."""
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.dump()).encode()).hexdigest()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.dump(), sort_keys=False)
 
 
 def canonical_json(obj: Any) -> str:

@@ -39,7 +39,10 @@ def stage_inputs(protocol: Protocol) -> dict[str, str]:
     )
     out["train"] = _sha([out["ingest"], ds["train_fraction"], ds["fraction_seed"], p["model"], p["schedule"],
                          p["training"]])  # fmt: skip
-    out["generate"] = _sha([out["train"], p["generation"]])
+    gen = dict(p["generation"])
+    if not gen.get("ddim_eta"):
+        gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
+    out["generate"] = _sha([out["train"], gen])
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
     out["report"] = _sha([out["evaluate"], p["name"], p["description"]])
     return out

@@ -145,3 +145,15 @@ def test_resnet18_builds_for_small_images():
     clf = Classifier(3, 1, ClassifierConfig(kind="resnet18", width=0.25, epochs=1))
     assert clf.predict_proba(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
     assert clf.features(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+
+
+def test_class_counts_minority_topup_fills_the_smaller_class_first():
+    import torch
+
+    from medsynth.evaluation.study import class_counts
+
+    labels = torch.tensor([0] * 10 + [1] * 30)
+    assert class_counts(labels, 2, 0.5, "minority_topup") == [20, 0]  # 30/30 after top-up
+    assert class_counts(labels, 2, 1.0, "minority_topup") == [30, 10]  # 40/40
+    assert class_counts(labels, 2, 1.0, "proportional") == [10, 30]
+    assert sum(class_counts(labels, 2, 0.25, "minority_topup")) == 10
