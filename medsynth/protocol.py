@@ -12,7 +12,7 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -281,6 +281,18 @@ class SweepSection(_Section):
     class_mix: list[Literal["proportional", "balanced", "minority_topup"]] = Field(
         default_factory=list
     )
+    curve_fractions: list[float] = Field(
+        default_factory=list,
+        description="extra train fractions for the low-data curve, run with curve_pools only",
+    )
+    curve_pools: list[str] = Field(
+        default_factory=list,
+        description="pool names (as --dry-run lists them) to run at curve_fractions; "
+        "chosen before seeing results. Empty = every pool",
+    )
+    curve_selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
+        default_factory=list, description="selectors at curve_fractions; empty = selectors"
+    )
     seconds_per_train_step: float = Field(0.05, gt=0, description="for --dry-run estimates")
     seconds_per_image_step: float = Field(
         0.002, gt=0, description="one network call for one image (for estimates)"
@@ -289,7 +301,7 @@ class SweepSection(_Section):
         1e-4, gt=0, description="one classifier epoch over one image (for estimates)"
     )
 
-    @field_validator("train_fractions")
+    @field_validator("train_fractions", "curve_fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
         bad = [f for f in v if not 0 < f <= 1]
@@ -307,7 +319,7 @@ class SweepSection(_Section):
     @model_validator(mode="after")
     def _unique(self) -> SweepSection:
         for name in ("train_fractions", "guidance_scale", "pool_size", "selectors", "ratios",
-                     "class_mix"):  # fmt: skip
+                     "class_mix", "curve_fractions", "curve_pools", "curve_selectors"):  # fmt: skip
             vals = getattr(self, name)
             if len(set(vals)) != len(vals):
                 raise ValueError(f"sweep.{name} lists a value twice: {vals}")
@@ -394,6 +406,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
+        # An optional section (``SweepSection | None``) names its model inside the union.
+        ann = next((a for a in get_args(ann) if a is not type(None)), ann) if get_args(ann) else ann
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
 
