@@ -121,3 +121,30 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
     n = {f: {json.loads((run / f"sweep/f{f}/evaluate/proportional/{p}/summary.json").read_text())[
         "n_real_train"] for p in pools} for f in ("0.5", "1")}  # fmt: skip
     assert len(n["0.5"]) == len(n["1"]) == 1 and 0 < min(n["0.5"]) < min(n["1"])
+
+
+def test_units_of_one_fraction_share_baselines_and_extractor(resumed_sweep):
+    import numpy as np
+
+    # Every evaluation unit refits real-only (seed 0 is the feature extractor): deterministic CPU
+    # fits make them identical, so diversity metrics of different pools share one feature space.
+    run = resumed_sweep[0]
+    units = sorted((run / "sweep/f0.5/evaluate/proportional").iterdir())
+    a, b = (np.load(u / "probas.npz") for u in units[:2])
+    assert str(a["arms"][0]) == "real_only" and np.array_equal(a["arm_0"], b["arm_0"])
+    fa, fb = (np.load(u / "features.npz")["real_train"] for u in units[:2])
+    assert np.array_equal(fa, fb)
+
+
+def test_a_pool_too_small_for_a_ratio_fails_before_any_work():
+    from medsynth.experiment.runner import StudyError
+    from medsynth.experiment.sweep import _check_pool_sizes
+
+    plan = expand(
+        load_protocol(SMOKE_SWEEP, ["sweep.class_mix=[minority_topup]", "sweep.ratios=[2.0]"])
+    )
+    with pytest.raises(
+        StudyError, match=r"holds 30 images per class but ratio 2 .*needs 50.*sweep.pool_size"
+    ):
+        _check_pool_sizes(plan, [10, 30], 0.5)
+    _check_pool_sizes(expand(load_protocol(SMOKE_SWEEP)), [10, 30], 0.5)  # ratio 1 fits

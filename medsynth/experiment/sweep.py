@@ -335,10 +335,10 @@ def run_sweep(
             _step(run, f"{fraction_dir(f)}/generate/{p.name}", _pool_sha(protocol, f, p), gen, log)
     for u in plan.units:
         _step(run, u.folder, _unit_sha(protocol, plan, u), lambda u=u: _evaluate(protocol, plan, run, u, progress), log)  # fmt: skip
-    from medsynth.experiment.sweep_analysis import analyse_sweep
+    from medsynth.experiment.sweep_analysis import analyse_sweep, summary_text
     from medsynth.experiment.sweep_report import write_sweep_report
 
-    analyse_sweep(run, plan, protocol.evaluation.bootstrap)
+    log(summary_text(analyse_sweep(run, plan, protocol.evaluation.bootstrap)))
     log(f"  report {write_sweep_report(run, protocol)}")
     return run
 

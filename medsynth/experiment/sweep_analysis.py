@@ -151,3 +151,18 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
         w.writerows(rows)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, default=float))
     return {"rows": rows, **stats}
+
+
+def summary_text(result: dict) -> str:
+    """Plain-text result of ``analyse_sweep``: per fraction the recommendation and each
+    configuration's uplift over the duplicate control with its verdict (MDE beside no effect)."""
+    lines = []
+    for key, fr in result["fractions"].items():
+        lines.append(f"train fraction {key}: {fr['configurations']} configurations")
+        mine = sorted((r for r in result["rows"] if f"{r['fraction']:g}" == key),
+                      key=lambda r: -r["auc_vs_dup"])  # fmt: skip
+        for r in mine:
+            lines.append(f"  {r['config']:<48} vs real {r['auc_vs_real']:+.3f}  vs control "
+                         f"{r['auc_vs_dup_verdict']}")  # fmt: skip
+        lines.append("  " + fr["recommendation"])
+    return "\n".join(lines)
