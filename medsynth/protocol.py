@@ -293,12 +293,13 @@ class SweepSection(_Section):
     curve_selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
         default_factory=list, description="selectors at curve_fractions; empty = selectors"
     )
-    seconds_per_train_step: float = Field(0.05, gt=0, description="for --dry-run estimates")
+    # Defaults: 2-core CPU, 28 px, default model (docs/benchmarks.md, PneumoniaMNIST study).
+    seconds_per_train_step: float = Field(0.38, gt=0, description="for --dry-run estimates")
     seconds_per_image_step: float = Field(
-        0.002, gt=0, description="one network call for one image (for estimates)"
+        0.0037, gt=0, description="one network call for one image (for estimates)"
     )
     seconds_per_fit_image_epoch: float = Field(
-        1e-4, gt=0, description="one classifier epoch over one image (for estimates)"
+        0.0024, gt=0, description="one classifier epoch over one image (for estimates)"
     )
 
     @field_validator("train_fractions", "curve_fractions")
