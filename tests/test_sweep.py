@@ -92,6 +92,9 @@ def test_killed_sweep_resumes_without_redoing_finished_units(resumed_sweep):
     run_sweep(load_protocol(SMOKE_SWEEP), run_dir=run, log=log2.append, progress=False)
     assert not any(line.startswith("[sweep/") for line in log2) and _markers(run) == after
     assert "skip (done)" in describe(load_protocol(SMOKE_SWEEP), run)
+    from medsynth.experiment.runner import show
+
+    assert "sweep: 14 finished units" in show(run) and "duplicate control" in show(run)
 
 
 def test_sweep_outputs_table_statistics_and_report(resumed_sweep):

@@ -186,6 +186,13 @@ def show(run_dir: str | Path) -> str:
             d = (f"{float(r['auc_vs_real']):+.3f} [{float(r['auc_vs_real_ci_low']):+.3f}, "
                  f"{float(r['auc_vs_real_ci_high']):+.3f}]") if r.get("auc_vs_real") else ""  # fmt: skip
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")
+    sweep = run / "sweep" / "stats.json"
+    if sweep.exists():
+        # A sweep run: its units live under RUN/sweep/; print the verdicts instead.
+        done = len(list((run / "sweep").rglob(MARKER)))
+        lines.append(f"sweep: {done} finished units; table {run / 'sweep' / 'configs.csv'}")
+        for fr in json.loads(sweep.read_text())["fractions"].values():
+            lines.append("  " + fr["recommendation"])
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")
     return "\n".join(lines)
