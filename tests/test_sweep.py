@@ -86,7 +86,7 @@ def test_killed_sweep_resumes_without_redoing_finished_units(resumed_sweep):
     for folder, finished in before.items():
         assert after[folder] == finished, f"{folder} was redone"
         assert not any(line.startswith(f"[{folder}]") for line in log), folder
-    assert len(after) == 2 + 6 + 6  # 2 generators, 6 pools, 6 evaluation units
+    assert len(after) == 2 + 6 + 2 + 6  # 2 generators, 6 pools, 2 baseline + 6 pool units
     # A second rerun does nothing but the analysis.
     log2: list[str] = []
     run_sweep(load_protocol(SMOKE_SWEEP), run_dir=run, log=log2.append, progress=False)
@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_without_redoing_finished_units(resumed_sweep):
     assert "skip (done)" in describe(load_protocol(SMOKE_SWEEP), run)
     from medsynth.experiment.runner import show
 
-    assert "sweep: 14 finished units" in show(run) and "duplicate control" in show(run)
+    assert "sweep: 16 finished units" in show(run) and "duplicate control" in show(run)
 
 
 def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
@@ -133,8 +133,10 @@ def test_units_of_one_fraction_share_baselines_and_extractor(resumed_sweep):
     # fits make them identical, so diversity metrics of different pools share one feature space.
     run = resumed_sweep[0]
     units = sorted((run / "sweep/f0.5/evaluate/proportional").iterdir())
+    assert units[0].name == "_baselines"
     a, b = (np.load(u / "probas.npz") for u in units[:2])
-    assert str(a["arms"][0]) == "real_only" and np.array_equal(a["arm_0"], b["arm_0"])
+    assert [str(x) for x in a["arms"]] == ["real_only", "duplicate_control@1"]
+    assert str(b["arms"][0]) == "real_only" and np.array_equal(a["arm_0"], b["arm_0"])
     fa, fb = (np.load(u / "features.npz")["real_train"] for u in units[:2])
     assert np.array_equal(fa, fb)
 

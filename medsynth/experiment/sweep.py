@@ -2,13 +2,15 @@
 
 ``sweep:`` lists values; the plan is their grid. Per train fraction one generator is trained on
 that fraction only; each pool (guidance x sampler x pool size) is generated once under a name
-derived from its settings; each evaluation unit (fraction x class mix x pool) is one uplift
-study (``evaluation.study.run_study``: real-only, count-matched duplicate control, the synthetic
-arms of every selector x ratio, paired bootstrap) in a folder of its own. Every unit writes the
-runner's stage marker last, so a rerun after ``kill -9`` skips what is done and resumes the rest.
+derived from its settings; the arms are uplift studies (``evaluation.study.run_study``): per
+fraction x class mix one baseline unit (real-only and the count-matched duplicate control of
+every ratio) and per pool one unit (real-only as feature extractor, the synthetic arms of every
+selector x ratio). Every unit writes the runner's stage marker last, so a rerun after ``kill -9``
+skips what is done and resumes the rest; ``sweep_analysis`` pairs the arms with the baselines.
 
 Layout: ``RUN/ingest`` (shared), ``RUN/sweep/f<fraction>/{train, generate/<pool>,
-evaluate/<mix>/<pool>}``, ``RUN/sweep/{plan.json, configs.csv, stats.json}``, ``RUN/report``.
+evaluate/<mix>/{_baselines, <pool>}}``, ``RUN/sweep/{plan.json, configs.csv, stats.json}``,
+``RUN/report``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from medsynth.experiment.runner import StagePlan, StudyError, _begin, _finish, s
 from medsynth.protocol import Protocol, SamplerSetting
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
 
-SWEEP_ARMS = ["real_only", "duplicate_control", "synthetic"]
+# A pool unit fits real-only too (seed 0 is its feature extractor; deterministic, so identical
+# in every unit of a fraction); the duplicate controls do not depend on the pool and are fitted
+# once per fraction x class mix, in the baseline unit.
+POOL_ARMS = ["real_only", "synthetic"]
+BASELINE_ARMS = ["real_only", "duplicate_control"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,11 @@ def fraction_dir(fraction: float) -> str:
     return f"sweep/f{fraction:g}"
 
 
+def baseline_dir(fraction: float, class_mix: str) -> str:
+    """The unit with real-only and the duplicate controls of every ratio for one fraction/mix."""
+    return f"{fraction_dir(fraction)}/evaluate/{class_mix}/_baselines"
+
+
 def expand(protocol: Protocol) -> SweepPlan:
     """The grid a protocol's ``sweep:`` describes; an empty list keeps the protocol's value."""
     sw, g, ev = protocol.sweep, protocol.generation, protocol.evaluation
@@ -142,7 +153,12 @@ def pool_protocol(protocol: Protocol, fraction: float, pool: PoolSpec, per_class
 def unit_evaluation(protocol: Protocol, plan: SweepPlan, unit: Unit):
     return protocol.evaluation.model_copy(update={
         "pools": [unit.pool.name], "selectors": list(unit.selectors), "ratios": plan.ratios,
-        "class_mix": unit.class_mix, "arms": SWEEP_ARMS})  # fmt: skip
+        "class_mix": unit.class_mix, "arms": POOL_ARMS})  # fmt: skip
+
+
+def baseline_evaluation(protocol: Protocol, plan: SweepPlan, class_mix: str):
+    return protocol.evaluation.model_copy(update={
+        "pools": [], "ratios": plan.ratios, "class_mix": class_mix, "arms": BASELINE_ARMS})  # fmt: skip
 
 
 # --- estimate --------------------------------------------------------------------------------
@@ -186,12 +202,13 @@ def estimate(protocol: Protocol, plan: SweepPlan, run: Path) -> dict:
             images = math.ceil(p.pool_size * top) * len(counts)
             out["generate"] += images * calls * sw.seconds_per_image_step
         for _ in plan.class_mixes:
+            # The baseline unit: real-only and a duplicate control per ratio.
+            sizes = [n] + [n * (1 + r) for r in plan.ratios]
             for _p in plan.pools_at(f):
-                # Each unit fits real-only, a duplicate control per ratio and every synthetic arm.
-                sizes = [n] + [n * (1 + r) for r in plan.ratios]
-                sizes += [n * (1 + r) for r in plan.ratios for _s in plan.selectors_at(f)]
-                out["fits"] += ev.seeds * len(sizes)
-                out["evaluate"] += ev.seeds * sum(sizes) * epochs * sw.seconds_per_fit_image_epoch
+                # A pool unit: real-only (its feature extractor) and every synthetic arm.
+                sizes += [n] + [n * (1 + r) for r in plan.ratios for _s in plan.selectors_at(f)]
+            out["fits"] += ev.seeds * len(sizes)
+            out["evaluate"] += ev.seeds * sum(sizes) * epochs * sw.seconds_per_fit_image_epoch
     out["total"] = out["train"] + out["generate"] + out["evaluate"]
     return out
 
@@ -213,6 +230,10 @@ def describe(protocol: Protocol, run: Path) -> str:
         lines.append(f"low-data curve at {', '.join(f'{f:g}' for f in curve_only)}: pools "
                      f"{[p.name for p in plan.curve_pools]} x selectors {plan.curve_selectors}")  # fmt: skip
     lines.append("units (fraction / class mix / pool -> action):")
+    for f in plan.fractions:
+        for m in plan.class_mixes:
+            act = stage_status(run, baseline_dir(f, m), _baseline_sha(protocol, plan, f, m))
+            lines.append(f"  {baseline_dir(f, m):<60} {'skip (done)' if act == 'skip' else act}")
     for u in plan.units:
         lines.append(f"  {u.folder:<60} {_unit_action(protocol, plan, run, u)}")
     lines.append(f"estimated time: train {_dur(est['train'])}, generate {_dur(est['generate'])}, "
@@ -240,6 +261,12 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
     return _sha([_train_sha(protocol, fraction), gen])
+
+
+def _baseline_sha(protocol: Protocol, plan: SweepPlan, fraction: float, class_mix: str) -> str:
+    ev = baseline_evaluation(protocol, plan, class_mix).model_dump(mode="json")
+    ds = fraction_protocol(protocol, fraction).dataset
+    return _sha([stage_inputs(protocol)["ingest"], ds.train_fraction, ds.fraction_seed, ev])
 
 
 def _unit_sha(protocol: Protocol, plan: SweepPlan, unit: Unit) -> str:
@@ -333,6 +360,10 @@ def run_sweep(
                     raise StudyError(f"pool {p.name} is incomplete ({res['pool_missing']} missing)")
 
             _step(run, f"{fraction_dir(f)}/generate/{p.name}", _pool_sha(protocol, f, p), gen, log)
+    for f in plan.fractions:
+        for m in plan.class_mixes:
+            _step(run, baseline_dir(f, m), _baseline_sha(protocol, plan, f, m),
+                  lambda f=f, m=m: _evaluate_baselines(protocol, plan, run, f, m, progress), log)  # fmt: skip
     for u in plan.units:
         _step(run, u.folder, _unit_sha(protocol, plan, u), lambda u=u: _evaluate(protocol, plan, run, u, progress), log)  # fmt: skip
     from medsynth.experiment.sweep_analysis import analyse_sweep, summary_text
@@ -341,6 +372,15 @@ def run_sweep(
     log(summary_text(analyse_sweep(run, plan, protocol.evaluation.bootstrap)))
     log(f"  report {write_sweep_report(run, protocol)}")
     return run
+
+
+def _evaluate_baselines(protocol: Protocol, plan: SweepPlan, run: Path, fraction: float,
+                        class_mix: str, progress: bool) -> None:  # fmt: skip
+    from medsynth.evaluation.study import run_study
+
+    run_study(run / "ingest", run / fraction_dir(fraction) / "generate", run / baseline_dir(fraction, class_mix),
+              baseline_evaluation(protocol, plan, class_mix), train_fraction=fraction,
+              fraction_seed=protocol.dataset.fraction_seed, progress=progress)  # fmt: skip
 
 
 def _evaluate(protocol: Protocol, plan: SweepPlan, run: Path, u: Unit, progress: bool) -> None:

@@ -37,9 +37,15 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
     """One row per (fraction, configuration): uplift vs real-only and vs the duplicate control
     (paired bootstrap diff, CI, SE, p), the configuration's knobs and its diversity metrics.
     Also returns ``(fraction, config) -> (y_test, probas)`` for later paired comparisons."""
+    from medsynth.experiment.sweep import baseline_dir
+
     rows, probas_of = [], {}
     for u in plan.units:
         y, probas, fid = _load_unit(run / u.folder)
+        yb, base, _ = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
+        if not np.array_equal(y, yb):
+            raise ValueError(f"{u.folder} and its baselines were tested on different cases")
+        probas = base | probas  # the pool unit's own real-only (identical) pairs with its arms
         for arm, pa in probas.items():
             if not arm.startswith("synthetic:"):
                 continue
