@@ -153,3 +153,13 @@ def test_a_pool_too_small_for_a_ratio_fails_before_any_work():
     ):
         _check_pool_sizes(plan, [10, 30], 0.5)
     _check_pool_sizes(expand(load_protocol(SMOKE_SWEEP)), [10, 30], 0.5)  # ratio 1 fits
+
+
+def test_adding_a_value_plans_only_the_new_units(resumed_sweep):
+    run = resumed_sweep[0]
+    more = load_protocol(SMOKE_SWEEP, ["sweep.guidance_scale=[2.0, 1.0]"])
+    lines = [ln for ln in describe(more, run).splitlines() if "sweep/f" in ln]
+    new = [ln for ln in lines if "/g1-" in ln]
+    assert len(lines) == 2 * (1 + 6) and len(new) == 6
+    assert all("run/run (train/generate/evaluate)" in ln and "skip/" in ln for ln in new)
+    assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
