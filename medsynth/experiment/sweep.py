@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from medsynth.experiment.runner import StagePlan, StudyError, _begin, _finish, stage_status
@@ -131,6 +132,8 @@ def expand(protocol: Protocol) -> SweepPlan:
                      sw.curve_selectors or selectors)  # fmt: skip
     if protocol.schedule.kind == "rflow" and any(p.sampler != "euler" for p in pools):
         raise StudyError("rflow schedules sample with 'euler' only; fix sweep.samplers")
+    if protocol.schedule.kind != "rflow" and any(p.sampler == "euler" for p in pools):
+        raise StudyError("the 'euler' sampler needs schedule.kind 'rflow'; fix sweep.samplers")
     return plan
 
 
@@ -347,10 +350,14 @@ def run_sweep(
         fdir.mkdir(parents=True, exist_ok=True)
         if not (fdir / "ingest").exists():
             (fdir / "ingest").symlink_to(Path("..", "..", "ingest"))  # one shared cache
-        ds = protocol.dataset
-        _step(run, f"{fraction_dir(f)}/train", _train_sha(protocol, f), lambda f=f, fdir=fdir, ds=ds: train_from_sections(
-            run / "ingest", fdir / "train", protocol.model, protocol.schedule, protocol.training,
-            train_fraction=f, fraction_seed=ds.fraction_seed, progress=progress), log)  # fmt: skip
+
+        def train(f=f, fdir=fdir):
+            p = fraction_protocol(protocol, f)
+            train_from_sections(run / "ingest", fdir / "train", p.model, p.schedule, p.training,
+                                train_fraction=f, fraction_seed=p.dataset.fraction_seed,
+                                progress=progress)  # fmt: skip
+
+        _step(run, f"{fraction_dir(f)}/train", _train_sha(protocol, f), train, log)
         for p in plan.pools_at(f):
             pp = pool_protocol(protocol, f, p, math.ceil(p.pool_size * max(counts[f])))
 
@@ -362,10 +369,12 @@ def run_sweep(
             _step(run, f"{fraction_dir(f)}/generate/{p.name}", _pool_sha(protocol, f, p), gen, log)
     for f in plan.fractions:
         for m in plan.class_mixes:
-            _step(run, baseline_dir(f, m), _baseline_sha(protocol, plan, f, m),
-                  lambda f=f, m=m: _evaluate_baselines(protocol, plan, run, f, m, progress), log)  # fmt: skip
+            sha = _baseline_sha(protocol, plan, f, m)
+            _step(run, baseline_dir(f, m), sha, partial(_evaluate_baselines, protocol, plan, run,
+                                                        f, m, progress), log)  # fmt: skip
     for u in plan.units:
-        _step(run, u.folder, _unit_sha(protocol, plan, u), lambda u=u: _evaluate(protocol, plan, run, u, progress), log)  # fmt: skip
+        work = partial(_evaluate, protocol, plan, run, u, progress)
+        _step(run, u.folder, _unit_sha(protocol, plan, u), work, log)
     from medsynth.experiment.sweep_analysis import analyse_sweep, summary_text
     from medsynth.experiment.sweep_report import write_sweep_report
 
