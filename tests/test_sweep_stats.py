@@ -80,3 +80,15 @@ def test_partial_spearman_separates_diversity_from_fidelity():
     assert partial_spearman(diversity, uplift, np.zeros((60, 1))) == pytest.approx(
         np.corrcoef(np.argsort(np.argsort(diversity)), np.argsort(np.argsort(uplift)))[0, 1]
     )
+
+
+def test_verdict_names_the_adjustment_and_the_mde():
+    from medsynth.evaluation.sweep_stats import verdict
+
+    assert verdict(0.05, 0.02, 0.08, 0.01, 0.03).startswith("helps (+0.050")
+    assert verdict(-0.05, -0.08, -0.02, 0.01, 0.03).startswith("hurts")
+    assert "not significant after adjustment" in verdict(0.05, 0.01, 0.09, 0.2, 0.04)
+    assert (
+        verdict(0.0, -0.03, 0.03, 1.0, 0.042)
+        == "no effect detected (MDE 0.042; CI [-0.030, +0.030])"
+    )

@@ -184,6 +184,10 @@ def verdict(diff: float, ci_low: float, ci_high: float, p_adj: float, mde: float
     """One phrase: a helped/hurt call survives the adjusted p-value; otherwise the MDE is given."""
     if np.isfinite(p_adj) and p_adj < 0.05:
         return f"{'helps' if diff > 0 else 'hurts'} ({diff:+.3f}, adjusted p={p_adj:.3g})"
+    if ci_low > 0 or ci_high < 0:
+        # The raw CI excludes 0 but the adjusted p does not: say so rather than hide it.
+        return (f"not significant after adjustment (raw CI [{ci_low:+.3f}, {ci_high:+.3f}], "
+                f"adjusted p={p_adj:.3g}; MDE {mde:.3f})")  # fmt: skip
     return f"no effect detected (MDE {mde:.3f}; CI [{ci_low:+.3f}, {ci_high:+.3f}])"
 
 
