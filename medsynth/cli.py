@@ -315,6 +315,9 @@ def run_cmd(
     proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
     chosen = [s.strip() for s in stages.split(",")] if stages else None
+    if proto.sweep is not None:
+        _run_sweep(proto, run, dry_run, chosen)
+        return
     try:
         if dry_run:
             typer.echo(proto.to_yaml())
@@ -328,6 +331,27 @@ def run_cmd(
     except Exception as exc:  # noqa: BLE001 - turn known user errors into one paragraph
         _fail(_explain(exc))
     typer.echo(show(res.run_dir))
+
+
+def _run_sweep(proto, run: Path, dry_run: bool, stages) -> None:
+    """A protocol with a ``sweep:`` section: print the expanded plan, or run / resume it."""
+    from medsynth.experiment.runner import StudyError
+    from medsynth.experiment.sweep import describe, run_sweep
+
+    if stages:
+        _fail("--stages does not apply to a sweep; a rerun skips every finished unit by itself")
+    try:
+        if dry_run:
+            typer.echo(describe(proto, run))
+            return
+        path = run_sweep(proto, run_dir=run, log=typer.echo)
+    except StudyError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - turn known user errors into one paragraph
+        _fail(_explain(exc))
+    typer.echo(
+        f"sweep done: {path / 'sweep' / 'configs.csv'}, report {path / 'report' / 'index.html'}"
+    )
 
 
 @app.command("show")

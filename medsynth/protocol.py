@@ -12,7 +12,7 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -216,6 +216,9 @@ class GenerationSection(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
+    ddim_eta: float = Field(
+        0.0, ge=0, le=1, description="DDIM stochasticity: 0 deterministic, 1 DDPM-like"
+    )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -257,7 +260,11 @@ class EvaluationSection(_Section):
     selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
         default_factory=lambda: ["random"]
     )
-    class_mix: Literal["proportional", "balanced"] = "proportional"
+    class_mix: Literal["proportional", "balanced", "minority_topup"] = Field(
+        "proportional",
+        description="extra images per class: as the real classes, equal, or filling the "
+        "smaller classes first (minority top-up)",
+    )
     bootstrap: int = Field(1000, ge=100)
     metric_samples: int = Field(2000, ge=10, description="max images per set for fidelity metrics")
     memorization_quantile: float = Field(0.99, gt=0.5, lt=1)
@@ -279,6 +286,87 @@ class RuntimeSection(_Section):
 PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
 
 
+class SamplerSetting(_Section):
+    """One sampler configuration of a sweep (the generation keys of the same names)."""
+
+    sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
+    steps: int = Field(20, ge=1)
+    ddim_eta: float = Field(0.0, ge=0, le=1, description="only for sampler ddim")
+
+    @model_validator(mode="after")
+    def _eta(self) -> SamplerSetting:
+        if self.ddim_eta and self.sampler != "ddim":
+            raise ValueError(f"ddim_eta applies to sampler 'ddim' only, not {self.sampler!r}")
+        return self
+
+
+class SweepSection(_Section):
+    """Values to sweep; an empty list keeps the single value of the section it overrides.
+
+    Every combination (a grid) of the generation knobs is one pool per train fraction, generated
+    once; every combination of the evaluation knobs is evaluated on every pool.
+    """
+
+    train_fractions: list[float] = Field(
+        default_factory=list, description="dataset.train_fraction values; one generator each"
+    )
+    guidance_scale: list[float] = Field(default_factory=list, description="generation values")
+    samplers: list[SamplerSetting] = Field(default_factory=list, description="sampler+steps+eta")
+    pool_size: list[float] = Field(
+        default_factory=list,
+        description="images generated per class, as a multiple of the largest real class",
+    )
+    selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(default_factory=list)
+    ratios: list[float] = Field(default_factory=list, description="synthetic per real image")
+    class_mix: list[Literal["proportional", "balanced", "minority_topup"]] = Field(
+        default_factory=list
+    )
+    curve_fractions: list[float] = Field(
+        default_factory=list,
+        description="extra train fractions for the low-data curve, run with curve_pools only",
+    )
+    curve_pools: list[str] = Field(
+        default_factory=list,
+        description="pool names (as --dry-run lists them) to run at curve_fractions; "
+        "chosen before seeing results. Empty = every pool",
+    )
+    curve_selectors: list[Literal["random", "kcenter", "fidelity"]] = Field(
+        default_factory=list, description="selectors at curve_fractions; empty = selectors"
+    )
+    # Defaults: 2-core CPU, 28 px, default model (docs/benchmarks.md, PneumoniaMNIST study).
+    seconds_per_train_step: float = Field(0.38, gt=0, description="for --dry-run estimates")
+    seconds_per_image_step: float = Field(
+        0.0037, gt=0, description="one network call for one image (for estimates)"
+    )
+    seconds_per_fit_image_epoch: float = Field(
+        0.0024, gt=0, description="one classifier epoch over one image (for estimates)"
+    )
+
+    @field_validator("train_fractions", "curve_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"train_fractions must lie in (0, 1]; got {bad}")
+        return v
+
+    @field_validator("guidance_scale", "ratios", "pool_size")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"values must be >= 0; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> SweepSection:
+        for name in ("train_fractions", "guidance_scale", "pool_size", "selectors", "ratios",
+                     "class_mix", "curve_fractions", "curve_pools", "curve_selectors"):  # fmt: skip
+            vals = getattr(self, name)
+            if len(set(vals)) != len(vals):
+                raise ValueError(f"sweep.{name} lists a value twice: {vals}")
+        return self
+
+
 class Protocol(_Section):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -290,10 +378,19 @@ class Protocol(_Section):
     generation: GenerationSection = Field(default_factory=GenerationSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
+
+    def dump(self) -> dict:
+        """Plain data; an absent sweep is left out so protocols without one keep their hash."""
+        data = self.model_dump(mode="json")
+        if data.get("sweep") is None:
+            data.pop("sweep", None)
+        return data
 
     def identity(self) -> dict:
-        """The resolved protocol less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
-        data = self.model_dump(mode="json", exclude={"runtime"})
+        """:meth:`dump` less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
+        data = self.dump()
+        data.pop("runtime")
         for section, keys in PERFORMANCE_ONLY.items():
             for key in keys:
                 data[section].pop(key)
@@ -308,7 +405,7 @@ class Protocol(_Section):
         return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.dump(), sort_keys=False)
 
 
 def canonical_json(obj: Any) -> str:
@@ -364,6 +461,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
+        # An optional section (``SweepSection | None``) names its model inside the union.
+        ann = next((a for a in get_args(ann) if a is not type(None)), ann) if get_args(ann) else ann
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
 

@@ -41,6 +41,8 @@ def stage_inputs(protocol: Protocol) -> dict[str, str]:
                          p["training"]])  # fmt: skip
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
+    if not gen.get("ddim_eta"):
+        gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
     out["generate"] = _sha([out["train"], gen])
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
     out["report"] = _sha([out["evaluate"], p["name"], p["description"]])

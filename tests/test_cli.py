@@ -29,3 +29,24 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     (tmp_path / "l.csv").write_text("SOPInstanceUID,label\n")
     res = runner.invoke(app, ["ingest", str(p), "--run-dir", str(tmp_path / "run")])
     assert res.exit_code == 2 and "data folder not found" in res.output
+
+
+def test_run_dry_run_prints_the_expanded_sweep(tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    proto = Path(__file__).resolve().parents[1] / "protocols" / "smoke_sweep.yaml"
+    res = CliRunner().invoke(
+        app, ["run", str(proto), "--run-dir", str(tmp_path / "r"), "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "6 synthetic configuration(s)" in res.output and "estimated time" in res.output
+    assert "sweep/f0.5/evaluate/proportional/g2-dpmpp3-p1" in res.output
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    bad = CliRunner().invoke(
+        app, ["run", str(proto), "--dry-run", "--set", "sweep.curve_pools=[nope]"]
+    )
+    assert bad.exit_code == 2 and "curve_pools names ['nope']" in bad.output

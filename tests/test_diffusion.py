@@ -91,3 +91,28 @@ def test_class_embedding_survives_groupnorm():
     b = m(x, timesteps=t, class_labels=torch.tensor([1, 1]))
     assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
     assert np.isfinite(a.detach().numpy()).all()
+
+
+def test_ddim_eta_zero_matches_monai_and_eta_adds_per_sample_noise(perturbed_unet):
+    from functools import partial
+
+    import medsynth.diffusion.sampler as smp
+
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="ddim", steps=8, guidance_scale=2.0)
+    monai = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], **kw)
+    # The written-out update at eta = 0 must be MONAI's deterministic DDIM.
+    orig = smp.SAMPLERS.get("ddim")
+    smp.SAMPLERS._items["ddim"] = partial(smp._ddim_eta_step, eta=0.0)
+    try:
+        ours = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], **kw)
+    finally:
+        smp.SAMPLERS._items["ddim"] = orig
+    assert torch.allclose(monai, ours, atol=1e-4), (monai - ours).abs().max()
+    eta = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], ddim_eta=1.0, **kw)
+    again = sample(perturbed_unet, ScheduleConfig(), [1], [7], ddim_eta=1.0, **kw)
+    assert (eta - monai).abs().max() > 1e-2  # stochastic steps move the sample
+    assert torch.equal(eta[2], again[0])  # noise is the sample's own, whatever the batch
+    with pytest.raises(ValueError, match="ddim_eta"):
+        sample(
+            perturbed_unet, ScheduleConfig(), [0], [1], **dict(kw, sampler="dpmpp"), ddim_eta=0.5
+        )

@@ -192,3 +192,15 @@ def test_audit_with_too_few_calibration_images_says_so():
     synthetic, train, holdout, f_syn, f_train, f_hold = _leaky_audit_data()
     res = audit(synthetic, train, holdout[:40], f_syn, f_train, f_hold[:40])
     assert not res["informative"] and "too small (40" in res["not_informative_reason"]
+
+
+def test_class_counts_minority_topup_fills_the_smaller_class_first():
+    import torch
+
+    from medsynth.evaluation.study import class_counts
+
+    labels = torch.tensor([0] * 10 + [1] * 30)
+    assert class_counts(labels, 2, 0.5, "minority_topup") == [20, 0]  # 30/30 after top-up
+    assert class_counts(labels, 2, 1.0, "minority_topup") == [30, 10]  # 40/40
+    assert class_counts(labels, 2, 1.0, "proportional") == [10, 30]
+    assert sum(class_counts(labels, 2, 0.25, "minority_topup")) == 10

@@ -10,6 +10,7 @@ seeded with ``seeds[k]`` on the CPU, so a sample does not depend on batch size, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -109,6 +110,31 @@ def _ddim(denoise, x, noise, cfg: ScheduleConfig, steps: int, progress) -> torch
     return x
 
 
+def _ddim_eta_step(denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress,
+                   *, eta: float) -> torch.Tensor:  # fmt: skip
+    """DDIM with stochasticity ``eta`` (Song et al. 2021, eq. 12) and per-sample noise.
+
+    MONAI's ``DDIMScheduler.step`` takes one generator for the whole batch, which would tie a
+    sample to its batch; the update is written out so noise comes from ``noise`` instead.
+    """
+    sched = ddim_scheduler(cfg)
+    sched.set_timesteps(steps, device=x.device)
+    acp = sched.alphas_cumprod.to(x.device, torch.float64)
+    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64, device=x.device)
+    stride = cfg.num_train_timesteps // steps
+    for t in progress(sched.timesteps):
+        t = int(t)
+        a_t = acp[t]
+        a_prev = acp[t - stride] if t - stride >= 0 else final
+        xd = x.double()
+        x0 = _x0_from(denoise(x, t).double(), xd, a_t, cfg.prediction_type)
+        eps = (xd - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x = (x + sigma * noise.randn(tuple(x.shape[1:]), x.device).double()).float()
+    return x
+
+
 @SAMPLERS.register("dpmpp")
 def _dpmpp(denoise, x, noise, cfg: ScheduleConfig, steps: int, progress) -> torch.Tensor:
     sched = dpmpp_scheduler(cfg)
@@ -141,6 +167,7 @@ def sample(
     sampler: str = "dpmpp",
     steps: int = 20,
     guidance_scale: float = 1.0,
+    ddim_eta: float = 0.0,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -151,6 +178,7 @@ def sample(
     ``image_shape`` is ``(C, H, W)``; ``null_label`` the class index used for the unconditional
     pass; ``guidance_scale`` 0 = unconditional, 1 = conditional only, > 1 = guided.
     ``net_batch``: rows per network call (padded); bit-identity holds for a fixed value.
+    ``ddim_eta``: DDIM stochasticity in [0, 1] (0 = deterministic DDIM; only for ``ddim``).
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -158,7 +186,11 @@ def sample(
         raise ValueError(f"rflow schedules sample with 'euler', not {sampler!r}")
     if cfg.kind != "rflow" and sampler == "euler":
         raise ValueError("the 'euler' sampler needs schedule kind 'rflow'")
+    if ddim_eta and sampler != "ddim":
+        raise ValueError(f"ddim_eta applies to sampler 'ddim' only, not {sampler!r}")
     fn = SAMPLERS.get(sampler)
+    if ddim_eta:
+        fn = partial(_ddim_eta_step, eta=float(ddim_eta))
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = StackedNoise(seeds)

@@ -34,10 +34,22 @@ DIVERSITY_KEYS = ("FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_c
 
 
 def class_counts(labels: torch.Tensor, k: int, ratio: float, mix: str) -> list[int]:
-    """Extra images per class for ``ratio`` extra per real image (proportional or balanced)."""
+    """Extra images per class for ``ratio`` extra per real image, ``round(ratio * N)`` in all.
+
+    ``proportional``: as the real classes; ``balanced``: the same number for every class;
+    ``minority_topup``: one at a time to the class with the fewest images so far (water filling),
+    so the smaller classes are topped up first and the result is as balanced as ``ratio`` allows.
+    """
     n = torch.bincount(labels, minlength=k).tolist()
     if mix == "balanced":
         return [round(ratio * sum(n) / k)] * k
+    if mix == "minority_topup":
+        extra, have = [0] * k, list(n)
+        for _ in range(round(ratio * sum(n))):
+            c = int(np.argmin(have))
+            extra[c] += 1
+            have[c] += 1
+        return extra
     return [round(ratio * c) for c in n]
 
 
@@ -214,6 +226,9 @@ def run_study(
                "n_val": len(val.labels), "n_test": len(test.labels), "classifier": cfg.to_dict(),
                "seeds": ev.seeds, "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    # Test probabilities per arm (seeds stacked) for statistics across studies (sweeps).
+    np.savez_compressed(out / "probas.npz", y_test=y_test, arms=np.array(list(probas)),
+                        **{f"arm_{i}": np.stack(ps) for i, ps in enumerate(probas.values())})  # fmt: skip
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "uplift.csv", uplift)
     for fname, obj in (("fidelity.json", fidelity), ("memorization.json", memo),

@@ -281,6 +281,13 @@ def show(run_dir: str | Path) -> str:
 
         for name, m in json.loads(memo.read_text()).items():
             lines.append(f"memorization audit, pool {name}: {audit_line(m)}")
+    sweep = run / "sweep" / "stats.json"
+    if sweep.exists():
+        # A sweep run: its units live under RUN/sweep/; print the verdicts instead.
+        done = len(list((run / "sweep").rglob(MARKER)))
+        lines.append(f"sweep: {done} finished units; table {run / 'sweep' / 'configs.csv'}")
+        for fr in json.loads(sweep.read_text())["fractions"].values():
+            lines.append("  " + fr["recommendation"])
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ def generate_from_protocol(
                        counts=g.counts, ratio=g.ratio)  # fmt: skip
     return generate_pool(
         snap, run / "generate" / g.pool, plan, pool=g.pool, sampler=g.sampler, steps=g.steps,
-        guidance_scale=g.guidance_scale, batch_size=g.batch_size, net_batch=g.net_batch, precision=g.precision,
+        guidance_scale=g.guidance_scale, ddim_eta=g.ddim_eta, batch_size=g.batch_size, net_batch=g.net_batch, precision=g.precision,
         export_png=g.export_png, device=g.device, shard=shard, protocol_sha256=proto.sha256(),
         progress=progress,
     )  # fmt: skip

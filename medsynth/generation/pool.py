@@ -145,6 +145,7 @@ def generate_pool(
     sampler: str = "dpmpp",
     steps: int = 20,
     guidance_scale: float = 2.0,
+    ddim_eta: float = 0.0,
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",
@@ -175,6 +176,8 @@ def generate_pool(
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
     request = {"snapshot_sha256": snap_sha, "plan": plan, "pool": pool, "sampler": sampler, "steps": steps,
                "guidance_scale": guidance_scale, "net_batch": net_batch, "precision": precision}  # fmt: skip
+    if ddim_eta:
+        request["ddim_eta"] = ddim_eta  # only when set: pools made before the knob still match
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -185,6 +188,8 @@ def generate_pool(
     part = out / "parts" / f"shard-{rank}-of-{world}.csv"
     derivation = (f"medsynth {__version__} diffusion snapshot sha256:{snap_sha[:16]} "
                   f"sampler={sampler} steps={steps} guidance={guidance_scale} net_batch={net_batch} {precision}")  # fmt: skip
+    if ddim_eta:
+        derivation += f" eta={ddim_eta:g}"
 
     t0, t_write = time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img",
@@ -194,7 +199,7 @@ def generate_pool(
         seeds = [sample_seed(pool, it.class_index, it.index) for it in batch]
         images = sample(model, sched_cfg, [it.class_index for it in batch], seeds,
                         image_shape=tuple(cfg["image_shape"]), null_label=len(classes), sampler=sampler,
-                        steps=steps, guidance_scale=guidance_scale, device=dev,
+                        steps=steps, guidance_scale=guidance_scale, ddim_eta=ddim_eta, device=dev,
                         bf16=precision == "bf16", net_batch=net_batch).cpu().numpy()  # fmt: skip
         tw = time.perf_counter()
         for it, seed, img in zip(batch, seeds, images, strict=True):

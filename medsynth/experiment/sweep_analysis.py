@@ -1,0 +1,174 @@
+"""Sweep analysis: the evaluation units' files -> one table per configuration, adjusted, with
+diversity <-> uplift correlations, the low-data curve and a recommendation (``RUN/sweep/``).
+
+A configuration is (pool, selector, ratio, class mix); its id does not contain the train
+fraction, so the same configuration can be followed across fractions (the low-data curve).
+Multiplicity is handled per train fraction: the family is every configuration of that fraction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medsynth.evaluation.sweep_stats import (
+    adjust_table,
+    diversity_vs_uplift,
+    minimal_detectable_effect,
+    paired_bootstrap_test,
+    verdict,
+)
+
+DIVERSITY = ("recall_clf", "coverage_clf", "msssim_ratio", "vendi_clf", "vendi_pixels")
+FIDELITY = ("FD_clf", "precision_clf")
+
+
+def _load_unit(folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    z = np.load(folder / "probas.npz")
+    arms = [str(a) for a in z["arms"]]
+    probas = {a: z[f"arm_{i}"] for i, a in enumerate(arms)}
+    return z["y_test"], probas, json.loads((folder / "fidelity.json").read_text())
+
+
+def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
+    """One row per (fraction, configuration): uplift vs real-only and vs the duplicate control
+    (paired bootstrap diff, CI, SE, p), the configuration's knobs and its diversity metrics.
+    Also returns ``(fraction, config) -> (y_test, probas)`` for later paired comparisons."""
+    from medsynth.experiment.sweep import baseline_dir
+
+    rows, probas_of = [], {}
+    for u in plan.units:
+        y, probas, fid = _load_unit(run / u.folder)
+        yb, base, _ = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
+        if not np.array_equal(y, yb):
+            raise ValueError(f"{u.folder} and its baselines were tested on different cases")
+        probas = base | probas  # the pool unit's own real-only (identical) pairs with its arms
+        for arm, pa in probas.items():
+            if not arm.startswith("synthetic:"):
+                continue
+            _, _pool, rest = arm.split(":", 2)
+            selector, ratio = rest.rsplit("@", 1)
+            cid = f"{u.pool.name}|{selector}|x{ratio}|{u.class_mix}"
+            row = {"fraction": u.fraction, "config": cid, "pool": u.pool.name,
+                   "guidance_scale": u.pool.guidance_scale, "sampler": u.pool.sampler,
+                   "steps": u.pool.steps, "ddim_eta": u.pool.ddim_eta, "pool_size": u.pool.pool_size,
+                   "selector": selector, "ratio": float(ratio), "class_mix": u.class_mix,
+                   "seeds": len(pa), "n_test": len(y)}  # fmt: skip
+            for base, key in (("real_only", "auc_vs_real"), (f"duplicate_control@{ratio}", "auc_vs_dup")):  # fmt: skip
+                t = paired_bootstrap_test(y, pa, probas[base], "auc", n_boot)
+                row.update({key: t["diff"], f"{key}_ci_low": t["ci_low"],
+                            f"{key}_ci_high": t["ci_high"], f"{key}_se": t["se"], f"{key}_p": t["p"]})  # fmt: skip
+            row.update(
+                {m: fid.get(arm, {}).get("all", {}).get(m, np.nan) for m in DIVERSITY + FIDELITY}
+            )
+            rows.append(row)
+            probas_of[(u.fraction, cid)] = (y, pa)
+    return rows, probas_of
+
+
+def analyse_fraction(rows: list[dict], probas_of: dict, fraction: float, n_boot: int) -> dict:
+    """Adjust p-values across this fraction's configurations, add MDE and verdicts, correlate
+    diversity with uplift and compare the best configuration with the runner-up."""
+    mine = [r for r in rows if r["fraction"] == fraction]
+    m = len(mine)
+    for key in ("auc_vs_real", "auc_vs_dup"):
+        adjust_table(mine, key)
+        for r in mine:
+            r[f"{key}_mde"] = minimal_detectable_effect(r[f"{key}_se"], comparisons=m)
+            r[f"{key}_verdict"] = verdict(r[key], r[f"{key}_ci_low"], r[f"{key}_ci_high"],
+                                          r[f"{key}_p_holm"], r[f"{key}_mde"])  # fmt: skip
+    out = {"fraction": fraction, "configurations": m,
+           "diversity_vs_uplift_dup": diversity_vs_uplift(mine, DIVERSITY, FIDELITY, "auc_vs_dup", n_boot),
+           "diversity_vs_uplift_real": diversity_vs_uplift(mine, DIVERSITY, FIDELITY, "auc_vs_real", n_boot)}  # fmt: skip
+    ranked = sorted(mine, key=lambda r: -r["auc_vs_dup"])
+    if ranked:
+        best = ranked[0]
+        out["best"] = {k: best[k] for k in ("config", "auc_vs_dup", "auc_vs_dup_ci_low",
+                                            "auc_vs_dup_ci_high", "auc_vs_dup_p_holm", "auc_vs_dup_mde")}  # fmt: skip
+    if len(ranked) >= 2:
+        (y, pa), (_, pb) = (probas_of[(fraction, r["config"])] for r in ranked[:2])
+        t = paired_bootstrap_test(y, pa, pb, "auc", n_boot)
+        out["best_vs_runner_up"] = {"runner_up": ranked[1]["config"], **t,
+                                    "mde": minimal_detectable_effect(t["se"])}  # fmt: skip
+    out["recommendation"] = recommendation(out)
+    return out
+
+
+def recommendation(fr: dict) -> str:
+    """A short, honest sentence: which setting helped most and whether it is distinguishable."""
+    if "best" not in fr:
+        return "No synthetic configuration was evaluated."
+    b = fr["best"]
+    head = (f"At train fraction {fr['fraction']:g}, the largest uplift over the count-matched "
+            f"duplicate control came from {b['config']} ({b['auc_vs_dup']:+.3f} AUC, 95 % CI "
+            f"[{b['auc_vs_dup_ci_low']:+.3f}, {b['auc_vs_dup_ci_high']:+.3f}], Holm-adjusted "
+            f"p={b['auc_vs_dup_p_holm']:.3g} over {fr['configurations']} configurations)")  # fmt: skip
+    if not b["auc_vs_dup_p_holm"] < 0.05:
+        head += (f"; that is not distinguishable from the control after adjustment (this design "
+                 f"detects effects of about {b['auc_vs_dup_mde']:.3f} AUC or more)")  # fmt: skip
+    vs = fr.get("best_vs_runner_up")
+    if vs:
+        same = not vs["p"] < 0.05
+        head += (f". Against the runner-up {vs['runner_up']} it is {vs['diff']:+.3f} "
+                 f"[{vs['ci_low']:+.3f}, {vs['ci_high']:+.3f}] (p={vs['p']:.3g}): "
+                 + ("not distinguishable" if same else "distinguishable"))  # fmt: skip
+    return (
+        head + ". Configurations were ranked on the test split: treat the ranking as descriptive."
+    )
+
+
+def low_data_curve(rows: list[dict]) -> dict:
+    """Uplift against train fraction for the best and the worst configuration (mean uplift over
+    the duplicate control across fractions; configurations present at every fraction only)."""
+    fractions = sorted({r["fraction"] for r in rows})
+    by = {}
+    for r in rows:
+        by.setdefault(r["config"], {})[r["fraction"]] = r
+    full = {c: v for c, v in by.items() if len(v) == len(fractions)}
+    if not full:
+        return {"fractions": fractions, "lines": {}}
+    mean = {c: float(np.mean([v[f]["auc_vs_dup"] for f in fractions])) for c, v in full.items()}
+    picks = {"best": max(mean, key=mean.get), "worst": min(mean, key=mean.get)}
+    keys = ("auc_vs_real", "auc_vs_real_ci_low", "auc_vs_real_ci_high", "auc_vs_dup",
+            "auc_vs_dup_ci_low", "auc_vs_dup_ci_high", "auc_vs_dup_mde")  # fmt: skip
+    lines = {tag: {"config": c, "points": [{"fraction": f, **{k: full[c][f][k] for k in keys}}
+                                           for f in fractions]} for tag, c in picks.items()}  # fmt: skip
+    return {"fractions": fractions, "lines": lines}
+
+
+def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
+    """All of the above; writes ``RUN/sweep/configs.csv`` and ``RUN/sweep/stats.json``."""
+    run = Path(run)
+    rows, probas_of = config_rows(run, plan, n_boot)
+    fractions = {f"{f:g}": analyse_fraction(rows, probas_of, f, n_boot) for f in plan.fractions}
+    stats = {"fractions": fractions, "low_data_curve": low_data_curve(rows),
+             "note": "uplift = test AUC difference (paired bootstrap over seeds and test cases); "
+                     "p-values adjusted per train fraction across its configurations; MDE at "
+                     "80 % power and alpha 0.05 / configurations"}  # fmt: skip
+    out = run / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with (out / "configs.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, default=float))
+    return {"rows": rows, **stats}
+
+
+def summary_text(result: dict) -> str:
+    """Plain-text result of ``analyse_sweep``: per fraction the recommendation and each
+    configuration's uplift over the duplicate control with its verdict (MDE beside no effect)."""
+    lines = []
+    for key, fr in result["fractions"].items():
+        lines.append(f"train fraction {key}: {fr['configurations']} configurations")
+        mine = sorted((r for r in result["rows"] if f"{r['fraction']:g}" == key),
+                      key=lambda r: -r["auc_vs_dup"])  # fmt: skip
+        for r in mine:
+            lines.append(f"  {r['config']:<48} vs real {r['auc_vs_real']:+.3f}  vs control "
+                         f"{r['auc_vs_dup_verdict']}")  # fmt: skip
+        lines.append("  " + fr["recommendation"])
+    return "\n".join(lines)
