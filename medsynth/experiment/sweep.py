@@ -235,7 +235,7 @@ def describe(protocol: Protocol, run: Path) -> str:
     lines.append("units (fraction / class mix / pool -> action):")
     for f in plan.fractions:
         for m in plan.class_mixes:
-            act = stage_status(run, baseline_dir(f, m), _baseline_sha(protocol, plan, f, m))
+            act = stage_status(run / baseline_dir(f, m), _baseline_sha(protocol, plan, f, m))
             lines.append(f"  {baseline_dir(f, m):<60} {'skip (done)' if act == 'skip' else act}")
     for u in plan.units:
         lines.append(f"  {u.folder:<60} {_unit_action(protocol, plan, run, u)}")
@@ -282,21 +282,21 @@ def _unit_action(protocol: Protocol, plan: SweepPlan, run: Path, unit: Unit) -> 
              (f"{fraction_dir(unit.fraction)}/generate/{unit.pool.name}",
               _pool_sha(protocol, unit.fraction, unit.pool)),
              (unit.folder, _unit_sha(protocol, plan, unit))]  # fmt: skip
-    acts = [stage_status(run, folder, sha) for folder, sha in steps]
+    acts = [stage_status(run / folder, sha) for folder, sha in steps]
     return "skip (done)" if acts == ["skip"] * 3 else "/".join(acts) + " (train/generate/evaluate)"
 
 
 def _step(run: Path, folder: str, sha: str, work: Callable[[], None], log) -> None:
     """Run ``work`` for ``RUN/folder`` unless its marker says it is done with these inputs."""
-    action = stage_status(run, folder, sha)
+    action = stage_status(run / folder, sha)
     if action == "skip":
         return
     log(f"[{folder}] {action}")
-    p = StagePlan(folder, action, sha)
+    p = StagePlan(folder, action, sha, run / folder)
     t0 = time.perf_counter()
-    _begin(run, p)
+    _begin(p)
     work()
-    _finish(run, p, time.perf_counter() - t0)
+    _finish(p, time.perf_counter() - t0)
 
 
 def _check_pool_sizes(plan: SweepPlan, counts: list[int], fraction: float) -> None:
