@@ -98,26 +98,28 @@ mine = status_by_sample(db, pixel, reviewer) if reviewer else {}
 
 # Window/level in the image's own (modality) units, shared by every image view.
 low, high, stored_c, stored_w = window_range(str(pool_dir / rows[0]["path"]))
-if "wl_center" not in st.session_state:
-    st.session_state.update(wl_center=stored_c, wl_width=stored_w)
+presets = {
+    "Stored": (stored_c, stored_w),
+    "Full": ((low + high) / 2, high - low),
+    "Narrow": ((low + high) / 2, (high - low) / 2),
+    "Reset": (stored_c, stored_w),
+}
+if st.session_state.get("wl_pool") != pool:  # another pool may have other units
+    st.session_state.update(wl_pool=pool, wl_center=stored_c, wl_width=stored_w)
+
+
+def set_window(center: float, width: float) -> None:
+    st.session_state.update(wl_center=center, wl_width=width)
+
+
 with st.sidebar.expander("Window / level (image units)", expanded=False):
     step_ = (high - low) / 200
+    st.caption(f"Modality values of this pool: {low:.4g} to {high:.4g}")
     st.number_input("Center", low, high, key="wl_center", step=step_, format="%.3f")
     st.number_input("Width", step_, 2 * (high - low), key="wl_width", step=step_, format="%.3f")
-    p1, p2, p3 = st.columns(3)
-    p1.button(
-        "Stored",
-        on_click=st.session_state.update,
-        kwargs=dict(wl_center=stored_c, wl_width=stored_w),
-    )
-    p2.button(
-        "Full",
-        on_click=st.session_state.update,
-        kwargs=dict(wl_center=(low + high) / 2, wl_width=high - low),
-    )
-    p3.button("Narrow", on_click=st.session_state.update, kwargs=dict(wl_center=(low + high) / 2, wl_width=(high - low) / 2))  # fmt: skip
-    st.button("Reset", on_click=st.session_state.update, kwargs=dict(wl_center=stored_c, wl_width=stored_w),
-              key="wl_reset")  # fmt: skip
+    pcols = st.columns(2)
+    for i, (name, cw) in enumerate(presets.items()):
+        pcols[i % 2].button(name, on_click=set_window, args=cw, key=f"wl_{name}", width="stretch")
 center, width = float(st.session_state.wl_center), float(st.session_state.wl_width)
 
 FILTERS = ["all", "unreviewed", "unreviewed by me", "disagreement", *DECISIONS]
@@ -208,14 +210,19 @@ elif view == "Review":
             st.selectbox("Corrected label", ["(keep)", *classes], key=f"label-{current}")
             st.text_input("Note", key=f"note-{current}")
             off = not reviewer
-            b = st.columns(6)
+            b = st.columns(3)
             b[0].button("Accept", on_click=record, args=("accept", current), shortcut="a",
-                        type="primary", key="accept", disabled=off)  # fmt: skip
-            b[1].button("Reject", on_click=record, args=("reject", current), shortcut="x", key="reject", disabled=off)  # fmt: skip
-            b[2].button("Unsure", on_click=record, args=("unsure", current), shortcut="u", key="unsure", disabled=off)  # fmt: skip
-            b[3].button("Clear", on_click=undo, args=(current,), shortcut="z", key="clear", disabled=off or not my)  # fmt: skip
-            b[4].button("◀ Prev", on_click=go, args=(navigation.step(shown, order, current, -1),), shortcut="k", key="prev")  # fmt: skip
-            b[5].button("Next ▶", on_click=go, args=(navigation.step(shown, order, current, +1),), shortcut="j", key="next")  # fmt: skip
+                        type="primary", key="accept", disabled=off, width="stretch")  # fmt: skip
+            b[1].button("Reject", on_click=record, args=("reject", current), shortcut="x", key="reject",
+                        disabled=off, width="stretch")  # fmt: skip
+            b[2].button("Unsure", on_click=record, args=("unsure", current), shortcut="u", key="unsure",
+                        disabled=off, width="stretch")  # fmt: skip
+            b[0].button("◀ Prev", on_click=go, args=(navigation.step(shown, order, current, -1),),
+                        shortcut="k", key="prev", width="stretch")  # fmt: skip
+            b[1].button("Next ▶", on_click=go, args=(navigation.step(shown, order, current, +1),),
+                        shortcut="j", key="next", width="stretch")  # fmt: skip
+            b[2].button("Clear mine", on_click=undo, args=(current,), shortcut="z", key="clear",
+                        disabled=off or not my, width="stretch")  # fmt: skip
             if st.session_state.get("saved"):
                 st.success(st.session_state.saved, icon="✅")
             last = st.session_state.get("last_decided")

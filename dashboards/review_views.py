@@ -184,7 +184,7 @@ def disagreements(db, pool, by_key, pixel, classes, reviewer: str, go: Callable)
         table.append({"sample": f"#{by_key[k]['index']} {by_key[k]['class_name']}",
                       **{f"{rv}": v for rv, v in sorted(ratings.items())},
                       "adjudication": (a["decision"] + (f"→{a['corrected_label']}" if a["corrected_label"] else "")) if a else ""})  # fmt: skip
-    st.dataframe(table, hide_index=True, key="disagreement_table")
+    st.table(table)  # static HTML: every decision readable (and in a screenshot)
     st.subheader("Adjudicate")
     labels = {f"#{by_key[k]['index']} {by_key[k]['class_name']}": k for k in sorted(dis)}
     pick = st.selectbox("Sample", list(labels), key="adj_sample")
@@ -230,9 +230,9 @@ def metrics(run: Path, db: Path, pixel) -> None:
     fk = ag["fleiss_kappa"]
     st.markdown(f"Fleiss' κ = **{'n/a' if fk != fk else f'{fk:.2f}'}** over {ag['samples']} "
                 "samples rated by two or more reviewers.")  # fmt: skip
-    if ag["pairs"]:
-        st.dataframe([{**p, "kappa": "n/a" if p["kappa"] != p["kappa"] else round(p["kappa"], 2)}
-                      for p in ag["pairs"]], hide_index=True, key="kappa_table")  # fmt: skip
+    for p in ag["pairs"]:
+        k = "n/a" if p["kappa"] != p["kappa"] else f"{p['kappa']:.2f}"
+        st.markdown(f"Cohen's κ {p['reviewers']}: **{k}** over {p['samples']} samples")
     ev = run / "evaluate"
     if (ev / "uplift.csv").exists():
         st.subheader("Uplift (test AUC; paired bootstrap 95 % CIs)")

@@ -8,6 +8,7 @@ module. Skipped cleanly when Debian's chromium is not installed.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -49,13 +50,13 @@ def base_run(tmp_path_factory):
     proto = load_protocol(REPO / "protocols/smoke.yaml", ["evaluation.seeds=1"])
     run_protocol(proto, run_dir=run, log=lambda s: None, progress=False)
     pool = run / "generate" / "xray1024"
-    yy, xx = np.mgrid[-1:1:1024j, -1:1:1024j]
+    from medsynth.data.phantoms import draw_anatomy, render
+
     rows = []
     for i in range(3):
-        # Lungs-like ellipses with fine 1-px stripes: readable only at full resolution.
-        img = -0.6 + 1.2 * (((xx - 0.45) ** 2 / 0.12 + yy**2 / 0.5) < 1) * 0.6
-        img += 1.2 * (((xx + 0.45) ** 2 / 0.12 + yy**2 / 0.5) < 1) * 0.6
-        img += 0.15 * ((np.arange(1024) % 2)[None, :] * (np.abs(yy) < 0.05)) + 0.05 * i
+        # A phantom chest radiograph at 1024 px (fine texture is readable only at full size).
+        rng = np.random.default_rng(i)
+        img = render(draw_anatomy(rng), "opacity" if i else "normal", 0.3, 1024, rng) * 2 - 1
         ds = synthetic_instance(np.clip(img, -1, 1), run_id="e" * 64, pool="xray1024",
                                 class_name="normal", class_index=0, seed=i, index=i, derivation="test")  # fmt: skip
         path = f"dicom/normal/{i:06d}.dcm"
@@ -145,6 +146,19 @@ def _text(b: cdp.Browser) -> str:
     return b.js(cdp.page_text())
 
 
+def _see(b: cdp.Browser, *texts: str, timeout: float = 20) -> str:
+    """Wait until the page shows every one of ``texts``; returns the page text."""
+    js = " && ".join(f"document.body.innerText.includes({json.dumps(t)})" for t in texts)
+    try:
+        b.wait(js, timeout, f"{texts} on the page")
+    except TimeoutError:
+        pass  # the assertion below shows the page text
+    text = _text(b)
+    for t in texts:
+        assert t in text, f"{t!r} not on the page: {text[-1500:]!r}"
+    return text
+
+
 def _decide(b: cdp.Browser, run: Path, key: str, reviewer: str, n: int) -> dict[str, dict]:
     b.press(key)
     got = _wait_decisions(run, reviewer, n)
@@ -182,7 +196,7 @@ def test_relabel_changes_every_place_the_label_lives(browser, app):
     _decide(browser, run, "a", "alice", 1)
     browser.click(radio_option("Export"))
     browser.idle()
-    assert "Relabelled (1)" in _text(browser)  # the preview says so before writing
+    _see(browser, "Relabelled (1)")  # the preview says so before writing
     browser.click(button("Export 1 samples"))
     browser.wait("document.body.innerText.includes('Exported 1')", 30)
     out = run / "generate" / "main-accepted"
@@ -225,12 +239,12 @@ def test_unreviewed_filter_keeps_the_sample_and_skips_none(browser, app):
         _decide(browser, run, "a", "alice", i + 1)
     select(browser, "Review status", "unreviewed")
     browser.idle()
-    assert "#8 class normal" in _text(browser)
+    _see(browser, "#8 class normal")
     got = _decide(browser, run, "x", "alice", 9)
     assert got["main/dicom/normal/000008.dcm"]["decision"] == "reject"
     got = _decide(browser, run, "u", "alice", 10)
     assert got["main/dicom/normal/000009.dcm"]["decision"] == "unsure"
-    assert "#0 class opacity" in _text(browser)
+    _see(browser, "#0 class opacity")
 
 
 def test_blank_reviewer_is_asked_for_not_a_traceback(browser, app):
@@ -303,3 +317,158 @@ def test_an_empty_database_file_is_no_traceback(browser, app):
     text = _text(browser)
     assert "OperationalError" not in text and "no such table" not in text
     assert list(_decide(browser, run, "a", "alice", 1)) == ["main/dicom/normal/000000.dcm"]
+
+
+# ---------------------------------------------------------------- a reviewer's tool
+
+
+def _small_png(src: Path, dst: Path, limit: int = 300_000) -> None:
+    """Keep a docs screenshot under ``limit`` bytes (palette PNG, shrunk if still too big)."""
+    from PIL import Image
+
+    im = Image.open(src).convert("RGB")
+    while True:
+        im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+        if dst.stat().st_size < limit:
+            return
+        im = im.resize((im.width * 4 // 5, im.height * 4 // 5), Image.Resampling.LANCZOS)
+
+
+from medsynth.review.viewer import banner_px  # noqa: E402
+
+FULLRES_IMG = "document.querySelector('iframe').contentDocument.getElementById('fullres')"
+
+
+def test_full_resolution_view_zooms_and_windows(browser, app, tmp_path):
+    url, run = app
+    _open(browser, url, None)
+    select(browser, "Pool", "xray1024")
+    browser.idle()
+    browser.click(radio_option("Review"))
+    browser.idle()
+    browser.wait(f"{FULLRES_IMG} && {FULLRES_IMG}.complete && {FULLRES_IMG}.naturalWidth", 30)
+    # Native resolution: 1024 px wide, plus the SYNTHETIC banner above (not over) the image.
+    size = browser.js(f"[{FULLRES_IMG}.naturalWidth, {FULLRES_IMG}.naturalHeight]")
+    assert size == [1024, 1024 + banner_px(1024)]
+    frame = "document.querySelector('iframe').contentDocument"
+    zoom = f"{frame}.getElementById('zl').innerText"
+    fit = browser.js(zoom)
+    browser.js(f"{frame}.getElementById('one').click()")
+    assert browser.js(zoom) == "100 %" != fit
+    before = browser.js(f"{FULLRES_IMG}.src.length")
+    browser.js(f"{frame}.getElementById('fit').click()")
+    # Window/level in the image's own units: the stored window of a medsynth file is 0 / 2.
+    browser.click(
+        "Array.from(document.querySelectorAll('summary')).find(s => s.innerText.includes('Window'))"
+    )
+    browser.idle()
+    assert browser.js(f"({text_input('Center')}).value") == "0.000"
+    assert browser.js(f"({text_input('Width')}).value") == "2.000"
+    browser.click(button("Narrow"))
+    browser.idle()
+    assert browser.js(f"({text_input('Width')}).value") == "1.000"
+    browser.wait(
+        f"{FULLRES_IMG} && {FULLRES_IMG}.src.length !== {before}", 30, "a re-windowed image"
+    )
+    shot = tmp_path / "full.png"
+    browser.screenshot(shot)
+    _small_png(shot, DOCS / "review_fullres.png")
+    browser.click(button("Reset"))
+    browser.idle()
+    assert browser.js(f"({text_input('Width')}).value") == "2.000"
+
+
+def test_disagreements_adjudication_and_agreement(browser, app, tmp_path):
+    from medsynth.review.db import adjudications, decide
+
+    url, run = app
+    rows = _manifest(run)
+    db = run / "review.sqlite"
+    for i, r in enumerate(rows[:6]):
+        k = f"main/{r['path']}"
+        decide(db, k, "alice", "accept", r["pixel_sha256"])
+        other = ("reject", "accept", "unsure")[i % 3]
+        decide(db, k, "bob", other, r["pixel_sha256"], note="edge artefact" if i == 0 else "")
+    _open(browser, url, "Disagreements", reviewer="carol")
+    _see(browser, "Samples where reviewers differ (4)", "alice", "bob")
+    shot = tmp_path / "dis.png"
+    browser.screenshot(shot)
+    _small_png(shot, DOCS / "review_disagreements.png")
+    browser.click(button("Adjudicate"))
+    browser.wait("document.body.innerText.includes('Saved: adjudication')", 30)
+    (adj,) = adjudications(db)
+    assert (adj["sample"], adj["adjudicator"], adj["decision"]) == (
+        f"main/{rows[0]['path']}", "carol", "accept",
+    )  # fmt: skip
+    browser.click(radio_option("Metrics"))
+    browser.idle()
+    from medsynth.review.agreement import cohen_kappa, fleiss_kappa
+
+    alice, bob = ["accept"] * 6, ["reject", "accept", "unsure"] * 2
+    k, f = cohen_kappa(alice, bob), fleiss_kappa([list(x) for x in zip(alice, bob, strict=True)])
+    _see(browser, f"Fleiss' κ = {f:.2f} over 6 samples", f"Cohen's κ alice / bob: {k:.2f} over 6")
+
+
+def test_tile_opens_review_and_every_view_follows_it(browser, app):
+    url, run = app
+    _open(browser, url, "Samples")
+    _see(browser, "normal (10 samples)", "opacity (10 samples)")
+    # Open opacity #3 (Streamlit names a widget's container after its key).
+    browser.click("document.querySelector('.st-key-open-main-dicom-opacity-000003-dcm button')")
+    browser.idle()
+    _see(browser, "#3 class opacity")
+    browser.click(radio_option("Compare"))
+    browser.idle()
+    _see(browser, "Sample #3 (opacity)", "nearest by pixel: class")
+    browser.click(radio_option("DICOM"))
+    browser.idle()
+    _see(browser, "Synthetic instance #3 (opacity")
+
+
+def test_unreviewed_by_me_clear_undo_and_keyboard_help(browser, app):
+    from medsynth.review.db import decide
+
+    url, run = app
+    first = _manifest(run)[0]
+    decide(run / "review.sqlite", f"main/{first['path']}", "bob", "reject", first["pixel_sha256"])
+    _open(browser, url, "Review")
+    select(browser, "Review status", "unreviewed by me")
+    browser.idle()
+    _see(browser, "#0 class normal")  # bob's decision does not hide it from alice
+    _decide(browser, run, "a", "alice", 1)
+    _see(browser, "Saved: accept on sample #0")
+    browser.click(button("Undo last decision (#0)"))
+    browser.idle()
+    _see(browser, "Cleared your decision", "#0 class normal")
+    assert _db(run, "alice") == {}  # back on the sample whose decision was undone
+    browser.click(
+        "Array.from(document.querySelectorAll('summary')).find(s => s.innerText.includes('Keyboard'))"
+    )
+    _see(browser, "a accept · x reject · u unsure")
+
+
+def test_export_preview_offers_to_exclude_flagged(browser, app):
+    import json
+
+    from medsynth.review.db import decide
+
+    url, run = app
+    rows = _manifest(run)
+    memo_path = run / "evaluate" / "memorization.json"
+    memo = json.loads(memo_path.read_text())
+    paths = memo["main"]["synthetic_paths"]
+    flags = [False] * len(paths)
+    flags[paths.index(rows[1]["path"])] = True  # pretend the audit flagged sample #1
+    memo["main"]["per_sample"]["flagged"] = flags
+    memo_path.write_text(json.dumps(memo))
+    for r in rows[:3]:
+        decide(run / "review.sqlite", f"main/{r['path']}", "alice", "accept", r["pixel_sha256"])
+    _open(browser, url, "Export")
+    _see(browser, "Exclude memorization-flagged samples (1 accepted)",
+         "Left out as possible copies: dicom/normal/000001.dcm")  # fmt: skip
+    browser.click(button("Export 2 samples"))
+    browser.wait("document.body.innerText.includes('Exported 2')", 30)
+    assert [r["path"] for r in _manifest(run, "main-accepted")] == [
+        rows[0]["path"],
+        rows[2]["path"],
+    ]

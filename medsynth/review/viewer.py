@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from medsynth.dicom.read import DecodeOptions, load_unit_image, read_header
 
@@ -22,7 +22,7 @@ STATUS_COLOURS = {  # tile strip colours (RGB): green, red, amber, grey
     "accept": (46, 160, 67), "reject": (210, 50, 50), "unsure": (230, 160, 20),
     "unreviewed": (120, 120, 120),
 }  # fmt: skip
-BANNER_PX = 14  # height of the SYNTHETIC banner above the image, outside the anatomy
+BANNER_PX = 14  # least height of a banner (grows with the image so it stays readable)
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,18 @@ def windowed(path: str | Path, center: float, width: float) -> np.ndarray:
     return load_unit_image(path, opts)[0]
 
 
+def banner_px(width: int) -> int:
+    """Banner height for an image ``width`` px wide: 14 px, or 1/24 of the width if larger."""
+    return max(BANNER_PX, width // 24)
+
+
 def _banner(im: Image.Image, text: str, colour: tuple[int, int, int]) -> Image.Image:
     """A strip with ``text`` above ``im`` (so no label covers the anatomy)."""
-    out = Image.new("RGB", (im.width, im.height + BANNER_PX), colour)
-    out.paste(im.convert("RGB"), (0, BANNER_PX))
-    ImageDraw.Draw(out).text((3, 1), text, fill=(255, 255, 255))
+    h = banner_px(im.width)
+    out = Image.new("RGB", (im.width, im.height + h), colour)
+    out.paste(im.convert("RGB"), (0, h))
+    font = ImageFont.load_default(size=max(10, h - 4))
+    ImageDraw.Draw(out).text((4, 1), text, fill=(255, 255, 255), font=font)
     return out
 
 
