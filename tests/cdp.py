@@ -75,7 +75,8 @@ def screenshot_when_images_loaded(
     # Chromium may still be writing its profile as it exits.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_lift_soft_address_limit)  # fmt: skip
         try:
             deadline = time.time() + 30
             while True:

@@ -34,7 +34,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "dashboards" / "review.py"
-DOCS = REPO / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -322,9 +321,16 @@ def test_an_empty_database_file_is_no_traceback(browser, app):
 # ---------------------------------------------------------------- a reviewer's tool
 
 
-def _small_png(src: Path, dst: Path, limit: int = 300_000) -> None:
-    """Keep a docs screenshot under ``limit`` bytes (palette PNG, shrunk if still too big)."""
+def _small_png(src: Path, name: str, limit: int = 300_000) -> None:
+    """Save a screenshot for the docs under ``limit`` bytes (palette PNG, shrunk if still too
+    big), only when ``MEDSYNTH_SCREENSHOT_DIR`` names a folder (e.g. docs/): tests never write
+    into the repository by themselves."""
     from PIL import Image
+
+    keep = os.environ.get("MEDSYNTH_SCREENSHOT_DIR")
+    if not keep:
+        return
+    dst = Path(keep) / name
 
     im = Image.open(src).convert("RGB")
     while True:
@@ -372,7 +378,7 @@ def test_full_resolution_view_zooms_and_windows(browser, app, tmp_path):
     )
     shot = tmp_path / "full.png"
     browser.screenshot(shot)
-    _small_png(shot, DOCS / "review_fullres.png")
+    _small_png(shot, "review_fullres.png")
     browser.click(button("Reset"))
     browser.idle()
     assert browser.js(f"({text_input('Width')}).value") == "2.000"
@@ -393,7 +399,7 @@ def test_disagreements_adjudication_and_agreement(browser, app, tmp_path):
     _see(browser, "Samples where reviewers differ (4)", "alice", "bob")
     shot = tmp_path / "dis.png"
     browser.screenshot(shot)
-    _small_png(shot, DOCS / "review_disagreements.png")
+    _small_png(shot, "review_disagreements.png")
     browser.click(button("Adjudicate"))
     browser.wait("document.body.innerText.includes('Saved: adjudication')", 30)
     (adj,) = adjudications(db)
