@@ -24,6 +24,7 @@ from medsynth.generation.dataset import read_manifest  # noqa: E402
 from medsynth.review import navigation  # noqa: E402
 from medsynth.review.db import DECISIONS, clear, db_path, decide, status_by_sample  # noqa: E402
 from medsynth.review.export import is_export, sample_key  # noqa: E402
+from medsynth.review.viewer import presets as presets_of  # noqa: E402
 from medsynth.review.viewer import value_range, zoom_pan_html  # noqa: E402
 
 st.set_page_config(page_title="medsynth review", layout="wide")
@@ -44,6 +45,12 @@ def manifest(pool_dir: str, mtime: float) -> list[dict]:
     rows = read_manifest(pool_dir)
     # Display order: grouped by class (in class-index order), then pool order.
     return sorted(rows, key=lambda r: (int(r["class_index"]), int(r["index"]), r["path"]))
+
+
+@st.cache_data(show_spinner=False, max_entries=200)
+def auto_window(path: str) -> tuple[float, float]:
+    """(center, width) covering the 1st-99th percentile of this image, in modality units."""
+    return presets_of(path)["auto (1–99 %)"]
 
 
 @st.cache_data(show_spinner=False)
@@ -197,6 +204,8 @@ elif view == "Review":
         with left:
             png = views.full_png_cached(str(pool_dir / r["path"]), center, width)
             st.iframe(zoom_pan_html(png, 620), height=660)
+            st.button("Auto window for this image (1–99 %)", key="wl_auto", on_click=set_window,
+                      args=auto_window(str(pool_dir / r["path"])))  # fmt: skip
         with right:
             st.markdown(f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
                         f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "

@@ -215,7 +215,9 @@ class Browser:
     def wait(self, expression: str, timeout: float = 30, what: str = "") -> object:
         """Poll until ``expression`` is truthy; returns its value or raises ``TimeoutError``."""
         deadline = time.time() + timeout
-        as_value = f"(() => {{ const v = ({expression}); return v instanceof Node ? true : v; }})()"
+        # Not there yet (a null on the way) counts as not yet, not as an error.
+        as_value = (f"(() => {{ try {{ const v = ({expression}); return v instanceof Node ? true : v; }}"
+                    " catch (e) { return null; } })()")  # fmt: skip
         while True:
             value = self.js(as_value)
             if value:

@@ -86,10 +86,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app(base_run, tmp_path):
-    """A Streamlit server on a fresh copy of the run; yields (base url, run folder)."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def server(base_run, tmp_path_factory):
+    """One Streamlit server for the module on a copy of the run; yields (base url, run folder)."""
+    run = tmp_path_factory.mktemp("served") / "run"
     shutil.copytree(base_run, run, symlinks=True)
     port = _port()
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", USER="server-user")
@@ -116,6 +116,18 @@ def app(base_run, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def app(server, base_run, browser):
+    """The served run as the smoke study left it: no decisions, no exports, the original audit.
+    Each test opens a new page, i.e. a new Streamlit session."""
+    url, run = server
+    browser.goto("about:blank")
+    for p in (run / "review.sqlite", *(run / "generate").glob("*-accepted*")):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.copy(base_run / "evaluate/memorization.json", run / "evaluate/memorization.json")
+    return url, run
 
 
 def _db(run: Path, reviewer: str | None = None) -> dict[str, dict]:

@@ -9,7 +9,7 @@ so it never attaches to a regenerated file with other pixels.
 The schema never races a reader: a new database is built in a temporary file and renamed into
 place with its tables, and a reader that meets a file without tables (an empty file, a file from
 an older version) sees no decisions instead of ``no such table``. A write holds the lock only
-for its two statements (the schema is checked once per path and process).
+for its two statements (the schema check is a read before it).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS adjudications (
     updated_at REAL NOT NULL);
 """
 TABLES = ("decisions", "audit", "adjudications")
-_READY: set[str] = set()  # paths whose schema this process has seen complete
 
 
 def db_path(run_dir: str | Path) -> Path:
@@ -73,9 +72,6 @@ def _tables(con: sqlite3.Connection) -> set[str]:
 def init_db(path: str | Path) -> Path:
     """Make sure ``path`` holds the review schema; never exposes a file without tables."""
     path = Path(path)
-    key = str(path.resolve())
-    if key in _READY and path.exists():
-        return path
     if not path.exists():
         # Build the schema aside and rename it into place: readers see no file or a whole one.
         fd, tmp = tempfile.mkstemp(prefix=".review-", suffix=".sqlite", dir=path.parent)
@@ -98,7 +94,6 @@ def init_db(path: str | Path) -> Path:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         con.execute(stmt)
-    _READY.add(key)
     return path
 
 
