@@ -244,7 +244,14 @@ elif view == "Review":
     views.progress(rows, keys, classes, status, db, pixel)
 
 elif view == "Compare":
-    views.compare(run, pool, pool_dir, by_key.get(current), (center, width))
+    views.compare(
+        run,
+        pool,
+        pool_dir,
+        by_key.get(current),
+        (center, width),
+        state_of(current) if current else "unreviewed",
+    )
 
 elif view == "Disagreements":
     views.disagreements(db, pool, by_key, pixel, classes, reviewer, go)

@@ -121,7 +121,7 @@ def _real_image(cache, row: int, win_unit: Window) -> bytes:
     return array_thumbnail(cache[row, 0], (c + 1) / 2, w / 2, size=COMPARE_PX)
 
 
-def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window) -> None:
+def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, state: str) -> None:
     memo_path = run / "evaluate" / "memorization.json"
     if r is None or not memo_path.exists():
         st.info("Run `medsynth evaluate` to compare samples with their nearest training images.")
@@ -138,7 +138,7 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window) -
     st.markdown(f"Sample #{r['index']} ({r['class_name']}). Memorization: **{flag}** (pixel "
                 f"threshold {memo['pixel_threshold']:.3f}, feature threshold {memo['feature_threshold']:.3f})")  # fmt: skip
     c1, c2, c3 = st.columns(3)
-    c1.image(tile(str(pool_dir / r["path"]), *win, "unreviewed", COMPARE_PX), width=COMPARE_PX,
+    c1.image(tile(str(pool_dir / r["path"]), *win, state, COMPARE_PX), width=COMPARE_PX,
              output_format="PNG", caption=f"SYNTHETIC · {r['class_name']}")  # fmt: skip
     root = _dataset_root(run)
     for col, kind in ((c2, "pixel"), (c3, "feature")):

@@ -125,7 +125,7 @@ def app(server, base_run, browser):
     url, run = server
     browser.goto("about:blank")
     for p in (run / "review.sqlite", *(run / "generate").glob("*-accepted*")):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     shutil.copy(base_run / "evaluate/memorization.json", run / "evaluate/memorization.json")
     return url, run
 
@@ -170,9 +170,23 @@ def _see(b: cdp.Browser, *texts: str, timeout: float = 20) -> str:
     return text
 
 
+SAVED_LINE = (
+    "(document.body.innerText.split('\\n').find(l => l.startsWith('Saved:') || "
+    "l.startsWith('Cleared')) || '')"
+)
+
+
 def _decide(b: cdp.Browser, run: Path, key: str, reviewer: str, n: int) -> dict[str, dict]:
+    """Press a decision key and wait until it is stored and the page has re-rendered after it
+    (a key pressed while the page is still being replaced can be lost: press it again then)."""
+    before = b.js(SAVED_LINE)
     b.press(key)
-    got = _wait_decisions(run, reviewer, n)
+    got = _wait_decisions(run, reviewer, n, timeout=8)
+    if len(got) < n:  # the press fell between two renders: nothing was stored, try once more
+        b.idle()
+        b.press(key)
+        got = _wait_decisions(run, reviewer, n)
+    b.wait(f"{SAVED_LINE} !== {json.dumps(before)}", 20, "the saved confirmation")
     b.idle()
     return got
 
