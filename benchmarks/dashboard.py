@@ -99,7 +99,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--decided", type=int, default=2000, help="samples decided by two reviewers")
+    ap.add_argument("--decided", type=int, default=1000, help="samples decided by two reviewers")
     ap.add_argument("--size", type=int, default=1024, help="side of the full-resolution images")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
