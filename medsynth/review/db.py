@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,8 +48,23 @@ def db_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / DB_NAME
 
 
+# Writers of one process (the Streamlit server's sessions) queue on a lock instead of in SQLite's
+# busy handler, whose growing sleeps let one writer starve for seconds while others get through.
+_WRITE_LOCK = threading.Lock()
+
+
 @contextmanager
 def _connect(path: Path, write: bool) -> Iterator[sqlite3.Connection]:
+    if write:
+        with _WRITE_LOCK, _connect_unlocked(path, write) as con:
+            yield con
+    else:
+        with _connect_unlocked(path, write) as con:
+            yield con
+
+
+@contextmanager
+def _connect_unlocked(path: Path, write: bool) -> Iterator[sqlite3.Connection]:
     con = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         con.execute("PRAGMA busy_timeout = 30000")
