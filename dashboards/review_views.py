@@ -73,7 +73,7 @@ def samples(pool_dir: Path, rows, shown, by_key, state_of, win: Window, go: Call
             r = by_key[k]
             with cols[i % 8]:
                 st.image(tile(str(pool_dir / r["path"]), *win, state_of(k)), output_format="PNG",
-                         caption=f"#{r['index']} · seed {r['seed']}")  # fmt: skip
+                         caption=f"#{r['index']}")  # fmt: skip
                 st.button("Open", key=f"open-{k}", on_click=go, args=(k, "Review"))
 
 

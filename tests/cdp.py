@@ -321,8 +321,9 @@ def widget(label: str, testid: str) -> str:
 
 
 def radio_option(text: str) -> str:
-    return ("Array.from(document.querySelectorAll('[data-testid=\"stRadio\"] label')).find(l => "
-            f"l.innerText.trim() === {json.dumps(text)})")  # fmt: skip
+    """A radio option (or a tab) with this text."""
+    return ("Array.from(document.querySelectorAll('[data-testid=\"stRadio\"] label, button[role=\"tab\"]'))"
+            f".find(l => l.innerText.trim() === {json.dumps(text)})")  # fmt: skip
 
 
 def select(b: Browser, label: str, option: str) -> None:
