@@ -1,30 +1,35 @@
-"""Review synthetic samples of a medsynth run: look, compare, decide, export.
+"""Review synthetic samples of a medsynth run: look, compare, decide, adjudicate, export.
 
     streamlit run dashboards/review.py -- RUN_FOLDER
 
-Reads the run folder; writes only RUN/review.sqlite (and exports on request). Thumbnails are
-PNG rendered on the server (never JPEG), cached, and paginated, so large pools stay responsive.
+Reads the run folder; writes only RUN/review.sqlite (and exports on request). One view is
+rendered at a time (a radio, not tabs), so keyboard shortcuts exist only on the Review view and
+act on the sample it shows. The current sample is kept as a key, not a list position; the
+reviewer's name lives in the URL (``?reviewer=``) so it survives reloads and is per person.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 
-from medsynth.dicom.read import header_table
-from medsynth.generation.dataset import read_manifest
-from medsynth.review.db import DECISIONS, db_path, decide, status_by_sample
-from medsynth.review.export import export_accepted, sample_key
-from medsynth.review.thumbs import array_thumbnail, dicom_thumbnail
-from medsynth.utils.csvsafe import read_rows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import review_views as views  # noqa: E402
+
+from medsynth.generation.dataset import read_manifest  # noqa: E402
+from medsynth.review import navigation  # noqa: E402
+from medsynth.review.db import DECISIONS, clear, db_path, decide, status_by_sample  # noqa: E402
+from medsynth.review.export import is_export, sample_key  # noqa: E402
+from medsynth.review.viewer import presets as presets_of  # noqa: E402
+from medsynth.review.viewer import value_range, zoom_pan_html  # noqa: E402
 
 st.set_page_config(page_title="medsynth review", layout="wide")
+VIEWS = ["Samples", "Review", "Compare", "Disagreements", "Metrics", "DICOM", "Export"]
+KEYS_HELP = "a accept · x reject · u unsure · z clear my decision · j next · k previous"
 
 
 def run_folder() -> Path | None:
@@ -37,27 +42,21 @@ def run_folder() -> Path | None:
 
 @st.cache_data(show_spinner=False)
 def manifest(pool_dir: str, mtime: float) -> list[dict]:
-    return read_manifest(pool_dir)
+    rows = read_manifest(pool_dir)
+    # Display order: grouped by class (in class-index order), then pool order.
+    return sorted(rows, key=lambda r: (int(r["class_index"]), int(r["index"]), r["path"]))
 
 
-@st.cache_data(show_spinner=False, max_entries=3000)
-def thumb(path: str, level: float, width: float) -> bytes:
-    return dicom_thumbnail(path, level, width)
-
-
-@st.cache_resource(show_spinner=False)
-def real_cache(ingest_dir: str):
-    return np.load(Path(ingest_dir) / "images.npy", mmap_mode="r")
-
-
-@st.cache_data(show_spinner=False)
-def train_rows(ingest_dir: str) -> list[dict]:
-    return [r for r in read_rows(Path(ingest_dir) / "index.csv") if r["split"] == "train"]
+@st.cache_data(show_spinner=False, max_entries=200)
+def auto_window(path: str) -> tuple[float, float]:
+    """(center, width) covering the 1st-99th percentile of this image, in modality units."""
+    return presets_of(path)["auto (1–99 %)"]
 
 
 @st.cache_data(show_spinner=False)
-def memorization(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
+def window_range(path: str) -> tuple[float, float, float, float]:
+    vr = value_range(path)
+    return vr.low, vr.high, vr.center, vr.width
 
 
 run = run_folder()
@@ -68,201 +67,200 @@ if run is None or not (run / "generate").is_dir():
     )
     st.stop()
 
-pools = sorted(p.name for p in (run / "generate").iterdir() if (p / "manifest.csv").exists())
+# Export folders are results, not pools to review.
+pools = sorted(
+    p.name
+    for p in (run / "generate").iterdir()
+    if (p / "manifest.csv").exists() and not is_export(p)
+)
 if not pools:
     st.warning(f"No generated pool in {run / 'generate'}.")
     st.stop()
 pool = st.sidebar.selectbox("Pool", pools)
 pool_dir = run / "generate" / pool
 rows = manifest(str(pool_dir), (pool_dir / "manifest.csv").stat().st_mtime)
-reviewer = st.sidebar.text_input("Reviewer", value=os.environ.get("USER", "reviewer") or "reviewer")
-level = st.sidebar.slider("Window level", 0.0, 1.0, 0.5, 0.01)
-width = st.sidebar.slider("Window width", 0.05, 1.0, 1.0, 0.01)
-classes = sorted({r["class_name"] for r in rows})
-db = db_path(run)
-pixel = {sample_key(pool, r): r["pixel_sha256"] for r in rows}
-status = status_by_sample(db, pixel)
-mine = status_by_sample(db, pixel, reviewer)
+if not rows:
+    st.warning(f"Pool {pool} has no samples.")
+    st.stop()
 
+# Reviewer: from the URL on a fresh session, written back to the URL when it changes.
+if "reviewer" not in st.session_state:
+    st.session_state.reviewer = st.query_params.get("reviewer", "")
+reviewer = st.sidebar.text_input("Reviewer", key="reviewer", help="Kept in the page URL").strip()
+if reviewer and st.query_params.get("reviewer") != reviewer:
+    st.query_params["reviewer"] = reviewer
+elif not reviewer and "reviewer" in st.query_params:
+    del st.query_params["reviewer"]
+if not reviewer:
+    st.sidebar.warning("Enter your name to record decisions (they are stored under it).")
+
+classes = sorted({r["class_name"] for r in rows}, key=lambda c: views.class_index(rows, c))
+db = db_path(run)
+keys = [sample_key(pool, r) for r in rows]
+by_key = dict(zip(keys, rows, strict=True))
+order = {k: i for i, k in enumerate(keys)}
+pixel = {k: r["pixel_sha256"] for k, r in by_key.items()}
+status = status_by_sample(db, pixel)
+mine = status_by_sample(db, pixel, reviewer) if reviewer else {}
+
+# Window/level in the image's own (modality) units, shared by every image view.
+low, high, stored_c, stored_w = window_range(str(pool_dir / rows[0]["path"]))
+presets = {
+    "Stored": (stored_c, stored_w),
+    "Full": ((low + high) / 2, high - low),
+    "Narrow": ((low + high) / 2, (high - low) / 2),
+    "Reset": (stored_c, stored_w),
+}
+if st.session_state.get("wl_pool") != pool:  # another pool may have other units
+    st.session_state.update(wl_pool=pool, wl_center=stored_c, wl_width=stored_w)
+
+
+def set_window(center: float, width: float) -> None:
+    st.session_state.update(wl_center=center, wl_width=width)
+
+
+with st.sidebar.expander("Window / level (image units)", expanded=False):
+    step_ = (high - low) / 200
+    st.caption(f"Modality values of this pool: {low:.4g} to {high:.4g}")
+    st.number_input("Center", low, high, key="wl_center", step=step_, format="%.3f")
+    st.number_input("Width", step_, 2 * (high - low), key="wl_width", step=step_, format="%.3f")
+    pcols = st.columns(2)
+    for i, (name, cw) in enumerate(presets.items()):
+        pcols[i % 2].button(name, on_click=set_window, args=cw, key=f"wl_{name}", width="stretch")
+center, width = float(st.session_state.wl_center), float(st.session_state.wl_width)
+
+FILTERS = ["all", "unreviewed", "unreviewed by me", "disagreement", *DECISIONS]
 with st.sidebar.expander("Filter", expanded=True):
     want_classes = st.multiselect("Class", classes, default=classes)
-    want_status = st.selectbox("Review status", ["all", "unreviewed", *DECISIONS])
+    want_status = st.selectbox("Review status", FILTERS, key="status_filter")
     seed_text = st.text_input("Seed contains", "")
     guidance = sorted({r["guidance_scale"] for r in rows})
     want_guidance = st.multiselect("Guidance", guidance, default=guidance)
+disagree = views.disagreement_keys(db, pixel)
 
 
-def state_of(r: dict) -> str:
-    s = status.get(sample_key(pool, r))
+def state_of(k: str) -> str:
+    s = status.get(k)
     return s["status"] if s else "unreviewed"
 
 
+def matches(k: str) -> bool:
+    if want_status == "all":
+        return True
+    if want_status == "unreviewed by me":
+        return k not in mine
+    if want_status == "disagreement":
+        return k in disagree
+    return state_of(k) == want_status
+
+
 shown = [
-    r for r in rows
-    if r["class_name"] in want_classes and r["guidance_scale"] in want_guidance
-    and (want_status == "all" or state_of(r) == want_status) and seed_text in r["seed"]
+    k for k in keys
+    if by_key[k]["class_name"] in want_classes and by_key[k]["guidance_scale"] in want_guidance
+    and seed_text in by_key[k]["seed"] and matches(k)
 ]  # fmt: skip
-
-tab_samples, tab_review, tab_compare, tab_metrics, tab_dicom, tab_export = st.tabs(
-    ["Samples", "Review", "Compare", "Metrics", "DICOM", "Export"]
-)
-
-with tab_samples:
-    per_page = st.select_slider("Per page", [12, 24, 48, 96], value=24)
-    pages = max(1, -(-len(shown) // per_page))
-    page = st.number_input(f"Page (of {pages})", 1, pages, 1)
-    st.caption(f"{len(shown)} of {len(rows)} samples match. Every tile is SYNTHETIC.")
-    chunk = shown[(page - 1) * per_page : page * per_page]
-    cols = st.columns(6)
-    for i, r in enumerate(chunk):
-        with cols[i % 6]:
-            st.image(thumb(str(pool_dir / r["path"]), level, width), output_format="PNG",
-                     caption=f"SYNTHETIC · {r['class_name']} · #{r['index']} · {state_of(r)}")  # fmt: skip
-
-# The sample under review: position in the filtered list, kept across reruns.
-if "cursor" not in st.session_state:
-    st.session_state.cursor = 0
-cursor = min(st.session_state.cursor, max(0, len(shown) - 1))
-current = shown[cursor] if shown else None
+pos = navigation.resolve(shown, order, st.session_state.get("current"))
+current = shown[pos] if pos >= 0 else None
 
 
-def record(decision: str) -> None:
-    r = shown[min(st.session_state.cursor, len(shown) - 1)]
-    label = st.session_state.get("corrected") or None
-    decide(db, sample_key(pool, r), reviewer, decision, r["pixel_sha256"],
-           corrected_label=None if label in (None, "(keep)") else label,
-           note=st.session_state.get("note", ""))  # fmt: skip
-    st.session_state.cursor = min(st.session_state.cursor + 1, len(shown) - 1)
+def go(key: str | None, view: str | None = None) -> None:
+    st.session_state.current = key
+    if view:
+        st.session_state.view = view
 
 
-with tab_review:
+def record(decision: str, key: str) -> None:
+    """Store the reviewer's decision on ``key`` (label and note from that sample's own widgets)."""
+    r = by_key[key]
+    label = st.session_state.get(f"label-{key}", "(keep)")
+    label = None if label in (None, "(keep)", r["class_name"]) else label
+    note = st.session_state.get(f"note-{key}", "")
+    decide(db, key, reviewer, decision, r["pixel_sha256"], corrected_label=label, note=note)
+    relabel = f" as {label}" if label else ""
+    st.session_state.saved = (
+        f"Saved: {decision}{relabel} on sample #{r['index']} ({r['class_name']}) by {reviewer}"
+    )
+    st.session_state.last_decided = key
+    st.session_state.current = navigation.step(shown, order, key, +1)  # fmt: skip
+
+
+def undo(key: str) -> None:
+    clear(db, key, reviewer)
+    st.session_state.saved = f"Cleared your decision on sample #{by_key[key]['index']}"
+    st.session_state.current = key
+
+
+view = st.radio("View", VIEWS, horizontal=True, key="view", label_visibility="collapsed")
+
+if view == "Samples":
+    views.samples(pool_dir, rows, shown, by_key, state_of, (center, width), go)
+
+elif view == "Review":
     if current is None:
         st.info("No sample matches the filter.")
     else:
-        left, right = st.columns([1, 2])
+        r = by_key[current]
+        left, right = st.columns([3, 2])
         with left:
-            st.image(
-                thumb(str(pool_dir / current["path"]), level, width), output_format="PNG", width=280
-            )
+            png = views.full_png_cached(str(pool_dir / r["path"]), center, width)
+            st.iframe(zoom_pan_html(png, 620), height=660)
+            st.button("Auto window for this image (1–99 %)", key="wl_auto", on_click=set_window,
+                      args=auto_window(str(pool_dir / r["path"])))  # fmt: skip
         with right:
-            st.markdown(f"**SYNTHETIC** sample {cursor + 1} / {len(shown)} — class **{current['class_name']}**, "
-                        f"seed {current['seed']}, {current['sampler']}-{current['steps']}, "
-                        f"guidance {current['guidance_scale']}")  # fmt: skip
-            mine_now = mine.get(sample_key(pool, current))
-            st.caption(f"Your decision: {mine_now['status'] if mine_now else 'none yet'}")
-            st.selectbox("Corrected label", ["(keep)", *classes], key="corrected")
-            st.text_input("Note", key="note")
-            b1, b2, b3, b4, b5 = st.columns(5)
-            b1.button(
-                "Accept",
-                on_click=record,
-                args=("accept",),
-                shortcut="a",
-                type="primary",
-                key="accept",
-            )
-            b2.button("Reject", on_click=record, args=("reject",), shortcut="x", key="reject")
-            b3.button("Unsure", on_click=record, args=("unsure",), shortcut="u", key="unsure")
-            b4.button(
-                "◀ Prev",
-                on_click=lambda: st.session_state.update(cursor=max(0, cursor - 1)),
-                shortcut="k",
-            )
-            b5.button("Next ▶", on_click=lambda: st.session_state.update(cursor=min(len(shown) - 1, cursor + 1)),
-                      shortcut="j")  # fmt: skip
-            st.caption("Keys: a accept · x reject · u unsure · j next · k previous")
-    st.subheader("Progress per class")
-    prog = []
-    for c in classes:
-        keys = [sample_key(pool, r) for r in rows if r["class_name"] == c]
-        done = [status[k]["status"] for k in keys if k in status]
-        prog.append({"class": c, "samples": len(keys), "reviewed": len(done), "accepted": done.count("accept"),
-                     "rejected": done.count("reject"), "unsure": done.count("unsure")})  # fmt: skip
-    st.dataframe(prog, hide_index=True)
+            st.markdown(f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
+                        f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
+                        f"guidance {r['guidance_scale']}")  # fmt: skip
+            my = mine.get(current)
+            st.caption(f"Your decision: {my['status'] if my else 'none yet'} · "
+                       f"all reviewers: {state_of(current)}")  # fmt: skip
+            if f"label-{current}" not in st.session_state:  # start from my stored decision
+                st.session_state[f"label-{current}"] = (my or {}).get("corrected_label") or "(keep)"
+                st.session_state[f"note-{current}"] = (my or {}).get("note", "")
+            st.selectbox("Corrected label", ["(keep)", *classes], key=f"label-{current}")
+            st.text_input("Note", key=f"note-{current}")
+            off = not reviewer
+            b = st.columns(3)
+            b[0].button("Accept", on_click=record, args=("accept", current), shortcut="a",
+                        type="primary", key="accept", disabled=off, width="stretch")  # fmt: skip
+            b[1].button("Reject", on_click=record, args=("reject", current), shortcut="x", key="reject",
+                        disabled=off, width="stretch")  # fmt: skip
+            b[2].button("Unsure", on_click=record, args=("unsure", current), shortcut="u", key="unsure",
+                        disabled=off, width="stretch")  # fmt: skip
+            b[0].button("◀ Prev", on_click=go, args=(navigation.step(shown, order, current, -1),),
+                        shortcut="k", key="prev", width="stretch")  # fmt: skip
+            b[1].button("Next ▶", on_click=go, args=(navigation.step(shown, order, current, +1),),
+                        shortcut="j", key="next", width="stretch")  # fmt: skip
+            b[2].button("Clear mine", on_click=undo, args=(current,), shortcut="z", key="clear",
+                        disabled=off or not my, width="stretch")  # fmt: skip
+            if st.session_state.get("saved"):
+                st.success(st.session_state.saved, icon="✅")
+            last = st.session_state.get("last_decided")
+            if reviewer and last and last in mine:
+                st.button(f"Undo last decision (#{by_key[last]['index']})", on_click=undo,
+                          args=(last,), key="undo")  # fmt: skip
+            with st.expander("Keyboard shortcuts"):
+                st.markdown(f"{KEYS_HELP}. Keys work on this view only, and not while typing in a field.")  # fmt: skip
+            views.decisions_of_others(current, status)
+    views.progress(rows, keys, classes, status, db, pixel)
 
-with tab_compare:
-    memo_path = run / "evaluate" / "memorization.json"
-    if current is None or not memo_path.exists():
-        st.info("Run `medsynth evaluate` to compare samples with their nearest training images.")
-    else:
-        memo = memorization(str(memo_path), memo_path.stat().st_mtime).get(pool)
-        if memo is None or current["path"] not in memo["synthetic_paths"]:
-            st.info("This pool has no memorization audit.")
-        else:
-            i = memo["synthetic_paths"].index(current["path"])
-            ps = memo["per_sample"]
-            cache = real_cache(str(run / "ingest"))
-            flag = "⚑ FLAGGED as a possible copy" if ps["flagged"][i] else "not flagged"
-            if not memo.get("informative", True):  # a blind audit's "not flagged" means nothing
-                st.warning(f"Memorization audit not informative: {memo['not_informative_reason']}.")
-                flag += " (audit not informative)"
-            st.markdown(f"Memorization: **{flag}** (pixel threshold {memo['pixel_threshold']:.3f}, "
-                        f"feature threshold {memo['feature_threshold']:.3f})")  # fmt: skip
-            c1, c2, c3 = st.columns(3)
-            c1.image(
-                thumb(str(pool_dir / current["path"]), level, width),
-                output_format="PNG",
-                caption="SYNTHETIC",
-            )
-            for col, kind in ((c2, "pixel"), (c3, "feature")):
-                row = memo["train_cache_rows"][ps[f"{kind}_nn"][i]]
-                col.image(array_thumbnail(cache[row, 0], level, width), output_format="PNG",
-                          caption=f"nearest by {kind}: similarity {ps[f'{kind}_similarity'][i]:.3f}")  # fmt: skip
-            st.subheader(f"Real training exemplars of class {current['class_name']}")
-            ex = [
-                int(r["row"])
-                for r in train_rows(str(run / "ingest"))
-                if r["label"] == current["class_name"]
-            ][:6]
-            cols = st.columns(6)
-            for col, row in zip(cols, ex, strict=False):
-                col.image(
-                    array_thumbnail(cache[row, 0], level, width),
-                    output_format="PNG",
-                    caption="real",
-                )
+elif view == "Compare":
+    views.compare(
+        run,
+        pool,
+        pool_dir,
+        by_key.get(current),
+        (center, width),
+        state_of(current) if current else "unreviewed",
+    )
 
-with tab_metrics:
-    ev = run / "evaluate"
-    if (ev / "uplift.csv").exists():
-        st.subheader("Uplift (test AUC; paired bootstrap 95 % CIs)")
-        st.dataframe(list(csv.DictReader((ev / "uplift.csv").open())), hide_index=True)
-        fid = json.loads((ev / "fidelity.json").read_text())
-        st.subheader("Fidelity and diversity (features of the real-only classifier: *_clf)")
-        st.dataframe(
-            [{"set": a, "class": c, **m} for a, per in fid.items() for c, m in per.items()],
-            hide_index=True,
-        )
-    else:
-        st.info("No evaluation results yet (`medsynth evaluate`).")
-    for png in ("uplift.png", "diversity_uplift.png", "training_curve.png"):
-        if (run / "report" / png).exists():
-            st.image(str(run / "report" / png))
-    log = run / "train" / "log.jsonl"
-    if log.exists():
-        st.subheader("Training loss")
-        st.line_chart({"loss": [json.loads(x)["loss"] for x in log.read_text().splitlines()]})
+elif view == "Disagreements":
+    views.disagreements(db, pool, by_key, pixel, classes, reviewer, go)
 
-with tab_dicom:
-    if current is not None:
-        st.subheader("Synthetic instance (as written)")
-        st.dataframe(header_table(pool_dir / current["path"]), hide_index=True)
-    idx = run / "ingest" / "index.csv"
-    proto = run / "protocol.yaml"
-    if idx.exists() and proto.exists():
-        import yaml
+elif view == "Metrics":
+    views.metrics(run, db, pixel)
 
-        root = yaml.safe_load(proto.read_text())["dataset"].get("root") or str(run / "phantoms")
-        first = train_rows(str(run / "ingest"))[:1]
-        if first and (Path(root) / first[0]["path"]).exists():
-            st.subheader("A real training instance (identifying values masked)")
-            st.dataframe(header_table(Path(root) / first[0]["path"], mask=True), hide_index=True)
+elif view == "DICOM":
+    views.dicom(run, pool_dir, by_key.get(current))
 
-with tab_export:
-    st.write("Export the accepted samples as a pool of their own (manifest + DICOM), usable by "
-             "`medsynth evaluate` (as `evaluation.pools: [<pool>-accepted]`) and by outside pipelines.")  # fmt: skip
-    only_me = st.checkbox("Only my decisions", value=False)
-    link = st.checkbox("Symlink instead of copying DICOM files", value=False)
-    if st.button("Export accepted", key="export"):
-        out, n = export_accepted(run, pool, reviewer=reviewer if only_me else None, link=link)
-        st.success(f"Exported {n} accepted samples to {out}")
+elif view == "Export":
+    views.export(run, pool, reviewer)
