@@ -173,6 +173,32 @@ def test_colour_thumbnails(rgb_run):
     assert not _is_colour(thumb, tol=0.0) and thumb.std() > 10
 
 
+def test_review_viewer_shows_colour(rgb_run):
+    """The dashboard's grid tiles and full-resolution view keep an RGB instance's colour."""
+    from medsynth.review.viewer import (
+        banner_px,
+        full_png,
+        presets,
+        tile_png,
+        value_range,
+        windowed,
+    )
+
+    run, _ = rgb_run
+    f = next((run / "generate/main/dicom").rglob("*.dcm"))
+    vr = value_range(f)
+    img = windowed(f, vr.center, vr.width)
+    assert img.shape[-1] == 3 and img.ndim == 3
+    # Crop the red SYNTHETIC banner (above) and the status strip (below): the image alone.
+    top = banner_px(112)
+    tile = np.asarray(Image.open(io.BytesIO(tile_png(img, "accept"))).convert("RGB"))
+    assert _is_colour(tile[top : top + 112])
+    top = banner_px(img.shape[1])
+    full = np.asarray(Image.open(io.BytesIO(full_png(f, vr.center, vr.width))).convert("RGB"))
+    assert _is_colour(full[top : top + img.shape[0]])
+    assert set(presets(f)) >= {"stored window", "full range"}
+
+
 def test_cli_phantoms_body_part(tmp_path):
     from typer.testing import CliRunner
 
