@@ -106,17 +106,20 @@ def _write(out: Path, rows: list[dict], pairs: DuplicatePairs) -> None:
 
 
 def _check_grouped_splits(rows: list[dict], ds, out: Path) -> None:
-    """Refuse computed splits that duplicate grouping (or a tiny dataset) left empty."""
-    asked = {k for k, v in ds.split_fractions.items() if v > 0}
-    present = {r["split"] for r in rows}
-    empty = sorted(asked - present - {"train"})
-    if empty:
+    """Refuse computed splits that duplicate grouping left empty (but would not be without it)."""
+    asked = {k for k, v in ds.split_fractions.items() if v > 0} - {"train"}
+    empty = sorted(asked - {r["split"] for r in rows})
+    if not empty:
+        return
+    plain = [dict(r) for r in rows]
+    assign_splits(plain, fractions=ds.split_fractions, seed=ds.split_seed)
+    if not set(empty) - {r["split"] for r in plain}:  # grouping emptied them
         raise IngestError(
-            f"the computed {'/'.join(empty)} split is empty: {len(rows)} images could not be split "
-            f"by patient, and patients sharing a near-duplicate image (pixel correlation >= "
-            f"{ds.duplicate_threshold:g}; pairs in {out / 'duplicates.csv'}) must stay together. "
-            "Add images, raise dataset.duplicate_threshold if the pairs are not real copies, or "
-            "give the splits in the label table."
+            f"the computed {'/'.join(empty)} split is empty: patients sharing a near-duplicate "
+            f"image (pixel correlation >= {ds.duplicate_threshold:g}; pairs in "
+            f"{out / 'duplicates.csv'}) must stay together, and here they leave no patient for "
+            f"it among {len(rows)} images. Raise dataset.duplicate_threshold if the pairs are not "
+            "real copies, add images, or give the splits in the label table."
         )
 
 
