@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -239,7 +238,7 @@ def metrics(run: Path, db: Path, pixel) -> None:
     ev = run / "evaluate"
     if (ev / "uplift.csv").exists():
         st.subheader("Uplift (test AUC; paired bootstrap 95 % CIs)")
-        st.dataframe(_rounded(list(csv.DictReader((ev / "uplift.csv").open()))), hide_index=True)
+        st.dataframe(_rounded(read_rows(ev / "uplift.csv")), hide_index=True)
         fid = json.loads((ev / "fidelity.json").read_text())
         st.subheader("Fidelity and diversity (features of the real-only classifier: *_clf)")
         st.dataframe(_rounded([{"set": a, "class": c, **m} for a, per in fid.items() for c, m in per.items()]),

@@ -161,3 +161,12 @@ def test_no_usable_images_writes_the_skipped_csv_it_names(tmp_path):
     reasons = {r["path"]: r["reason"] for r in read_rows(tmp_path / "out" / "skipped.csv")}
     assert set(reasons) == {"im0.dcm", "im1.dcm"}
     assert all("pixel decode failed" in r for r in reasons.values())
+
+
+def test_study_tables_neutralise_formulas_and_read_back(tmp_path):
+    from medsynth.evaluation.study import _write_csv
+
+    _write_csv(tmp_path / "uplift.csv", [{"arm": "=1+1", "auc_vs_real": "-0.5"}])
+    raw = next(csv.DictReader((tmp_path / "uplift.csv").open()))
+    assert raw == {"arm": "'=1+1", "auc_vs_real": "-0.5"}  # numbers stay numbers
+    assert read_rows(tmp_path / "uplift.csv") == [{"arm": "=1+1", "auc_vs_real": "-0.5"}]

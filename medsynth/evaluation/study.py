@@ -9,7 +9,6 @@ fidelity, diversity and memorization metrics. Reads the ingest cache and generat
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
 from medsynth.generation.dataset import load_pool
 from medsynth.protocol import EvaluationSection
+from medsynth.utils.csvsafe import write_rows
 
 UPLIFT_METRICS = ("auc", "balanced_accuracy")
 DIVERSITY_KEYS = ("FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf",
@@ -242,6 +242,4 @@ def run_study(
 def _write_csv(path: Path, rows: list[dict]) -> None:
     cols = list(dict.fromkeys(c for r in rows for c in r))
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+        write_rows(fh, cols, rows)  # arm and pool names may start like a spreadsheet formula

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from medsynth import __version__  # noqa: E402
 from medsynth.data.leakage import leak_line  # noqa: E402
 from medsynth.evaluation.memorization import audit_line  # noqa: E402
+from medsynth.utils.csvsafe import read_rows  # noqa: E402
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
@@ -186,7 +187,7 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
     if not (ev / "uplift.csv").exists():
         return ["<h2>Uplift</h2><p>Not evaluated yet.</p>"]
     summary = json.loads((ev / "summary.json").read_text())
-    uplift = list(csv.DictReader((ev / "uplift.csv").open()))
+    uplift = read_rows(ev / "uplift.csv")
     parts = ["<h2>Does it help the diagnosis?</h2>",
              f"<p>Classifier: {summary['classifier']['kind']}, {summary['seeds']} seeds per arm, best epoch on the real "
              f"validation split, tested on {summary['n_test']} real test images. Differences are paired (same seeds, "

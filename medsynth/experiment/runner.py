@@ -268,10 +268,10 @@ def show(run_dir: str | Path) -> str:
             lines.append("  " + leak_line(s["duplicates"]))
     uplift = run / "evaluate" / "uplift.csv"
     if uplift.exists():
-        import csv
+        from medsynth.utils.csvsafe import read_rows
 
         lines.append("uplift (test AUC; difference to real-only with 95 % CI):")
-        for r in csv.DictReader(uplift.open()):
+        for r in read_rows(uplift):
             d = (f"{float(r['auc_vs_real']):+.3f} [{float(r['auc_vs_real_ci_low']):+.3f}, "
                  f"{float(r['auc_vs_real_ci_high']):+.3f}]") if r.get("auc_vs_real") else ""  # fmt: skip
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")

@@ -8,7 +8,6 @@ Multiplicity is handled per train fraction: the family is every configuration of
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from medsynth.evaluation.sweep_stats import (
     paired_bootstrap_test,
     verdict,
 )
+from medsynth.utils.csvsafe import write_rows
 
 DIVERSITY = ("recall_clf", "coverage_clf", "msssim_ratio", "vendi_clf", "vendi_pixels")
 FIDELITY = ("FD_clf", "precision_clf")
@@ -152,9 +152,7 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(c for r in rows for c in r))
     with (out / "configs.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+        write_rows(fh, cols, rows)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, default=float))
     return {"rows": rows, **stats}
 

@@ -7,7 +7,6 @@ uplift with CI bars and (partial) Spearman rho, and the low-data curve.
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from medsynth import __version__
 from medsynth.experiment.report import CSS, _fmt, _png, _table, plt
 from medsynth.experiment.sweep_analysis import DIVERSITY
+from medsynth.utils.csvsafe import read_rows
 
 
 def _scatter(rows: list[dict], div: dict, path: Path) -> str:
@@ -68,8 +68,7 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     out = run / "report"
     out.mkdir(exist_ok=True)
     stats = json.loads((run / "sweep" / "stats.json").read_text())
-    with (run / "sweep" / "configs.csv").open(newline="") as fh:
-        rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    rows = [{k: _num(v) for k, v in r.items()} for r in read_rows(run / "sweep" / "configs.csv")]
     parts = [f"<h1>Sweep report: {html.escape(protocol.name)}</h1>",
              f"<p class='muted'>medsynth {__version__}. {html.escape(protocol.description)} "
              "Research use only. Not for clinical use.</p>",
