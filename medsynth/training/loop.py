@@ -23,6 +23,13 @@ from medsynth.diffusion.objective import diffusion_loss, draw
 from medsynth.diffusion.sampler import sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
+from medsynth.training.adapt import (
+    adapted_model,
+    base_reference,
+    check_compatible,
+    resolve_base,
+    snapshot_format,
+)
 from medsynth.training.checkpoint import (
     latest_state,
     rng_state,
@@ -31,6 +38,7 @@ from medsynth.training.checkpoint import (
     set_rng_state,
 )
 from medsynth.training.ema import EMA
+from medsynth.training.provenance import build_provenance
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,12 +107,13 @@ def save_preview(
     """A PNG grid: one row per class, ``per_class`` samples (DPM-Solver++ 20, guidance 2)."""
     from PIL import Image
 
-    labels = [c for c in range(len(classes)) for _ in range(per_class)]
+    rows = max(1, len(classes))  # an unconditional model previews one row of null-class samples
+    labels = [c for c in range(rows) for _ in range(per_class)]
     imgs = sample(ema_model, schedule_cfg, labels, list(range(len(labels))), image_shape=image_shape,
                   null_label=len(classes), sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
                   steps=20, guidance_scale=2.0, device=device)  # fmt: skip
-    grid = imgs[:, 0].reshape(len(classes), per_class, *image_shape[1:])
-    grid = grid.permute(0, 2, 1, 3).reshape(len(classes) * image_shape[1], -1)
+    grid = imgs[:, 0].reshape(rows, per_class, *image_shape[1:])
+    grid = grid.permute(0, 2, 1, 3).reshape(rows * image_shape[1], -1)
     Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()).save(path)
 
 
@@ -134,6 +143,10 @@ def train(
     max_nonfinite_steps: int = 5,
     seed: int = 0,
     device: str = "auto",
+    init_from: str | Path | None = None,  # base snapshot / train / run folder to adapt
+    adapter: dict | None = None,  # {kind: full|lora, rank, alpha, targets}; needs init_from
+    unconditional: bool = False,  # train the null class only (e.g. a base on other labels)
+    datasets: list[dict] | None = None,  # provenance of ``images`` (dataset hashes), recorded
     resume: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -142,6 +155,8 @@ def train(
     ``images``: ``(N, C, H, W)`` float in [-1, 1]; ``labels``: ``(N,)`` long in
     ``[0, len(classes))``. Writes ``state-*.pt``, ``snapshot-*/``, ``log.jsonl`` and
     ``preview-*.png`` into ``out_dir``; with ``resume`` it continues from the newest state.
+    With ``init_from`` it adapts that base (see :mod:`medsynth.training.adapt`); every snapshot
+    records the training images' pixel hashes (and its base's) under ``provenance``.
     """
     dev = pick_device(device)
     info = init_distributed(dev)
@@ -149,17 +164,31 @@ def train(
         raise ValueError(f"batch_size {batch_size} must divide by the {info.world} processes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if unconditional:
+        classes, labels = [], torch.zeros_like(labels)  # every label is the null class
     unet = unet or UNetConfig()
     unet.num_classes, unet.in_channels = len(classes), int(images.shape[1])
     schedule = schedule or ScheduleConfig()
     image_shape = tuple(int(s) for s in images.shape[1:])
     config = {"unet": unet.to_dict(), "schedule": schedule.to_dict(), "classes": list(classes),
               "image_shape": list(image_shape)}  # fmt: skip
+    base_dir, base_cfg = None, None
+    if init_from:
+        adapter = dict(adapter or {"kind": "full"})
+        base_dir = resolve_base(init_from)
+        base_cfg = json.loads((base_dir / "config.json").read_text())
+        check_compatible(base_cfg, base_dir, image_shape, unet, schedule)
+        config.update(base=base_reference(base_dir, out), adapter=adapter)
+    config["provenance"] = build_provenance(images, datasets, base_cfg)
 
     torch.manual_seed(seed)
-    model = build_unet(unet).to(dev)
+    if base_dir is None:
+        model = build_unet(unet).to(dev)
+    else:
+        model = adapted_model(base_dir, base_cfg, list(classes), adapter)[0].to(dev)
     ema = EMA(model, ema_halflife_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup_steps, max_steps))
     gen = torch.Generator().manual_seed(seed)
     step, nonfinite_total = 0, 0
@@ -195,7 +224,8 @@ def train(
                 "nonfinite_total": nonfinite_total, "config": config}  # fmt: skip
 
     if info.main:
-        print(f"training {count_parameters(model) / 1e6:.2f} M parameters on {dev} x{info.world}, "
+        print(f"training {sum(p.numel() for p in trainable) / 1e6:.2f} of {count_parameters(model) / 1e6:.2f} M "
+              f"parameters on {dev} x{info.world}, "
               f"{len(images)} images {image_shape}, steps {step}->{max_steps}")  # fmt: skip
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and info.main), unit="step")
     consecutive, t_last, n_last, losses = 0, time.perf_counter(), 0, []
@@ -242,7 +272,7 @@ def train(
             t_last, n_last, losses = now, step, []
         if step % checkpoint_every_steps == 0 or step == max_steps:
             if info.main:
-                save_snapshot(out, step, ema.module, config, keep_states)
+                save_snapshot(out, step, ema.module, config, keep_states, **snapshot_format(config))
                 save_state(out, step, payload(), keep_states)
             if info.world > 1:
                 dist.barrier()
