@@ -38,7 +38,7 @@ from medsynth.training.checkpoint import (
     set_rng_state,
 )
 from medsynth.training.ema import EMA
-from medsynth.training.provenance import build_provenance
+from medsynth.training.provenance import build_provenance, merge_provenance
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,7 +194,12 @@ def train(
     step, nonfinite_total = 0, 0
 
     state = latest_state(out) if resume else None
-    if state is not None and state.get("config") != config:
+    if state is not None:
+        # The data may change between runs (provenance is not a setting), but every image the
+        # weights have seen stays in the record.
+        config["provenance"] = merge_provenance(state.get("config", {}).get("provenance"),
+                                                config["provenance"])  # fmt: skip
+    if state is not None and _settings(state.get("config")) != _settings(config):
         raise ValueError(
             f"{out} holds training states of another model, schedule or class list; "
             "resume only with the same settings (or train into another folder, or pass --no-resume)"
@@ -291,6 +296,11 @@ def train(
             out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
         )
     return out / f"snapshot-{step:07d}"
+
+
+def _settings(config: dict | None) -> dict | None:
+    """A config without its provenance: what must match for a state to be resumed."""
+    return None if config is None else {k: v for k, v in config.items() if k != "provenance"}
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -55,6 +55,16 @@ def build_provenance(
     }
 
 
+def merge_provenance(old: dict | None, new: dict) -> dict:
+    """Union of two provenance records (a resumed run keeps what it saw before)."""
+    if not old:
+        return new
+    datasets = list(old.get("datasets", []))
+    datasets += [d for d in new.get("datasets", []) if d not in datasets]
+    hashes = set(old.get("train_pixel_sha256", [])) | set(new.get("train_pixel_sha256", []))
+    return {"datasets": datasets, "train_pixel_sha256": sorted(hashes)}
+
+
 def check_no_leak(base_cfg: dict, base_dir: Path, target_ingest: str | Path) -> int:
     """Raise :class:`DataLeakError` if the base saw a target val/test image; return the count
     of held-out images checked."""
