@@ -34,9 +34,13 @@ def pixel_hashes(images: torch.Tensor) -> list[str]:
 
 
 def ingest_fingerprint(ingest_dir: str | Path) -> str:
-    """SHA-256 over the ingest cache's images, index and summary (names the dataset)."""
+    """SHA-256 over the ingest cache's index and images (names the dataset).
+
+    Not summary.json: it holds the ingest's duration, and two ingests of the same data must
+    give the same fingerprint (and so the same snapshot hash).
+    """
     h = hashlib.sha256()
-    for name in ("summary.json", "index.csv", "images.npy"):
+    for name in ("index.csv", "images.npy"):
         with (Path(ingest_dir) / name).open("rb") as fh:
             for block in iter(lambda f=fh: f.read(1 << 20), b""):
                 h.update(block)
