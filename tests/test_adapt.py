@@ -266,3 +266,20 @@ def test_generation_from_adapter_snapshot_and_provenance_on_resume(base, tmp_pat
                         progress=False, device="cpu")  # fmt: skip
     assert res["pool_complete"] and res["pool_images"] == 3
     assert len(list((tmp_path / "pool/dicom").rglob("*.dcm"))) == 3
+
+
+def test_retrained_base_reruns_the_adaptation_stage(base, tmp_path):
+    from medsynth.experiment.runner import plan_stages
+    from medsynth.protocol import parse_protocol
+    from medsynth.runfolder import stage_inputs
+
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    proto = parse_protocol(TINY_YAML + f"  init_from: {copy}\n")
+    plain = parse_protocol(TINY_YAML)
+    assert stage_inputs(plain) == stage_inputs(plain, None)  # unchanged without a base
+    before = plan_stages(proto, tmp_path / "run")[1].inputs_sha256
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(cfg, step=cfg["step"] + 1)))
+    after = plan_stages(proto, tmp_path / "run")[1].inputs_sha256
+    assert before != after

@@ -50,7 +50,7 @@ def stage_status(run_dir: Path, stage: str, want: str) -> str:
 
 def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> list[StagePlan]:
     """What a run would do, stage by stage; a stage after a recomputed one is recomputed too."""
-    hashes = stage_inputs(protocol)
+    hashes = stage_inputs(protocol, _base_sha256(protocol))
     chosen = stages or list(STAGES)
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
@@ -65,6 +65,20 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
         dirty = dirty or action != "skip"
         plan.append(StagePlan(stage, action, hashes[stage]))
     return plan
+
+
+def _base_sha256(protocol) -> str | None:
+    """Hash of the base snapshot an adapting protocol starts from (None: none, or not found
+    yet - training then stops with the reason)."""
+    if not protocol.training.init_from:
+        return None
+    from medsynth.training.adapt import BaseModelError, resolve_base
+    from medsynth.training.checkpoint import snapshot_sha256
+
+    try:
+        return snapshot_sha256(resolve_base(protocol.training.init_from))
+    except (BaseModelError, FileNotFoundError):
+        return None
 
 
 def _begin(run_dir: Path, p: StagePlan) -> Path:
