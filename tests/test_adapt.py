@@ -283,3 +283,18 @@ def test_retrained_base_reruns_the_adaptation_stage(base, tmp_path):
     (copy / "config.json").write_text(json.dumps(dict(cfg, step=cfg["step"] + 1)))
     after = plan_stages(proto, tmp_path / "run")[1].inputs_sha256
     assert before != after
+
+
+def test_init_from_names_a_snapshot_train_or_run_folder_or_one_glob_match(base, tmp_path):
+    from medsynth.training.adapt import resolve_base
+
+    for i in (1, 2):
+        shutil.copytree(base, tmp_path / f"run-{i}/train" / base.name)
+    assert resolve_base(base) == base
+    assert resolve_base(tmp_path / "run-1") == tmp_path / "run-1/train" / base.name
+    assert resolve_base(tmp_path / "run-2/train") == tmp_path / "run-2/train" / base.name
+    assert resolve_base(str(tmp_path / "run-1*")) == tmp_path / "run-1/train" / base.name
+    with pytest.raises(BaseModelError, match="matches 2 folders"):
+        resolve_base(str(tmp_path / "run-*"))
+    with pytest.raises(BaseModelError, match="no complete snapshot"):
+        resolve_base(tmp_path)
