@@ -430,10 +430,9 @@ def _run_dir_for(proto):
 
 
 def _stage_action(proto, run: Path, stage: str) -> str:
-    from medsynth.experiment.runner import stage_folder, stage_status
-    from medsynth.runfolder import stage_inputs
+    from medsynth.experiment.runner import stage_folder, stage_hashes, stage_status
 
-    return stage_status(stage_folder(run, stage, proto), stage_inputs(proto)[stage])
+    return stage_status(stage_folder(run, stage, proto), stage_hashes(proto)[stage])
 
 
 def _ingest(proto, run: Path):

@@ -178,6 +178,30 @@ class ScheduleSection(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
 
+class AdapterKind(str, Enum):
+    full = "full"  # fine-tune every weight of the base
+    lora = "lora"  # train low-rank adapters (and the class embedding); the base stays frozen
+
+
+class LoraTarget(str, Enum):
+    attention = "attention"  # to_q, to_k, to_v, out_proj of every attention block
+    conv = "conv"  # conv1, conv2 of every residual block
+    time = "time"  # the per-block projection of the time embedding
+
+
+class AdapterSection(_Section):
+    """How a run that starts from ``training.init_from`` adapts the base (ignored without it)."""
+
+    kind: AdapterKind = AdapterKind.full
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(8.0, gt=0, description="LoRA scale numerator: delta = alpha / r * B A")
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: [LoraTarget.attention, LoraTarget.conv],
+        min_length=1,
+        description="layer groups that get adapters",
+    )
+
+
 class TrainingSection(_Section):
     max_steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch (summed over processes)")
@@ -199,6 +223,11 @@ class TrainingSection(_Section):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda if present"
     )
+    init_from: str | None = Field(
+        None, description="base snapshot, train folder or run folder (glob allowed) to adapt"
+    )
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    unconditional: bool = Field(False, description="null class only (e.g. base pretraining)")
 
 
 class CountMode(str, Enum):

@@ -29,8 +29,12 @@ def run_dir_for(protocol: Protocol, output_root: str | Path | None = None) -> Pa
     return root / f"{protocol.name}-{_sha(protocol.dataset.model_dump(mode='json'))[:8]}"
 
 
-def stage_inputs(protocol: Protocol) -> dict[str, str]:
-    """SHA-256 of everything each stage depends on, chained through the stages before it."""
+def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str, str]:
+    """SHA-256 of everything each stage depends on, chained through the stages before it.
+
+    ``base_sha256``: the snapshot hash ``training.init_from`` resolves to, so a retrained base
+    reruns the adaptation (None leaves every hash as it was without adaptation).
+    """
     p = protocol.model_dump(mode="json")
     ds = p["dataset"]
     out: dict[str, str] = {}
@@ -38,7 +42,7 @@ def stage_inputs(protocol: Protocol) -> dict[str, str]:
         {k: v for k, v in ds.items() if k not in ("train_fraction", "fraction_seed", "workers")}
     )
     out["train"] = _sha([out["ingest"], ds["train_fraction"], ds["fraction_seed"], p["model"], p["schedule"],
-                         p["training"]])  # fmt: skip
+                         p["training"]] + ([base_sha256] if base_sha256 else []))  # fmt: skip
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
     if not gen.get("ddim_eta"):

@@ -303,5 +303,21 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"label dropout {t.label_dropout:g} for classifier-free guidance, {t.precision}. Trained only on the "
         f"train split{'' if protocol.dataset.train_fraction >= 1 else f' ({protocol.dataset.train_fraction:g} of it)'}; "
         f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
-        f"quality and diversity as measured above, on this dataset only.</div>",
+        f"quality and diversity as measured above, on this dataset only.{_adaptation(snaps)}</div>",
     ]
+
+
+def _adaptation(snaps: list[Path]) -> str:
+    """A sentence on the base model, for a snapshot adapted from one (else empty)."""
+    cfg = json.loads((snaps[-1] / "config.json").read_text()) if snaps else {}
+    if "base" not in cfg:
+        return ""
+    a = cfg["adapter"]
+    how = (f"LoRA adapters (rank {a['rank']}, alpha {a['alpha']:g}, on {', '.join(a['targets'])}) and "
+           "class embeddings; the snapshot stores only these" if a["kind"] == "lora" else "full fine-tuning")  # fmt: skip
+    n = len(cfg.get("provenance", {}).get("train_pixel_sha256", []))
+    return (
+        f" Adapted by {how} from base snapshot sha256:{cfg['base']['sha256'][:16]}; the base's "
+        f"training images ({n} pixel hashes with this run's) were checked against this dataset's "
+        "validation and test images before training, with no overlap."
+    )

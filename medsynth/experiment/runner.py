@@ -64,7 +64,7 @@ def stage_status(folder: Path, want: str) -> str:
 
 def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> list[StagePlan]:
     """What a run would do, stage by stage; a stage after a recomputed one is recomputed too."""
-    hashes = stage_inputs(protocol)
+    hashes = stage_hashes(protocol)
     chosen = stages or list(STAGES)
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
@@ -80,6 +80,25 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
         dirty = dirty or action != "skip"
         plan.append(StagePlan(stage, action, hashes[stage], folder))
     return plan
+
+
+def stage_hashes(protocol) -> dict[str, str]:
+    """Every stage's input hash, the base snapshot of an adapting protocol included."""
+    return stage_inputs(protocol, _base_sha256(protocol))
+
+
+def _base_sha256(protocol) -> str | None:
+    """Hash of the base snapshot an adapting protocol starts from (None: none, or not found
+    yet - training then stops with the reason)."""
+    if not protocol.training.init_from:
+        return None
+    from medsynth.training.adapt import BaseModelError, resolve_base
+    from medsynth.training.checkpoint import snapshot_sha256
+
+    try:
+        return snapshot_sha256(resolve_base(protocol.training.init_from))
+    except (BaseModelError, FileNotFoundError):
+        return None
 
 
 def _begin(p: StagePlan) -> Path:
@@ -140,7 +159,7 @@ def run_stage(
     run = Path(run_dir)
     prepare_run_dir(protocol, run)
     threads = apply_threads(protocol.runtime.threads)
-    hashes = stage_inputs(protocol)
+    hashes = stage_hashes(protocol)
     folder = stage_folder(run, stage, protocol)
     p = StagePlan(stage, stage_status(folder, hashes[stage]), hashes[stage], folder)
     if p.action == "rerun":

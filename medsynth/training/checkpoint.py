@@ -110,17 +110,32 @@ def latest_state(train_dir: Path) -> dict | None:
 
 
 def save_snapshot(
-    train_dir: Path, step: int, ema: torch.nn.Module, config: dict, keep: int
+    train_dir: Path,
+    step: int,
+    ema: torch.nn.Module,
+    config: dict,
+    keep: int,
+    *,
+    weights_file: str = "ema.safetensors",
+    key_filter=None,
 ) -> Path:
-    """Write ``snapshot-{step:07d}/`` (config.json + ema.safetensors + marker) atomically."""
+    """Write ``snapshot-{step:07d}/`` (config.json + ema.safetensors + marker) atomically.
+
+    An adapter snapshot passes ``weights_file="adapter.safetensors"`` and a ``key_filter`` that
+    keeps only the tensors that differ from its base.
+    """
     final = train_dir / f"snapshot-{step:07d}"
     tmp = train_dir / f"snapshot-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-    save_file(weights, tmp / "ema.safetensors")
+    weights = {
+        k: v.detach().cpu().contiguous()
+        for k, v in ema.state_dict().items()
+        if key_filter is None or key_filter(k)
+    }
+    save_file(weights, tmp / weights_file)
     (tmp / "config.json").write_text(json.dumps(dict(config, step=step), indent=2))
-    for f in ("ema.safetensors", "config.json"):
+    for f in (weights_file, "config.json"):
         _fsync_file(tmp / f)
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_file(tmp / COMPLETE)
@@ -177,16 +192,30 @@ def latest_snapshot(train_dir: str | Path) -> Path:
 
 
 def snapshot_sha256(snapshot_dir: str | Path) -> str:
-    """SHA-256 over the snapshot's config.json and weights (names the model in outputs)."""
+    """SHA-256 over the snapshot's config.json and weights (names the model in outputs).
+
+    An adapter snapshot's config names its base by hash, so its own hash covers the base too.
+    """
     h = hashlib.sha256()
-    for name in ("config.json", "ema.safetensors"):
-        h.update((Path(snapshot_dir) / name).read_bytes())
+    for name in ("config.json", "ema.safetensors", "adapter.safetensors"):
+        if name == "config.json" or (Path(snapshot_dir) / name).exists():
+            h.update((Path(snapshot_dir) / name).read_bytes())
     return h.hexdigest()
 
 
-def load_snapshot(snapshot_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild ``(unet, schedule_config, config_dict)`` from a snapshot folder alone."""
+def load_snapshot(
+    snapshot_dir: str | Path, device: str | torch.device = "cpu", *, base=None, merge: bool = True
+):
+    """Rebuild ``(unet, schedule_config, config_dict)`` from a snapshot folder alone.
+
+    An adapter snapshot (``adapter.safetensors``) also needs its base snapshot, found by hash
+    (``base`` or the recorded paths); ``merge`` folds the adapters into a plain UNet.
+    """
     snapshot_dir = Path(snapshot_dir)
+    if (snapshot_dir / "adapter.safetensors").exists():
+        from medsynth.training.adapt import load_adapter_snapshot
+
+        return load_adapter_snapshot(snapshot_dir, device, base=base, merge=merge)
     config = json.loads((snapshot_dir / "config.json").read_text())
     unet = build_unet(UNetConfig(**config["unet"]))
     unet.load_state_dict(load_file(snapshot_dir / "ema.safetensors"))

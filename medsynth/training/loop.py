@@ -24,6 +24,13 @@ from medsynth.diffusion.objective import diffusion_loss, draw
 from medsynth.diffusion.sampler import sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
+from medsynth.training.adapt import (
+    adapted_model,
+    base_reference,
+    check_compatible,
+    resolve_base,
+    snapshot_format,
+)
 from medsynth.training.checkpoint import (
     clean_orphans,
     latest_state,
@@ -33,6 +40,7 @@ from medsynth.training.checkpoint import (
     set_rng_state,
 )
 from medsynth.training.ema import EMA
+from medsynth.training.provenance import build_provenance, merge_provenance
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,14 +112,15 @@ def save_preview(
     """
     from PIL import Image
 
-    labels = [c for c in range(len(classes)) for _ in range(per_class)]
+    rows = max(1, len(classes))  # an unconditional model previews one row of null-class samples
+    labels = [c for c in range(rows) for _ in range(per_class)]
     imgs = sample(ema_model, schedule_cfg, labels, list(range(len(labels))), image_shape=image_shape,
                   null_label=len(classes), sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
                   steps=20, guidance_scale=2.0, device=device)  # fmt: skip
     c, h, w = image_shape
     # (K*per, C, H, W) -> (K, H, per, W, C) -> (K*H, per*W, C): rows of classes, channels last.
-    grid = imgs.reshape(len(classes), per_class, c, h, w).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(len(classes) * h, per_class * w, c)
+    grid = imgs.reshape(rows, per_class, c, h, w).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * h, per_class * w, c)
     pixels = ((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
     Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path)
 
@@ -142,6 +151,10 @@ def train(
     max_nonfinite_steps: int = 5,
     seed: int = 0,
     device: str = "auto",
+    init_from: str | Path | None = None,  # base snapshot / train / run folder to adapt
+    adapter: dict | None = None,  # {kind: full|lora, rank, alpha, targets}; needs init_from
+    unconditional: bool = False,  # train the null class only (e.g. a base on other labels)
+    datasets: list[dict] | None = None,  # provenance of ``images`` (dataset hashes), recorded
     resume: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -150,6 +163,8 @@ def train(
     ``images``: ``(N, C, H, W)`` float in [-1, 1]; ``labels``: ``(N,)`` long in
     ``[0, len(classes))``. Writes ``state-*.pt``, ``snapshot-*/``, ``log.jsonl`` and
     ``preview-*.png`` into ``out_dir``; with ``resume`` it continues from the newest state.
+    With ``init_from`` it adapts that base (see :mod:`medsynth.training.adapt`); every snapshot
+    records the training images' pixel hashes (and its base's) under ``provenance``.
     """
     dev = pick_device(device)
     info = init_distributed(dev)
@@ -157,17 +172,31 @@ def train(
         raise ValueError(f"batch_size {batch_size} must divide by the {info.world} processes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if unconditional:
+        classes, labels = [], torch.zeros_like(labels)  # every label is the null class
     unet = unet or UNetConfig()
     unet.num_classes, unet.in_channels = len(classes), int(images.shape[1])
     schedule = schedule or ScheduleConfig()
     image_shape = tuple(int(s) for s in images.shape[1:])
     config = {"unet": unet.to_dict(), "schedule": schedule.to_dict(), "classes": list(classes),
               "image_shape": list(image_shape)}  # fmt: skip
+    base_dir, base_cfg = None, None
+    if init_from:
+        adapter = dict(adapter or {"kind": "full"})
+        base_dir = resolve_base(init_from)
+        base_cfg = json.loads((base_dir / "config.json").read_text())
+        check_compatible(base_cfg, base_dir, image_shape, unet, schedule)
+        config.update(base=base_reference(base_dir, out), adapter=adapter)
+    config["provenance"] = build_provenance(images, datasets, base_cfg)
 
     torch.manual_seed(seed)
-    model = build_unet(unet).to(dev)
+    if base_dir is None:
+        model = build_unet(unet).to(dev)
+    else:
+        model = adapted_model(base_dir, base_cfg, list(classes), adapter)[0].to(dev)
     ema = EMA(model, ema_halflife_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup_steps, max_steps))
     gen = torch.Generator().manual_seed(seed)
     step, nonfinite_total = 0, 0
@@ -176,7 +205,12 @@ def train(
         # Temp files of a write a kill interrupted: never resumed from, so never kept.
         clean_orphans(out)
     state = latest_state(out) if resume else None
-    if state is not None and state.get("config") != config:
+    if state is not None:
+        # The data may change between runs (provenance is not a setting), but every image the
+        # weights have seen stays in the record.
+        config["provenance"] = merge_provenance(state.get("config", {}).get("provenance"),
+                                                config["provenance"])  # fmt: skip
+    if state is not None and _settings(state.get("config")) != _settings(config):
         raise ValueError(
             f"{out} holds training states of another model, schedule or class list; "
             "resume only with the same settings (or train into another folder, or pass --no-resume)"
@@ -215,7 +249,8 @@ def train(
                 "threads": torch.get_num_threads()}  # fmt: skip
 
     if info.main:
-        print(f"training {count_parameters(model) / 1e6:.2f} M parameters on {dev} x{info.world}, "
+        print(f"training {sum(p.numel() for p in trainable) / 1e6:.2f} of {count_parameters(model) / 1e6:.2f} M "
+              f"parameters on {dev} x{info.world}, "
               f"{len(images)} images {image_shape}, steps {step}->{max_steps}")  # fmt: skip
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and info.main), unit="step")
     consecutive, t_last, n_last, losses = 0, time.perf_counter(), 0, []
@@ -262,7 +297,7 @@ def train(
             t_last, n_last, losses = now, step, []
         if step % checkpoint_every_steps == 0 or step == max_steps:
             if info.main:
-                save_snapshot(out, step, ema.module, config, keep_states)
+                save_snapshot(out, step, ema.module, config, keep_states, **snapshot_format(config))
                 save_state(out, step, payload(), keep_states)
             if info.world > 1:
                 dist.barrier()
@@ -281,6 +316,11 @@ def train(
             out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
         )
     return out / f"snapshot-{step:07d}"
+
+
+def _settings(config: dict | None) -> dict | None:
+    """A config without its provenance: what must match for a state to be resumed."""
+    return None if config is None else {k: v for k, v in config.items() if k != "provenance"}
 
 
 def _truncate_log(path: Path, step: int) -> None:
