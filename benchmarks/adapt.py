@@ -51,12 +51,21 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(512, 1, args.size, args.size, generator=g) * 2 - 1
     labels = torch.arange(512) % 2
-    kw = dict(max_steps=args.steps, batch_size=args.batch, precision=args.precision,
-              checkpoint_every_steps=args.steps, log_every_steps=5, warmup_steps=5,
-              progress=False, device="cpu")  # fmt: skip
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, {args.size} px, batch {args.batch}, "
-          f"{args.steps} steps, {args.precision}")  # fmt: skip
+    kw = dict(
+        max_steps=args.steps,
+        batch_size=args.batch,
+        precision=args.precision,
+        checkpoint_every_steps=args.steps,
+        log_every_steps=5,
+        warmup_steps=5,
+        progress=False,
+        device="cpu",
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, {args.size} px, batch {args.batch}, "
+        f"{args.steps} steps, {args.precision}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = train(
@@ -79,13 +88,18 @@ def main() -> None:
             load_s = time.perf_counter() - t0
             if name.startswith("lora"):
                 unmerged, _, _ = load_snapshot(snap, merge=False)
-                n_train = sum(v.numel() for k, v in unmerged.state_dict().items()
-                              if "lora_" in k or k.startswith("class_embedding."))  # fmt: skip
+                n_train = sum(
+                    v.numel()
+                    for k, v in unmerged.state_dict().items()
+                    if "lora_" in k or k.startswith("class_embedding.")
+                )
             else:
                 n_train = sum(p.numel() for p in model.parameters())
             rate = _img_per_s(out)
-            print(f"{name:<10} {n_train:>10,} {rate:>7.0f} {args.batch / rate:>7.3f} "
-                  f"{_size(snap) / 1024:>8.0f} KB {load_s:>7.2f}")  # fmt: skip
+            print(
+                f"{name:<10} {n_train:>10,} {rate:>7.0f} {args.batch / rate:>7.3f} "
+                f"{_size(snap) / 1024:>8.0f} KB {load_s:>7.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -61,11 +61,21 @@ def main() -> None:
         "alpha": float(args.rank),
         "targets": ["attention", "conv"],
     }
-    arms = [("scratch", s_scratch, {}),
-            ("full fine-tune", s_full, {"init_from": str(args.base), "adapter": {"kind": "full"}}),
-            (f"LoRA r{args.rank}", s_lora, {"init_from": str(args.base), "adapter": lora})]  # fmt: skip
-    kw = dict(batch_size=args.batch, lr=1e-3, warmup_steps=20, ema_halflife_steps=30,
-              precision="bf16", augment_shift_px=1, progress=False, device="cpu")  # fmt: skip
+    arms = [
+        ("scratch", s_scratch, {}),
+        ("full fine-tune", s_full, {"init_from": str(args.base), "adapter": {"kind": "full"}}),
+        (f"LoRA r{args.rank}", s_lora, {"init_from": str(args.base), "adapter": lora}),
+    ]
+    kw = dict(
+        batch_size=args.batch,
+        lr=1e-3,
+        warmup_steps=20,
+        ema_halflife_steps=30,
+        precision="bf16",
+        augment_shift_px=1,
+        progress=False,
+        device="cpu",
+    )
 
     t0 = time.perf_counter()
     clf = Classifier(len(tr.classes), 1, ClassifierConfig(epochs=5), seed=0)
@@ -82,29 +92,55 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, steps, extra in arms:
             t0 = time.perf_counter()
-            snap = train(tr.images, tr.labels, tr.classes, Path(tmp) / name.replace(" ", "_"),
-                         unet=UNetConfig(**unet.to_dict()), max_steps=steps,
-                         checkpoint_every_steps=steps, **kw, **extra)  # fmt: skip
+            snap = train(
+                tr.images,
+                tr.labels,
+                tr.classes,
+                Path(tmp) / name.replace(" ", "_"),
+                unet=UNetConfig(**unet.to_dict()),
+                max_steps=steps,
+                checkpoint_every_steps=steps,
+                **kw,
+                **extra,
+            )
             seconds = time.perf_counter() - t0
             model, sched, _ = load_snapshot(snap)
-            imgs = sample(model, sched, labels, list(range(args.n)), image_shape=tuple(tr.images.shape[1:]),
-                          null_label=k, sampler="dpmpp", steps=20, guidance_scale=2.0)  # fmt: skip
+            imgs = sample(
+                model,
+                sched,
+                labels,
+                list(range(args.n)),
+                image_shape=tuple(tr.images.shape[1:]),
+                null_label=k,
+                sampler="dpmpp",
+                steps=20,
+                guidance_scale=2.0,
+            )
             feats = clf.features(imgs)
             pr = prdc(real_test, feats)
             memo = audit(
                 imgs.numpy(), tr.images.numpy(), val.images.numpy(), feats, real_train, real_val
             )
-            row = {"arm": name, "steps": steps, "train_s": round(seconds, 1),
-                   "FD_clf": fd(real_test, feats), "precision": pr["precision"], "recall": pr["recall"],
-                   "msssim_ratio": msssim_ratio(imgs, tr.images), "memorized": memo["share_flagged"],
-                   "mean_intensity": float((imgs.mean() + 1) / 2)}  # fmt: skip
+            row = {
+                "arm": name,
+                "steps": steps,
+                "train_s": round(seconds, 1),
+                "FD_clf": fd(real_test, feats),
+                "precision": pr["precision"],
+                "recall": pr["recall"],
+                "msssim_ratio": msssim_ratio(imgs, tr.images),
+                "memorized": memo["share_flagged"],
+                "mean_intensity": float((imgs.mean() + 1) / 2),
+            }
             rows.append(row)
             print(
                 {k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()},
                 flush=True,
             )
-    ref = {"FD_clf real train->test": fd(real_test, real_train),
-           "real mean intensity": float((tr.images.mean() + 1) / 2)}  # fmt: skip
+    ref = {
+        "FD_clf real train->test": fd(real_test, real_train),
+        "real mean intensity": float((tr.images.mean() + 1) / 2),
+    }
     print(ref)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "reference": ref}, indent=2))

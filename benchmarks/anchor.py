@@ -36,8 +36,10 @@ def main() -> None:
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     train, val, test = (load_split(args.ingest, s) for s in ("train", "val", "test"))
-    print(f"{args.kind} on {dev}: train {len(train.labels)}, val {len(val.labels)}, test {len(test.labels)}, "
-          f"{args.epochs} epochs, best epoch by validation AUC")  # fmt: skip
+    print(
+        f"{args.kind} on {dev}: train {len(train.labels)}, val {len(val.labels)}, test {len(test.labels)}, "
+        f"{args.epochs} epochs, best epoch by validation AUC"
+    )
     rows = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
@@ -51,11 +53,16 @@ def main() -> None:
         rows.append(
             {"seed": seed, "best_epoch": clf.best_epoch, "seconds": time.perf_counter() - t0, **m}
         )
-        print(f"  seed {seed}: test AUC {m['auc']:.4f}  ACC {m['accuracy']:.4f}  bal.acc {m['balanced_accuracy']:.4f}"
-              f"  (best epoch {clf.best_epoch}, {rows[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"  seed {seed}: test AUC {m['auc']:.4f}  ACC {m['accuracy']:.4f}  bal.acc {m['balanced_accuracy']:.4f}"
+            f"  (best epoch {clf.best_epoch}, {rows[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
     auc, acc = np.array([r["auc"] for r in rows]), np.array([r["accuracy"] for r in rows])
-    print(f"mean over {len(rows)} seeds: AUC {auc.mean():.4f} ± {auc.std(ddof=1) if len(rows) > 1 else 0:.4f}, "
-          f"ACC {acc.mean():.4f} ± {acc.std(ddof=1) if len(rows) > 1 else 0:.4f} (MedMNIST v2: 0.944 / 0.854)")  # fmt: skip
+    print(
+        f"mean over {len(rows)} seeds: AUC {auc.mean():.4f} ± {auc.std(ddof=1) if len(rows) > 1 else 0:.4f}, "
+        f"ACC {acc.mean():.4f} ± {acc.std(ddof=1) if len(rows) > 1 else 0:.4f} (MedMNIST v2: 0.944 / 0.854)"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

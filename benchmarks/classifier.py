@@ -57,15 +57,21 @@ def main() -> None:
     x, y = task(args.n_train, g)
     xv, yv = task(args.n_val, g)
     modes = args.modes.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds x "
-          f"{args.epochs} epochs, {args.n_train} train / {args.n_val} val at 28 px, small_cnn, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds x "
+        f"{args.epochs} epochs, {args.n_train} train / {args.n_val} val at 28 px, small_cnn, batch {args.batch_size}"
+    )
     best = {m: float("inf") for m in modes}
     aucs = {}
     for _ in range(args.rounds):
         for m in modes:
             precision, cl, grouped = MODES[m]
-            cfg = ClassifierConfig(epochs=args.epochs, batch_size=args.batch_size, precision=precision,
-                                   channels_last=cl)  # fmt: skip
+            cfg = ClassifierConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                precision=precision,
+                channels_last=cl,
+            )
             t0 = time.perf_counter()
             clfs = fit_seeds(2, 1, cfg, list(range(args.seeds)), x, y, xv, yv, grouped=grouped)
             best[m] = min(best[m], (time.perf_counter() - t0) / args.seeds)

@@ -35,16 +35,38 @@ def make_pool(run: Path, n: int) -> None:
     rows = []
     for i in range(n):
         c = ("normal", "pneumonia")[i % 2]
-        ds = synthetic_instance(rng.uniform(-1, 1, (28, 28)), run_id="f" * 64, pool="big", class_name=c,
-                                class_index=i % 2, seed=i, index=i // 2, derivation="bench")  # fmt: skip
+        ds = synthetic_instance(
+            rng.uniform(-1, 1, (28, 28)),
+            run_id="f" * 64,
+            pool="big",
+            class_name=c,
+            class_index=i % 2,
+            seed=i,
+            index=i // 2,
+            derivation="bench",
+        )
         data = to_bytes(ds)
         rel = f"dicom/{c}/{i // 2:06d}.dcm"
         (pool / rel).parent.mkdir(parents=True, exist_ok=True)
         (pool / rel).write_bytes(data)
-        rows.append({"path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": c, "class_index": i % 2,
-                     "index": i // 2, "seed": i, "guidance_scale": 2.0, "sampler": "dpmpp", "steps": 20,
-                     "snapshot_sha256": "f" * 64, "protocol_sha256": "", "pixel_sha256": pixel_sha256(ds),
-                     "file_sha256": hashlib.sha256(data).hexdigest(), "medsynth_version": "bench"})  # fmt: skip
+        rows.append(
+            {
+                "path": rel,
+                "SOPInstanceUID": ds.SOPInstanceUID,
+                "class_name": c,
+                "class_index": i % 2,
+                "index": i // 2,
+                "seed": i,
+                "guidance_scale": 2.0,
+                "sampler": "dpmpp",
+                "steps": 20,
+                "snapshot_sha256": "f" * 64,
+                "protocol_sha256": "",
+                "pixel_sha256": pixel_sha256(ds),
+                "file_sha256": hashlib.sha256(data).hexdigest(),
+                "medsynth_version": "bench",
+            }
+        )
     with (pool / "manifest.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
@@ -60,16 +82,38 @@ def make_big(run: Path, n: int, size: int) -> None:
     for i in range(n):
         rng = np.random.default_rng(i)
         img = render(draw_anatomy(rng), "normal", 0.3, size, rng) * 2 - 1
-        ds = synthetic_instance(img, run_id="e" * 64, pool="xray", class_name="normal", class_index=0,
-                                seed=i, index=i, derivation="bench")  # fmt: skip
+        ds = synthetic_instance(
+            img,
+            run_id="e" * 64,
+            pool="xray",
+            class_name="normal",
+            class_index=0,
+            seed=i,
+            index=i,
+            derivation="bench",
+        )
         data = to_bytes(ds)
         rel = f"dicom/normal/{i:06d}.dcm"
         (pool / rel).parent.mkdir(parents=True, exist_ok=True)
         (pool / rel).write_bytes(data)
-        rows.append({"path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": "normal", "class_index": 0,
-                     "index": i, "seed": i, "guidance_scale": 1.0, "sampler": "bench", "steps": 1,
-                     "snapshot_sha256": "e" * 64, "protocol_sha256": "", "pixel_sha256": pixel_sha256(ds),
-                     "file_sha256": hashlib.sha256(data).hexdigest(), "medsynth_version": "bench"})  # fmt: skip
+        rows.append(
+            {
+                "path": rel,
+                "SOPInstanceUID": ds.SOPInstanceUID,
+                "class_name": "normal",
+                "class_index": 0,
+                "index": i,
+                "seed": i,
+                "guidance_scale": 1.0,
+                "sampler": "bench",
+                "steps": 1,
+                "snapshot_sha256": "e" * 64,
+                "protocol_sha256": "",
+                "pixel_sha256": pixel_sha256(ds),
+                "file_sha256": hashlib.sha256(data).hexdigest(),
+                "medsynth_version": "bench",
+            }
+        )
     with (pool / "manifest.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()

@@ -90,8 +90,20 @@ def sampling_times(model, cfg, dev, batch: int, bf16: bool) -> list[dict]:
         labels, seeds = [i % 2 for i in range(batch)], list(range(batch))
 
         def run(name=name, steps=steps, labels=labels, seeds=seeds):
-            sample(model, cfg, labels, seeds, image_shape=(1, 28, 28), null_label=2, sampler=name,
-                   steps=steps, guidance_scale=2.0, device=dev, bf16=bf16, net_batch=batch)  # fmt: skip
+            sample(
+                model,
+                cfg,
+                labels,
+                seeds,
+                image_shape=(1, 28, 28),
+                null_label=2,
+                sampler=name,
+                steps=steps,
+                guidance_scale=2.0,
+                device=dev,
+                bf16=bf16,
+                net_batch=batch,
+            )
 
         per_batch = timed(run, dev, min_seconds=1.0, warmup=1)
         out.append({"sampler": f"{name}-{steps}", "s_per_image": per_batch / batch})
@@ -100,8 +112,20 @@ def sampling_times(model, cfg, dev, batch: int, bf16: bool) -> list[dict]:
 
 def latency(model, cfg, dev, name: str, steps: int, bf16: bool) -> float:
     def run():
-        sample(model, cfg, [1], [0], image_shape=(1, 28, 28), null_label=2, sampler=name, steps=steps,
-               guidance_scale=2.0, device=dev, bf16=bf16, net_batch=1)  # fmt: skip
+        sample(
+            model,
+            cfg,
+            [1],
+            [0],
+            image_shape=(1, 28, 28),
+            null_label=2,
+            sampler=name,
+            steps=steps,
+            guidance_scale=2.0,
+            device=dev,
+            bf16=bf16,
+            net_batch=1,
+        )
 
     return timed(run, dev, min_seconds=2.0)
 
@@ -134,13 +158,30 @@ def quality_table(snapshot: Path, ingest: Path, dev, n: int, bf16: bool) -> list
     labels = [i % k for i in range(n)]
     for name, steps in SAMPLERS:
         t0 = time.perf_counter()
-        imgs = sample(model, cfg, labels, list(range(n)), image_shape=tuple(conf["image_shape"]), null_label=k,
-                      sampler=name, steps=steps, guidance_scale=2.0, device=dev, bf16=bf16,
-                      net_batch=min(n, 256))  # fmt: skip
+        imgs = sample(
+            model,
+            cfg,
+            labels,
+            list(range(n)),
+            image_shape=tuple(conf["image_shape"]),
+            null_label=k,
+            sampler=name,
+            steps=steps,
+            guidance_scale=2.0,
+            device=dev,
+            bf16=bf16,
+            net_batch=min(n, 256),
+        )
         sync(dev)
         dt = (time.perf_counter() - t0) / n
-        rows.append({"sampler": f"{name}-{steps}", "FD_clf": fd(real_feats, clf.features(imgs.cpu())),
-                     "mean_intensity": float((imgs.mean() + 1) / 2), "s_per_image": dt})  # fmt: skip
+        rows.append(
+            {
+                "sampler": f"{name}-{steps}",
+                "FD_clf": fd(real_feats, clf.features(imgs.cpu())),
+                "mean_intensity": float((imgs.mean() + 1) / 2),
+                "s_per_image": dt,
+            }
+        )
         print(f"  quality {rows[-1]}", flush=True)
     rows.append(
         {
@@ -167,8 +208,11 @@ def main() -> None:
     on_gpu = dev.type == "cuda"
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     bf16_ok = on_gpu or "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
-    res: dict = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-                 "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
+    res: dict = {
+        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     print(f"device: {res['device']}  torch {torch.__version__}  threads {res['threads']}")
 
     if args.only_quality:
@@ -194,8 +238,10 @@ def main() -> None:
         ceiling = res[f"ceiling_{prec}_tflops"] * 1e12
         res[f"train_{prec}_img_per_s"], res["train_gflop_per_img"] = ips, flops / 1e9
         res[f"train_{prec}_share_of_ceiling"] = ips * flops / ceiling
-        print(f"training {prec}: {ips:.0f} img/s, {flops / 1e9:.3f} GFLOP/img fwd+bwd, "
-              f"{ips * flops / 1e12:.3f} TFLOP/s = {100 * ips * flops / ceiling:.1f} % of the {prec} ceiling")  # fmt: skip
+        print(
+            f"training {prec}: {ips:.0f} img/s, {flops / 1e9:.3f} GFLOP/img fwd+bwd, "
+            f"{ips * flops / 1e12:.3f} TFLOP/s = {100 * ips * flops / ceiling:.1f} % of the {prec} ceiling"
+        )
     if bf16_ok:
         res["train_bf16_speedup"] = res["train_bf16_img_per_s"] / res["train_fp32_img_per_s"]
         print(f"bf16 / fp32 training speed: {res['train_bf16_speedup']:.2f}x")

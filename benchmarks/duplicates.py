@@ -84,12 +84,18 @@ def main() -> None:
             cfg = dict(
                 cache=str(cache), planted=str(planted), threshold=args.threshold, dims=args.dims
             )
-            res = subprocess.run([sys.executable, "-c", CASE, json.dumps(cfg)], capture_output=True,
-                                 text=True, check=True)  # fmt: skip
+            res = subprocess.run(
+                [sys.executable, "-c", CASE, json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"N={n:>7,} {args.size} px dims={args.dims}: {r['seconds']:.1f} s, peak RSS "
-                  f"{r['rss_mib']:.0f} MiB, {r['candidates']:,} candidates checked, {r['pairs']:,} pairs "
-                  f"({r['exact']:,} exact), planted found {r['planted_found']}/{r['planted']}")  # fmt: skip
+            print(
+                f"N={n:>7,} {args.size} px dims={args.dims}: {r['seconds']:.1f} s, peak RSS "
+                f"{r['rss_mib']:.0f} MiB, {r['candidates']:,} candidates checked, {r['pairs']:,} pairs "
+                f"({r['exact']:,} exact), planted found {r['planted_found']}/{r['planted']}"
+            )
             cache.unlink()
 
 

@@ -45,8 +45,16 @@ def main() -> None:
         imgs = rng.uniform(-1, 1, (args.n, *shape)).astype(np.float32)
         t0 = time.perf_counter()
         for i, img in enumerate(imgs):
-            ds = synthetic_instance(img, run_id="0" * 64, pool="bench", class_name=classes[i % 2],
-                                    class_index=i % 2, seed=i, index=i, derivation="benchmark")  # fmt: skip
+            ds = synthetic_instance(
+                img,
+                run_id="0" * 64,
+                pool="bench",
+                class_name=classes[i % 2],
+                class_index=i % 2,
+                seed=i,
+                index=i,
+                derivation="benchmark",
+            )
             data = to_bytes(ds)
             atomic_write_bytes(tmp / "w" / f"{i:06d}.dcm", data)
             hashlib.sha256(data).hexdigest()
@@ -54,16 +62,38 @@ def main() -> None:
         print(f"DICOM writing alone (atomic write + fsync + sha256): {args.n / dt:.0f} instances/s")
         plan = {c: args.n // len(classes) for c in classes}
         t0 = time.perf_counter()
-        res = generate_pool(args.snapshot, tmp / "pool", plan, sampler="dpmpp", steps=20, guidance_scale=2.0,
-                            batch_size=64, net_batch=64, progress=False)  # fmt: skip
+        res = generate_pool(
+            args.snapshot,
+            tmp / "pool",
+            plan,
+            sampler="dpmpp",
+            steps=20,
+            guidance_scale=2.0,
+            batch_size=64,
+            net_batch=64,
+            progress=False,
+        )
         dt = time.perf_counter() - t0
-        print(f"pool of {res['pool_images']} with DPM-Solver++-20, guidance 2, fp32: {dt:.1f} s end to end = "
-              f"{res['pool_images'] / dt:.1f} images/s; writer share {res['pool_images'] / res['dicom_written_per_s'] / dt:.1%}")  # fmt: skip
+        print(
+            f"pool of {res['pool_images']} with DPM-Solver++-20, guidance 2, fp32: {dt:.1f} s end to end = "
+            f"{res['pool_images'] / dt:.1f} images/s; writer share {res['pool_images'] / res['dicom_written_per_s'] / dt:.1%}"
+        )
         t0 = time.perf_counter()
-        res2 = generate_pool(args.snapshot, tmp / "pool", plan, sampler="dpmpp", steps=20, guidance_scale=2.0,
-                             batch_size=64, net_batch=64, progress=False)  # fmt: skip
-        print(f"rerun of the complete pool (verify checksums, generate nothing): {time.perf_counter() - t0:.2f} s, "
-              f"generated {res2['generated']}")  # fmt: skip
+        res2 = generate_pool(
+            args.snapshot,
+            tmp / "pool",
+            plan,
+            sampler="dpmpp",
+            steps=20,
+            guidance_scale=2.0,
+            batch_size=64,
+            net_batch=64,
+            progress=False,
+        )
+        print(
+            f"rerun of the complete pool (verify checksums, generate nothing): {time.perf_counter() - t0:.2f} s, "
+            f"generated {res2['generated']}"
+        )
         shutil.rmtree(tmp / "pool")
 
 

@@ -37,8 +37,17 @@ def main() -> None:
     classes, n = conf["classes"], args.per_class
     real = load_split(args.ingest, "train")
     labels = [c for c in range(len(classes)) for _ in range(n)]
-    syn = sample(model, cfg, labels, list(range(len(labels))), image_shape=tuple(conf["image_shape"]),
-                 null_label=len(classes), sampler="dpmpp", steps=20, guidance_scale=args.guidance)  # fmt: skip
+    syn = sample(
+        model,
+        cfg,
+        labels,
+        list(range(len(labels))),
+        image_shape=tuple(conf["image_shape"]),
+        null_label=len(classes),
+        sampler="dpmpp",
+        steps=20,
+        guidance_scale=args.guidance,
+    )
     fig, axes = plt.subplots(2 * len(classes), 1, figsize=(n * 0.9, 2 * len(classes) * 1.0 + 0.4))
     for c, name in enumerate(classes):
         r = real.images[real.labels == c][:n, 0]
@@ -52,8 +61,10 @@ def main() -> None:
             )
             ax.set_title(f"{name}: {kind}", fontsize=9, loc="left")
             ax.axis("off")
-        print(f"{name}: mean intensity real {float((real.images[real.labels == c].mean() + 1) / 2):.3f}, "
-              f"synthetic {float((syn[c * n : (c + 1) * n].mean() + 1) / 2):.3f}")  # fmt: skip
+        print(
+            f"{name}: mean intensity real {float((real.images[real.labels == c].mean() + 1) / 2):.3f}, "
+            f"synthetic {float((syn[c * n : (c + 1) * n].mean() + 1) / 2):.3f}"
+        )
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -70,8 +70,13 @@ def _tree_rss_bytes(root_pid: int) -> int:
 def run_case(dataset: dict, out: Path, as_limit: int | None = None) -> dict:
     cfg = {"dataset": dataset, "out": str(out), "as_limit": as_limit}
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CASE, json.dumps(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CASE, json.dumps(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peak = [0]
 
     def poll() -> None:
@@ -127,8 +132,15 @@ def main() -> None:
         cases.append(("deflated 8192² (= max_pixels), decoded", at_limit, table, {}, None))
         if not safe:
             root16 = tmp / "corpus16384"
-            cases.append(("corpus 16384², max_pixels 0 (no limit), 6 GB cap", root16,
-                          tmp / "labels16384.csv", {"max_pixels": 0}, 6_000_000_000))  # fmt: skip
+            cases.append(
+                (
+                    "corpus 16384², max_pixels 0 (no limit), 6 GB cap",
+                    root16,
+                    tmp / "labels16384.csv",
+                    {"max_pixels": 0},
+                    6_000_000_000,
+                )
+            )
         for i, (name, root, table, extra, cap) in enumerate(cases):
             ds = dict(base, root=str(root), labels_csv=str(table), **extra)
             r = run_case(ds, tmp / f"out{i}", cap)

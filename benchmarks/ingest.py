@@ -38,8 +38,10 @@ print(json.dumps({"files": s.files_scanned, "images": s.images, "seconds": dt,
 def run_case(dataset: dict, out: Path) -> dict:
     res = subprocess.run(
         [sys.executable, "-c", CASE, json.dumps({"dataset": dataset, "out": str(out)})],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -68,8 +70,14 @@ def main() -> None:
         tmp = Path(tmp)
         pm = SHARED / "pneumoniamnist-dicom"
         if pm.is_dir():
-            base = dict(label_column="label", classes=["normal", "pneumonia"], split_column="split",
-                        spatial_size=28, intensity="bits", workers=workers)  # fmt: skip
+            base = dict(
+                label_column="label",
+                classes=["normal", "pneumonia"],
+                split_column="split",
+                spatial_size=28,
+                intensity="bits",
+                workers=workers,
+            )
             for every, name in (
                 (4, "pneumoniamnist 1/4 (28 px)"),
                 (1, "pneumoniamnist all (28 px)"),
@@ -87,9 +95,18 @@ def main() -> None:
         rs = SHARED / "rsna-pneumonia-dicom"
         if rs.is_dir():
             for size in (64, 128):
-                r = run_case(dict(root=str(rs), labels_csv=str(rs / "labels.csv"), join_attribute="PatientID",
-                                  join_column="patientId", label_column="Target", spatial_size=size,
-                                  workers=workers), tmp / f"rsna{size}")  # fmt: skip
+                r = run_case(
+                    dict(
+                        root=str(rs),
+                        labels_csv=str(rs / "labels.csv"),
+                        join_attribute="PatientID",
+                        join_column="patientId",
+                        label_column="Target",
+                        spatial_size=size,
+                        workers=workers,
+                    ),
+                    tmp / f"rsna{size}",
+                )
                 name = f"rsna JPEG 1024^2 -> {size} px"
                 print(
                     f"{name:<34}{r['files']:>7}{r['files'] / r['seconds']:>10.0f}"

@@ -52,8 +52,10 @@ def duplicate_figures(ingest_dir: Path, threshold: float) -> None:
         by[(kind, "-".join(sorted((r["split_a"], r["split_b"]))))] += 1
         if r["exact"] == "1":
             parent[find(r["row_a"])] = find(r["row_b"])
-        for held, s_h, s_o in ((r["row_a"], r["split_a"], r["split_b"]),
-                               (r["row_b"], r["split_b"], r["split_a"])):  # fmt: skip
+        for held, s_h, s_o in (
+            (r["row_a"], r["split_a"], r["split_b"]),
+            (r["row_b"], r["split_b"], r["split_a"]),
+        ):
             if s_h in leaking and s_o == "train":
                 leaking[s_h].add(held)
                 if r["exact"] == "1":
@@ -65,11 +67,15 @@ def duplicate_figures(ingest_dir: Path, threshold: float) -> None:
     print(f"duplicate pairs at corr >= {threshold:g} (28 px cache):")
     for (kind, splits), n in sorted(by.items()):
         print(f"  {kind:<5} {splits:<11} {n}")
-    print(f"exact-duplicate groups: {len(groups)}, spanning splits: "
-          f"{sum(len(s) > 1 for s in groups.values())}")  # fmt: skip
+    print(
+        f"exact-duplicate groups: {len(groups)}, spanning splits: "
+        f"{sum(len(s) > 1 for s in groups.values())}"
+    )
     for s in ("val", "test"):
-        print(f"{s}: {len(leaking[s])} images with a near-duplicate in train "
-              f"({len(exact_leaking[s])} exact)")  # fmt: skip
+        print(
+            f"{s}: {len(leaking[s])} images with a near-duplicate in train "
+            f"({len(exact_leaking[s])} exact)"
+        )
 
 
 def leaking_rows(ingest_dir: Path, threshold: float) -> dict[str, set[str]]:
@@ -111,8 +117,10 @@ def main() -> None:
             [r["row"] not in leaks[ds.duplicate_threshold]["val"] for r in val.rows]
         )
         cfg = ClassifierConfig(**proto.evaluation.classifier.model_dump())
-        print(f"real-only {cfg.kind}, epochs {cfg.epochs}, batch {cfg.batch_size}, train fraction "
-              f"{frac:g} (n={len(real.labels)}), test {len(y)}")  # fmt: skip
+        print(
+            f"real-only {cfg.kind}, epochs {cfg.epochs}, batch {cfg.batch_size}, train fraction "
+            f"{frac:g} (n={len(real.labels)}), test {len(y)}"
+        )
         res = []
         for seed in range(args.seeds):
             rec = {}
@@ -133,8 +141,10 @@ def main() -> None:
                 continue
             v = np.array([r[key] for r in res])
             d = v - np.array([r["keep"] for r in res])
-            print(f"AUC {key:<10} {v.mean():.4f} ± {v.std(ddof=1):.4f}; vs keep/full test "
-                  f"{d.mean():+.4f} ± {d.std(ddof=1):.4f} (mean ± sd, {len(v)} seeds)")  # fmt: skip
+            print(
+                f"AUC {key:<10} {v.mean():.4f} ± {v.std(ddof=1):.4f}; vs keep/full test "
+                f"{d.mean():+.4f} ± {d.std(ddof=1):.4f} (mean ± sd, {len(v)} seeds)"
+            )
 
 
 if __name__ == "__main__":

@@ -155,10 +155,13 @@ def matches(k: str) -> bool:
 
 
 shown = [
-    k for k in keys
-    if by_key[k]["class_name"] in want_classes and by_key[k]["guidance_scale"] in want_guidance
-    and seed_text in by_key[k]["seed"] and matches(k)
-]  # fmt: skip
+    k
+    for k in keys
+    if by_key[k]["class_name"] in want_classes
+    and by_key[k]["guidance_scale"] in want_guidance
+    and seed_text in by_key[k]["seed"]
+    and matches(k)
+]
 pos = navigation.resolve(shown, order, st.session_state.get("current"))
 current = shown[pos] if pos >= 0 else None
 
@@ -181,7 +184,7 @@ def record(decision: str, key: str) -> None:
         f"Saved: {decision}{relabel} on sample #{r['index']} ({r['class_name']}) by {reviewer}"
     )
     st.session_state.last_decided = key
-    st.session_state.current = navigation.step(shown, order, key, +1)  # fmt: skip
+    st.session_state.current = navigation.step(shown, order, key, +1)
 
 
 def undo(key: str) -> None:
@@ -204,15 +207,23 @@ elif view == "Review":
         with left:
             png = views.full_png_cached(str(pool_dir / r["path"]), center, width)
             st.iframe(zoom_pan_html(png, 620), height=660)
-            st.button("Auto window for this image (1–99 %)", key="wl_auto", on_click=set_window,
-                      args=auto_window(str(pool_dir / r["path"])))  # fmt: skip
+            st.button(
+                "Auto window for this image (1–99 %)",
+                key="wl_auto",
+                on_click=set_window,
+                args=auto_window(str(pool_dir / r["path"])),
+            )
         with right:
-            st.markdown(f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
-                        f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
-                        f"guidance {r['guidance_scale']}")  # fmt: skip
+            st.markdown(
+                f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
+                f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
+                f"guidance {r['guidance_scale']}"
+            )
             my = mine.get(current)
-            st.caption(f"Your decision: {my['status'] if my else 'none yet'} · "
-                       f"all reviewers: {state_of(current)}")  # fmt: skip
+            st.caption(
+                f"Your decision: {my['status'] if my else 'none yet'} · "
+                f"all reviewers: {state_of(current)}"
+            )
             if f"label-{current}" not in st.session_state:  # start from my stored decision
                 st.session_state[f"label-{current}"] = (my or {}).get("corrected_label") or "(keep)"
                 st.session_state[f"note-{current}"] = (my or {}).get("note", "")
@@ -220,26 +231,73 @@ elif view == "Review":
             st.text_input("Note", key=f"note-{current}")
             off = not reviewer
             b = st.columns(3)
-            b[0].button("Accept", on_click=record, args=("accept", current), shortcut="a",
-                        type="primary", key="accept", disabled=off, width="stretch")  # fmt: skip
-            b[1].button("Reject", on_click=record, args=("reject", current), shortcut="x", key="reject",
-                        disabled=off, width="stretch")  # fmt: skip
-            b[2].button("Unsure", on_click=record, args=("unsure", current), shortcut="u", key="unsure",
-                        disabled=off, width="stretch")  # fmt: skip
-            b[0].button("◀ Prev", on_click=go, args=(navigation.step(shown, order, current, -1),),
-                        shortcut="k", key="prev", width="stretch")  # fmt: skip
-            b[1].button("Next ▶", on_click=go, args=(navigation.step(shown, order, current, +1),),
-                        shortcut="j", key="next", width="stretch")  # fmt: skip
-            b[2].button("Clear mine", on_click=undo, args=(current,), shortcut="z", key="clear",
-                        disabled=off or not my, width="stretch")  # fmt: skip
+            b[0].button(
+                "Accept",
+                on_click=record,
+                args=("accept", current),
+                shortcut="a",
+                type="primary",
+                key="accept",
+                disabled=off,
+                width="stretch",
+            )
+            b[1].button(
+                "Reject",
+                on_click=record,
+                args=("reject", current),
+                shortcut="x",
+                key="reject",
+                disabled=off,
+                width="stretch",
+            )
+            b[2].button(
+                "Unsure",
+                on_click=record,
+                args=("unsure", current),
+                shortcut="u",
+                key="unsure",
+                disabled=off,
+                width="stretch",
+            )
+            b[0].button(
+                "◀ Prev",
+                on_click=go,
+                args=(navigation.step(shown, order, current, -1),),
+                shortcut="k",
+                key="prev",
+                width="stretch",
+            )
+            b[1].button(
+                "Next ▶",
+                on_click=go,
+                args=(navigation.step(shown, order, current, +1),),
+                shortcut="j",
+                key="next",
+                width="stretch",
+            )
+            b[2].button(
+                "Clear mine",
+                on_click=undo,
+                args=(current,),
+                shortcut="z",
+                key="clear",
+                disabled=off or not my,
+                width="stretch",
+            )
             if st.session_state.get("saved"):
                 st.success(st.session_state.saved, icon="✅")
             last = st.session_state.get("last_decided")
             if reviewer and last and last in mine:
-                st.button(f"Undo last decision (#{by_key[last]['index']})", on_click=undo,
-                          args=(last,), key="undo")  # fmt: skip
+                st.button(
+                    f"Undo last decision (#{by_key[last]['index']})",
+                    on_click=undo,
+                    args=(last,),
+                    key="undo",
+                )
             with st.expander("Keyboard shortcuts"):
-                st.markdown(f"{KEYS_HELP}. Keys work on this view only, and not while typing in a field.")  # fmt: skip
+                st.markdown(
+                    f"{KEYS_HELP}. Keys work on this view only, and not while typing in a field."
+                )
             views.decisions_of_others(current, status)
     views.progress(rows, keys, classes, status, db, pixel)
 

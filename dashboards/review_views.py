@@ -61,8 +61,10 @@ def samples(pool_dir: Path, rows, shown, by_key, state_of, win: Window, go: Call
     per_page = c1.select_slider("Per page", [12, 24, 48, 96], value=24)
     pages = max(1, -(-len(shown) // per_page))
     page = c2.number_input(f"Page (of {pages})", 1, pages, 1)
-    st.caption(f"{len(shown)} of {len(rows)} samples match. Every tile is SYNTHETIC; the strip "
-               "below it is the review status (green accept, red reject, amber unsure, grey none).")  # fmt: skip
+    st.caption(
+        f"{len(shown)} of {len(rows)} samples match. Every tile is SYNTHETIC; the strip "
+        "below it is the review status (green accept, red reject, amber unsure, grey none)."
+    )
     chunk = shown[(page - 1) * per_page : page * per_page]
     for cls in dict.fromkeys(by_key[k]["class_name"] for k in chunk):
         group = [k for k in chunk if by_key[k]["class_name"] == cls]
@@ -71,8 +73,11 @@ def samples(pool_dir: Path, rows, shown, by_key, state_of, win: Window, go: Call
         for i, k in enumerate(group):
             r = by_key[k]
             with cols[i % 8]:
-                st.image(tile(str(pool_dir / r["path"]), *win, state_of(k)), output_format="PNG",
-                         caption=f"#{r['index']}")  # fmt: skip
+                st.image(
+                    tile(str(pool_dir / r["path"]), *win, state_of(k)),
+                    output_format="PNG",
+                    caption=f"#{r['index']}",
+                )
                 st.button("Open", key=f"open-{k}", on_click=go, args=(k, "Review"))
 
 
@@ -82,13 +87,24 @@ def decisions_of_others(key: str, status: dict) -> None:
     if not s or not s["decisions"]:
         st.caption("none yet")
         return
-    st.dataframe([{"reviewer": d["reviewer"], "decision": d["decision"],
-                   "corrected label": d["corrected_label"] or "", "note": d["note"]}
-                  for d in s["decisions"]], hide_index=True)  # fmt: skip
+    st.dataframe(
+        [
+            {
+                "reviewer": d["reviewer"],
+                "decision": d["decision"],
+                "corrected label": d["corrected_label"] or "",
+                "note": d["note"],
+            }
+            for d in s["decisions"]
+        ],
+        hide_index=True,
+    )
     if s.get("adjudicated"):
         a = s["adjudicated"]
-        st.caption(f"Adjudicated by {a['adjudicator']}: {a['decision']}"
-                   + (f" as {a['corrected_label']}" if a["corrected_label"] else ""))  # fmt: skip
+        st.caption(
+            f"Adjudicated by {a['adjudicator']}: {a['decision']}"
+            + (f" as {a['corrected_label']}" if a["corrected_label"] else "")
+        )
 
 
 def progress(rows, keys, classes, status, db, pixel) -> None:
@@ -97,16 +113,25 @@ def progress(rows, keys, classes, status, db, pixel) -> None:
     for c in classes:
         ks = [k for k, r in zip(keys, rows, strict=True) if r["class_name"] == c]
         done = [status[k]["status"] for k in ks if k in status]
-        prog.append({"class": c, "samples": len(ks), "reviewed": len(done), "accepted": done.count("accept"),
-                     "rejected": done.count("reject"), "unsure": done.count("unsure")})  # fmt: skip
+        prog.append(
+            {
+                "class": c,
+                "samples": len(ks),
+                "reviewed": len(done),
+                "accepted": done.count("accept"),
+                "rejected": done.count("reject"),
+                "unsure": done.count("unsure"),
+            }
+        )
     st.dataframe(prog, hide_index=True, key="progress_class")
     st.subheader("Progress per reviewer")
     per: dict[str, dict] = {}
     for d in decisions(db):
         if pixel.get(d["sample"]) != d["pixel_sha256"]:
             continue
-        p = per.setdefault(d["reviewer"], {"reviewer": d["reviewer"], "reviewed": 0,
-                                           **dict.fromkeys(DECISIONS, 0)})  # fmt: skip
+        p = per.setdefault(
+            d["reviewer"], {"reviewer": d["reviewer"], "reviewed": 0, **dict.fromkeys(DECISIONS, 0)}
+        )
         p["reviewed"] += 1
         p[d["decision"]] += 1
     for p in per.values():
@@ -137,18 +162,28 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, s
     if not memo.get("informative", True):  # a blind audit's "not flagged" means nothing
         st.warning(f"Memorization audit not informative: {memo['not_informative_reason']}.")
         flag += " (audit not informative)"
-    st.markdown(f"Sample #{r['index']} ({r['class_name']}). Memorization: **{flag}** (pixel "
-                f"threshold {memo['pixel_threshold']:.3f}, feature threshold {memo['feature_threshold']:.3f})")  # fmt: skip
+    st.markdown(
+        f"Sample #{r['index']} ({r['class_name']}). Memorization: **{flag}** (pixel "
+        f"threshold {memo['pixel_threshold']:.3f}, feature threshold {memo['feature_threshold']:.3f})"
+    )
     c1, c2, c3 = st.columns(3)
-    c1.image(tile(str(pool_dir / r["path"]), *win, state, COMPARE_PX), width=COMPARE_PX,
-             output_format="PNG", caption=f"SYNTHETIC · {r['class_name']}")  # fmt: skip
+    c1.image(
+        tile(str(pool_dir / r["path"]), *win, state, COMPARE_PX),
+        width=COMPARE_PX,
+        output_format="PNG",
+        caption=f"SYNTHETIC · {r['class_name']}",
+    )
     root = _dataset_root(run)
     for col, kind in ((c2, "pixel"), (c3, "feature")):
         row = memo["train_cache_rows"][ps[f"{kind}_nn"][i]]
         real = index.get(row, {})
-        col.image(_real_image(cache, row, win), width=COMPARE_PX, output_format="PNG",
-                  caption=f"nearest by {kind}: class {real.get('label', '?')}, "
-                  f"similarity {ps[f'{kind}_similarity'][i]:.3f}")  # fmt: skip
+        col.image(
+            _real_image(cache, row, win),
+            width=COMPARE_PX,
+            output_format="PNG",
+            caption=f"nearest by {kind}: class {real.get('label', '?')}, "
+            f"similarity {ps[f'{kind}_similarity'][i]:.3f}",
+        )
         path = root / real["path"] if root and real.get("path") else None
         if path and path.exists():
             with col.expander("Header (identifying values masked)"):
@@ -159,8 +194,12 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, s
     ]
     cols = st.columns(6)
     for col, row in zip(cols, ex, strict=False):
-        col.image(_real_image(cache, row, win), width=COMPARE_PX // 2, output_format="PNG",
-                  caption=f"real · {r['class_name']}")  # fmt: skip
+        col.image(
+            _real_image(cache, row, win),
+            width=COMPARE_PX // 2,
+            output_format="PNG",
+            caption=f"real · {r['class_name']}",
+        )
 
 
 def _dataset_root(run: Path) -> Path | None:
@@ -183,9 +222,17 @@ def disagreements(db, pool, by_key, pixel, classes, reviewer: str, go: Callable)
     table = []
     for k, ratings in sorted(dis.items()):
         a = adj.get(k)
-        table.append({"sample": f"#{by_key[k]['index']} {by_key[k]['class_name']}",
-                      **{f"{rv}": v for rv, v in sorted(ratings.items())},
-                      "adjudication": (a["decision"] + (f"→{a['corrected_label']}" if a["corrected_label"] else "")) if a else ""})  # fmt: skip
+        table.append(
+            {
+                "sample": f"#{by_key[k]['index']} {by_key[k]['class_name']}",
+                **{f"{rv}": v for rv, v in sorted(ratings.items())},
+                "adjudication": (
+                    a["decision"] + (f"→{a['corrected_label']}" if a["corrected_label"] else "")
+                )
+                if a
+                else "",
+            }
+        )
     st.table(table)  # static HTML: every decision readable (and in a screenshot)
     st.subheader("Adjudicate")
     labels = {f"#{by_key[k]['index']} {by_key[k]['class_name']}": k for k in sorted(dis)}
@@ -221,8 +268,13 @@ def _rounded(rows: list[dict]) -> list[dict]:
             numeric.add(c)
         except (TypeError, ValueError):
             pass
-    return [{c: (None if num(r[c]) is None else round(num(r[c]), 3)) if c in numeric else r[c]
-             for c in cols} for r in rows]  # fmt: skip
+    return [
+        {
+            c: (None if num(r[c]) is None else round(num(r[c]), 3)) if c in numeric else r[c]
+            for c in cols
+        }
+        for r in rows
+    ]
 
 
 def metrics(run: Path, db: Path, pixel) -> None:
@@ -230,8 +282,10 @@ def metrics(run: Path, db: Path, pixel) -> None:
     st.subheader("Inter-rater agreement")
     ag = agreement.agreement_table(rows)
     fk = ag["fleiss_kappa"]
-    st.markdown(f"Fleiss' κ = **{'n/a' if fk != fk else f'{fk:.2f}'}** over {ag['samples']} "
-                "samples rated by two or more reviewers.")  # fmt: skip
+    st.markdown(
+        f"Fleiss' κ = **{'n/a' if fk != fk else f'{fk:.2f}'}** over {ag['samples']} "
+        "samples rated by two or more reviewers."
+    )
     for p in ag["pairs"]:
         k = "n/a" if p["kappa"] != p["kappa"] else f"{p['kappa']:.2f}"
         st.markdown(f"Cohen's κ {p['reviewers']}: **{k}** over {p['samples']} samples")
@@ -241,8 +295,12 @@ def metrics(run: Path, db: Path, pixel) -> None:
         st.dataframe(_rounded(read_rows(ev / "uplift.csv")), hide_index=True)
         fid = json.loads((ev / "fidelity.json").read_text())
         st.subheader("Fidelity and diversity (features of the real-only classifier: *_clf)")
-        st.dataframe(_rounded([{"set": a, "class": c, **m} for a, per in fid.items() for c, m in per.items()]),
-                     hide_index=True)  # fmt: skip
+        st.dataframe(
+            _rounded(
+                [{"set": a, "class": c, **m} for a, per in fid.items() for c, m in per.items()]
+            ),
+            hide_index=True,
+        )
     else:
         st.info("No evaluation results yet (`medsynth evaluate`).")
     for png in ("uplift.png", "diversity_uplift.png", "training_curve.png"):
@@ -264,15 +322,20 @@ def dicom(run: Path, pool_dir: Path, r: dict | None) -> None:
 
 
 def export(run: Path, pool: str, reviewer: str) -> None:
-    st.write("Export the accepted samples as a pool of their own (manifest + DICOM), usable by "
-             "`medsynth evaluate` (in `evaluation.pools`) and by outside pipelines. An export "
-             "never replaces an earlier one: each goes to the next free folder.")  # fmt: skip
+    st.write(
+        "Export the accepted samples as a pool of their own (manifest + DICOM), usable by "
+        "`medsynth evaluate` (in `evaluation.pools`) and by outside pipelines. An export "
+        "never replaces an earlier one: each goes to the next free folder."
+    )
     only_me = st.checkbox("Only my decisions", value=False, disabled=not reviewer)
     link = st.checkbox("Symlink instead of copying DICOM files", value=False)
     who = reviewer if only_me and reviewer else None
     probe = plan_export(run, pool, reviewer=who)
-    exclude = st.checkbox(f"Exclude memorization-flagged samples ({len(probe.flagged_included)} accepted)",
-                          value=bool(probe.flagged_included), key="exclude_flagged")  # fmt: skip
+    exclude = st.checkbox(
+        f"Exclude memorization-flagged samples ({len(probe.flagged_included)} accepted)",
+        value=bool(probe.flagged_included),
+        key="exclude_flagged",
+    )
     try:
         plan = plan_export(run, pool, reviewer=who, exclude_flagged=exclude)
     except ValueError as exc:
@@ -280,10 +343,15 @@ def export(run: Path, pool: str, reviewer: str) -> None:
         return
     dest = next_export_dir(run, pool)
     st.subheader("Preview")
-    st.markdown(f"**{len(plan.rows)}** samples to `{dest}`"
-                + (f" (decisions of {who} only)" if who else " (all reviewers)"))  # fmt: skip
-    st.dataframe([{"class": c, "samples": n} for c, n in plan.per_class().items()], hide_index=True,
-                 key="export_counts")  # fmt: skip
+    st.markdown(
+        f"**{len(plan.rows)}** samples to `{dest}`"
+        + (f" (decisions of {who} only)" if who else " (all reviewers)")
+    )
+    st.dataframe(
+        [{"class": c, "samples": n} for c, n in plan.per_class().items()],
+        hide_index=True,
+        key="export_counts",
+    )
     if plan.relabels:
         st.markdown(f"Relabelled ({len(plan.relabels)}): manifest, folder and DICOM header change")
         st.dataframe(plan.relabels, hide_index=True, key="export_relabels")

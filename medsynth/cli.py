@@ -113,9 +113,14 @@ def phantoms(
 
     try:
         labels = write_phantoms(
-            out, n_patients=n_patients, num_classes=num_classes, size_px=size_px,
-            difficulty=difficulty, seed=seed, body_part=body_part,
-        )  # fmt: skip
+            out,
+            n_patients=n_patients,
+            num_classes=num_classes,
+            size_px=size_px,
+            difficulty=difficulty,
+            seed=seed,
+            body_part=body_part,
+        )
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(f"wrote phantoms to {out} (labels: {labels})")
@@ -172,8 +177,10 @@ def train(
             _stage(proto, "ingest", run, lambda: _ingest(proto, run))
         if record and world > 1 and _stage_action(proto, run, "train") == "rerun":
             # Clearing RUN/train under the other ranks' feet is no option.
-            _fail(f"the protocol's training inputs changed since {run / 'train'} was made; "
-                  "run `medsynth train` once without torchrun (it clears the folder) or remove it")  # fmt: skip
+            _fail(
+                f"the protocol's training inputs changed since {run / 'train'} was made; "
+                "run `medsynth train` once without torchrun (it clears the folder) or remove it"
+            )
     elif ingest_dir is not None:
         # Defaults for every model/training setting, with --set overrides.
         proto = parse_protocol("dataset: {kind: phantoms}\n", set_ or [])
@@ -267,9 +274,19 @@ def evaluate(
     proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
     try:
-        res = _stage(proto, "evaluate", run, lambda: run_study(
-            run / "ingest", run / "generate", run / "evaluate", proto.evaluation,
-            train_fraction=proto.dataset.train_fraction, fraction_seed=proto.dataset.fraction_seed))  # fmt: skip
+        res = _stage(
+            proto,
+            "evaluate",
+            run,
+            lambda: run_study(
+                run / "ingest",
+                run / "generate",
+                run / "evaluate",
+                proto.evaluation,
+                train_fraction=proto.dataset.train_fraction,
+                fraction_seed=proto.dataset.fraction_seed,
+            ),
+        )
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(format_uplift(res["uplift"]))
@@ -399,9 +416,11 @@ def _explain(exc: Exception) -> str:
     from medsynth.training.loop import NonFiniteLossError
 
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return (f"the disk is full while writing {exc.filename or 'run outputs'}. Free space (or point "
-                "output_root at a larger disk) and rerun the same command: finished work is kept and "
-                "interrupted stages resume.")  # fmt: skip
+        return (
+            f"the disk is full while writing {exc.filename or 'run outputs'}. Free space (or point "
+            "output_root at a larger disk) and rerun the same command: finished work is kept and "
+            "interrupted stages resume."
+        )
     if isinstance(exc, (IngestError, NonFiniteLossError, FileNotFoundError, ValueError, KeyError)):
         return str(exc).strip("'\"")
     raise exc

@@ -388,8 +388,17 @@ class SweepSection(_Section):
 
     @model_validator(mode="after")
     def _unique(self) -> SweepSection:
-        for name in ("train_fractions", "guidance_scale", "pool_size", "selectors", "ratios",
-                     "class_mix", "curve_fractions", "curve_pools", "curve_selectors"):  # fmt: skip
+        for name in (
+            "train_fractions",
+            "guidance_scale",
+            "pool_size",
+            "selectors",
+            "ratios",
+            "class_mix",
+            "curve_fractions",
+            "curve_pools",
+            "curve_selectors",
+        ):
             vals = getattr(self, name)
             if len(set(vals)) != len(vals):
                 raise ValueError(f"sweep.{name} lists a value twice: {vals}")

@@ -41,8 +41,17 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     out["ingest"] = _sha(
         {k: v for k, v in ds.items() if k not in ("train_fraction", "fraction_seed", "workers")}
     )
-    out["train"] = _sha([out["ingest"], ds["train_fraction"], ds["fraction_seed"], p["model"], p["schedule"],
-                         p["training"]] + ([base_sha256] if base_sha256 else []))  # fmt: skip
+    out["train"] = _sha(
+        [
+            out["ingest"],
+            ds["train_fraction"],
+            ds["fraction_seed"],
+            p["model"],
+            p["schedule"],
+            p["training"],
+        ]
+        + ([base_sha256] if base_sha256 else [])
+    )
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
     if not gen.get("ddim_eta"):

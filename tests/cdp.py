@@ -13,9 +13,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,1000", "--hide-scrollbars"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+    "--hide-scrollbars",
+]
 COUNT_IMAGES = "Array.from(document.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth > 0).length"
 
 
@@ -54,8 +63,10 @@ async def _session(
     params: dict = {"format": "png"}
     if full_page:
         size = (await call("Page.getLayoutMetrics"))["cssContentSize"]
-        params.update(captureBeyondViewport=True,
-                      clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})  # fmt: skip
+        params.update(
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        )
     shot = await call("Page.captureScreenshot", **params)
     out.write_bytes(base64.b64decode(shot["data"]))
     await ws.close()
@@ -74,9 +85,18 @@ def screenshot_when_images_loaded(
     port = _port()
     # Chromium may still be writing its profile as it exits.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                preexec_fn=_lift_soft_address_limit)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                exe,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_lift_soft_address_limit,
+        )
         try:
             deadline = time.time() + 30
             while True:
@@ -120,8 +140,10 @@ def address_limit_blocks_chromium() -> str | None:
 
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if hard != resource.RLIM_INFINITY and hard < 64 * 2**30:
-        return (f"chromium cannot start under a hard address-space limit of {hard / 2**30:.0f} GiB; "
-                "cap Python with a soft limit instead (`ulimit -S -v 8000000`)")  # fmt: skip
+        return (
+            f"chromium cannot start under a hard address-space limit of {hard / 2**30:.0f} GiB; "
+            "cap Python with a soft limit instead (`ulimit -S -v 8000000`)"
+        )
     return None
 
 
@@ -144,10 +166,19 @@ class Browser:
         self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         port = _port()
         flags = [f for f in FLAGS if not f.startswith("--window-size")]
-        self.proc = subprocess.Popen([chromium(), *flags, f"--window-size={self.size[0]},{self.size[1]}",
-                                      f"--user-data-dir={self.profile.name}", f"--remote-debugging-port={port}",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_lift_soft_address_limit)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                chromium(),
+                *flags,
+                f"--window-size={self.size[0]},{self.size[1]}",
+                f"--user-data-dir={self.profile.name}",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_lift_soft_address_limit,
+        )
         deadline = time.time() + 30
         while True:
             try:
@@ -216,8 +247,10 @@ class Browser:
         """Poll until ``expression`` is truthy; returns its value or raises ``TimeoutError``."""
         deadline = time.time() + timeout
         # Not there yet (a null on the way) counts as not yet, not as an error.
-        as_value = (f"(() => {{ try {{ const v = ({expression}); return v instanceof Node ? true : v; }}"
-                    " catch (e) { return null; } })()")  # fmt: skip
+        as_value = (
+            f"(() => {{ try {{ const v = ({expression}); return v instanceof Node ? true : v; }}"
+            " catch (e) { return null; } })()"
+        )
         while True:
             value = self.js(as_value)
             if value:
@@ -239,9 +272,11 @@ class Browser:
     # -- people-like input ----------------------------------------------------------------
     def click(self, element_js: str, what: str = "") -> None:
         """A real mouse click at the centre of the element ``element_js`` evaluates to."""
-        box = self.wait(f"(() => {{ const e = {element_js}; if (!e) return null; e.scrollIntoView({{block: 'center'}});"
-                        " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
-                        what=what or element_js)  # fmt: skip
+        box = self.wait(
+            f"(() => {{ const e = {element_js}; if (!e) return null; e.scrollIntoView({{block: 'center'}});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+            what=what or element_js,
+        )
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             self.call(
                 "Input.dispatchMouseEvent",
@@ -300,15 +335,19 @@ class Browser:
         params: dict = {"format": "png"}
         if full_page:
             size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})  # fmt: skip
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         out.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", **params)["data"]))
 
 
 # JavaScript lookups for Streamlit widgets by their visible label or text.
 def button(text: str) -> str:
-    return ("Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim().split('\\n')[0].trim() === "
-            f"{json.dumps(text)} && b.offsetParent)")  # fmt: skip
+    return (
+        "Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim().split('\\n')[0].trim() === "
+        f"{json.dumps(text)} && b.offsetParent)"
+    )
 
 
 def text_input(label: str) -> str:
@@ -316,27 +355,36 @@ def text_input(label: str) -> str:
 
 
 def widget(label: str, testid: str) -> str:
-    return (f"Array.from(document.querySelectorAll('[data-testid=\"{testid}\"]')).find(w => "
-            f"(w.querySelector('[data-testid=\"stWidgetLabel\"]') || {{}}).innerText === {json.dumps(label)})")  # fmt: skip
+    return (
+        f"Array.from(document.querySelectorAll('[data-testid=\"{testid}\"]')).find(w => "
+        f"(w.querySelector('[data-testid=\"stWidgetLabel\"]') || {{}}).innerText === {json.dumps(label)})"
+    )
 
 
 def radio_option(text: str) -> str:
     """A radio option (or a tab) with this text."""
-    return ("Array.from(document.querySelectorAll('[data-testid=\"stRadio\"] label, button[role=\"tab\"]'))"
-            f".find(l => l.innerText.trim() === {json.dumps(text)})")  # fmt: skip
+    return (
+        'Array.from(document.querySelectorAll(\'[data-testid="stRadio"] label, button[role="tab"]\'))'
+        f".find(l => l.innerText.trim() === {json.dumps(text)})"
+    )
 
 
 def select(b: Browser, label: str, option: str) -> None:
     """Open the selectbox named ``label`` and click ``option`` in its list."""
     b.click(f"({select_open(label)})", label)
-    b.click("Array.from(document.querySelectorAll('[role=\"option\"]')).find(o => o.innerText.trim() === "
-            f"{json.dumps(option)})", f"option {option}")  # fmt: skip
+    b.click(
+        "Array.from(document.querySelectorAll('[role=\"option\"]')).find(o => o.innerText.trim() === "
+        f"{json.dumps(option)})",
+        f"option {option}",
+    )
 
 
 def select_open(label: str) -> str:
     """The button that opens the selectbox named ``label``."""
-    return (f"document.querySelector('input[aria-label={json.dumps(label)}]')"
-            ".closest('[data-testid=\"stSelectbox\"]').querySelector('button[aria-label=\"Open\"]')")  # fmt: skip
+    return (
+        f"document.querySelector('input[aria-label={json.dumps(label)}]')"
+        ".closest('[data-testid=\"stSelectbox\"]').querySelector('button[aria-label=\"Open\"]')"
+    )
 
 
 def options() -> str:

@@ -36,8 +36,17 @@ def _tiny():
 
 def _sample(model, sched, n_classes, seeds=(0, 1, 2, 3)):
     labels = [i % max(1, n_classes) for i in range(len(seeds))]  # 0 classes: null only
-    return sample(model, sched, labels, list(seeds), image_shape=(1, 16, 16), null_label=n_classes,
-                  sampler="dpmpp", steps=5, guidance_scale=2.0)  # fmt: skip
+    return sample(
+        model,
+        sched,
+        labels,
+        list(seeds),
+        image_shape=(1, 16, 16),
+        null_label=n_classes,
+        sampler="dpmpp",
+        steps=5,
+        guidance_scale=2.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +70,17 @@ def test_init_from_with_new_class_list(base, tmp_path):
     assert not torch.equal(old[0], old[2])  # the rows differ, so the copies above mean something
 
     images, labels = _data(classes=3)
-    snap = train(images, labels, ["b", "c", "d"], tmp_path, init_from=str(base),
-                 adapter={"kind": "full"}, max_steps=4, checkpoint_every_steps=4, **dict(KW, unet=_tiny()))  # fmt: skip
+    snap = train(
+        images,
+        labels,
+        ["b", "c", "d"],
+        tmp_path,
+        init_from=str(base),
+        adapter={"kind": "full"},
+        max_steps=4,
+        checkpoint_every_steps=4,
+        **dict(KW, unet=_tiny()),
+    )
     model, sched, cfg = load_snapshot(snap)
     assert cfg["classes"] == ["b", "c", "d"] and cfg["unet"]["num_classes"] == 3
     assert cfg["base"]["sha256"] and cfg["adapter"]["kind"] == "full"
@@ -80,15 +98,32 @@ def test_init_from_with_new_class_list(base, tmp_path):
 def test_resolution_or_channel_mismatch_fails_clearly(base, tmp_path, shape, why):
     images, labels = _data(n=8, shape=shape)
     with pytest.raises(BaseModelError, match=why) as exc:
-        train(images, labels, ["a", "b"], tmp_path, init_from=str(base), max_steps=2,
-              **dict(KW, unet=_tiny()))  # fmt: skip
+        train(
+            images,
+            labels,
+            ["a", "b"],
+            tmp_path,
+            init_from=str(base),
+            max_steps=2,
+            **dict(KW, unet=_tiny()),
+        )
     assert str(base) in str(exc.value) and "must match" in str(exc.value)
 
 
 def test_lora_save_load_merge_round_trip(base, tmp_path):
     images, labels = _data(classes=3, seed=2)
-    snap = train(images, labels, ["a", "b", "new"], tmp_path / "lora", init_from=str(base),
-                 adapter=LORA, lr=1e-2, max_steps=8, checkpoint_every_steps=8, **dict(KW, unet=_tiny()))  # fmt: skip
+    snap = train(
+        images,
+        labels,
+        ["a", "b", "new"],
+        tmp_path / "lora",
+        init_from=str(base),
+        adapter=LORA,
+        lr=1e-2,
+        max_steps=8,
+        checkpoint_every_steps=8,
+        **dict(KW, unet=_tiny()),
+    )
     # Only what changed is stored: adapter tensors and the class embedding.
     assert not (snap / "ema.safetensors").exists()
     tensors = load_file(snap / "adapter.safetensors")
@@ -131,14 +166,31 @@ def test_lora_save_load_merge_round_trip(base, tmp_path):
 
 def test_unconditional_base_then_adapt(tmp_path):
     images, labels = _data(seed=3)
-    snap = train(images, labels, ["x", "y"], tmp_path / "base", unconditional=True, max_steps=4,
-                 checkpoint_every_steps=4, **dict(KW, unet=_tiny()))  # fmt: skip
+    snap = train(
+        images,
+        labels,
+        ["x", "y"],
+        tmp_path / "base",
+        unconditional=True,
+        max_steps=4,
+        checkpoint_every_steps=4,
+        **dict(KW, unet=_tiny()),
+    )
     model, sched, cfg = load_snapshot(snap)
     assert cfg["classes"] == [] and model.class_embedding.weight.shape[0] == 1
     assert (tmp_path / "base/preview-0000004.png").exists()
     assert _sample(model, sched, 0, seeds=(0, 1)).shape == (2, 1, 16, 16)
-    ad = train(images, labels, ["normal", "pneumonia"], tmp_path / "ad", init_from=str(snap),
-               adapter=LORA, max_steps=4, checkpoint_every_steps=4, **dict(KW, unet=_tiny()))  # fmt: skip
+    ad = train(
+        images,
+        labels,
+        ["normal", "pneumonia"],
+        tmp_path / "ad",
+        init_from=str(snap),
+        adapter=LORA,
+        max_steps=4,
+        checkpoint_every_steps=4,
+        **dict(KW, unet=_tiny()),
+    )
     model, sched, cfg = load_snapshot(ad)
     assert cfg["classes"] == ["normal", "pneumonia"]
     assert torch.isfinite(_sample(model, sched, 2)).all()
@@ -200,8 +252,9 @@ def test_leak_check_refuses_overlapping_base(phantom_run, tmp_path):
     assert not (tmp_path / "a").exists()  # refused before anything was written
 
     training = training.model_copy(update={"init_from": str(clean)})
-    snap = train_from_sections(run / "ingest", tmp_path / "b", proto.model, proto.schedule,
-                               training, progress=False)  # fmt: skip
+    snap = train_from_sections(
+        run / "ingest", tmp_path / "b", proto.model, proto.schedule, training, progress=False
+    )
     assert snap.exists()
 
     # A base without provenance cannot be checked, so it is refused too.
@@ -262,8 +315,15 @@ def test_generation_from_adapter_snapshot_and_provenance_on_resume(base, tmp_pat
 
     assert set(pixel_hashes(images)) | set(pixel_hashes(more)) <= set(prov)
 
-    res = generate_pool(snap, tmp_path / "pool", {"a": 2, "b": 1}, steps=3, batch_size=3,
-                        progress=False, device="cpu")  # fmt: skip
+    res = generate_pool(
+        snap,
+        tmp_path / "pool",
+        {"a": 2, "b": 1},
+        steps=3,
+        batch_size=3,
+        progress=False,
+        device="cpu",
+    )
     assert res["pool_complete"] and res["pool_images"] == 3
     assert len(list((tmp_path / "pool/dicom").rglob("*.dcm"))) == 3
 

@@ -19,8 +19,16 @@ SMOKE_RGB = Path(__file__).resolve().parents[1] / "protocols" / "smoke_rgb.yaml"
 
 
 def _instance(image: np.ndarray, path: Path) -> Path:
-    ds = synthetic_instance(image, run_id="ab" * 32, pool="main", class_name="exudate",
-                            class_index=2, seed=7, index=3, derivation="test")  # fmt: skip
+    ds = synthetic_instance(
+        image,
+        run_id="ab" * 32,
+        pool="main",
+        class_name="exudate",
+        class_index=2,
+        seed=7,
+        index=3,
+        derivation="test",
+    )
     write_instance(path, ds)
     return path
 
@@ -47,8 +55,16 @@ def test_rgb_synthetic_instance_round_trip(tmp_path):
     assert unit.shape == (3, 12, 10)
     np.testing.assert_allclose(unit * 2 - 1, img, atol=1 / 255 + 1e-6)
     with pytest.raises(ValueError, match="image must be"):
-        synthetic_instance(img[:2], run_id="x", pool="p", class_name="c", class_index=0, seed=0,
-                           index=0, derivation="")  # fmt: skip
+        synthetic_instance(
+            img[:2],
+            run_id="x",
+            pool="p",
+            class_name="c",
+            class_index=0,
+            seed=0,
+            index=0,
+            derivation="",
+        )
 
 
 def test_study_date_time_fixed_and_laterality_absent(tmp_path):
@@ -71,8 +87,12 @@ def _only_private_warnings(text: str) -> list[str]:
 @pytest.mark.parametrize("shape", [(16, 16), (3, 16, 16)], ids=["grey", "rgb"])
 def test_dciodvfy_only_warns_about_the_private_block(tmp_path, shape):
     img = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
-    res = subprocess.run(["dciodvfy", str(_instance(img, tmp_path / "x.dcm"))],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        ["dciodvfy", str(_instance(img, tmp_path / "x.dcm"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text = res.stdout + res.stderr
     assert "SCImage" in text
     assert any(line.startswith("(0x0011,") for line in text.splitlines())  # the check can see
@@ -240,11 +260,18 @@ def test_evaluation_on_three_channels_uses_colour():
     feats = clf.features(x)
     fid = fidelity_diversity(feats[:60], feats[60:120], x[:60], x[60:120])
     assert np.isfinite([fid["FD_clf"], fid["msssim_ratio"], fid["vendi_pixels"]]).all()
-    memo = audit(x[:10].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[:10], feats[10:120],
-                 feats[120:])  # fmt: skip
+    memo = audit(
+        x[:10].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[:10], feats[10:120], feats[120:]
+    )
     assert memo["n_synthetic"] == 10
-    copies = audit(x[10:14].numpy(), x[10:120].numpy(), x[120:].numpy(), feats[10:14],
-                   feats[10:120], feats[120:])  # fmt: skip
+    copies = audit(
+        x[10:14].numpy(),
+        x[10:120].numpy(),
+        x[120:].numpy(),
+        feats[10:14],
+        feats[10:120],
+        feats[120:],
+    )
     assert copies["exact_copies"] == 4
 
 

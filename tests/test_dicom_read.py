@@ -15,9 +15,13 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 
 def _write(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=None, **attrs):
     ds = build_instance(
-        pixels, attrs, sop_class_uid=SC, sop_instance_uid=deterministic_uid(path.name),
-        photometric=photometric, bits_stored=bits_stored,
-    )  # fmt: skip
+        pixels,
+        attrs,
+        sop_class_uid=SC,
+        sop_instance_uid=deterministic_uid(path.name),
+        photometric=photometric,
+        bits_stored=bits_stored,
+    )
     write_instance(path, ds)
     return path
 
@@ -32,9 +36,13 @@ def test_monochrome1_with_rescale_matches_monochrome2(tmp_path):
     m2 = _write(tmp_path / "m2", _gradient(np.uint16, 0, 4095), bits_stored=12)
     # Same anatomy stored inverted, with a modality rescale that maps back to other units.
     m1 = _write(
-        tmp_path / "m1", 4095 - _gradient(np.uint16, 0, 4095), "MONOCHROME1", 12,
-        RescaleSlope=2, RescaleIntercept=-1000,
-    )  # fmt: skip
+        tmp_path / "m1",
+        4095 - _gradient(np.uint16, 0, 4095),
+        "MONOCHROME1",
+        12,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+    )
     for mode in ("bits", "percentile"):
         a = load_unit_image(m2, DecodeOptions(intensity=mode))
         b = load_unit_image(m1, DecodeOptions(intensity=mode))
@@ -122,10 +130,21 @@ def test_bad_input_corpus_never_crashes(tmp_path):
             load_unit_image(tmp_path / name)
     # pydicom's own malformed / unusual test files: each decodes or skips with a reason.
     names = [
-        "MR_truncated.dcm", "rtplan_truncated.dcm", "rtplan.dcm", "test-SR.dcm", "badVR.dcm",
-        "no_meta.dcm", "meta_missing_tsyntax.dcm", "JPEG2000.dcm", "emri_small_jpeg_2k_lossless.dcm",
-        "JPEGLSNearLossless_08.dcm", "UN_sequence.dcm", "rtstruct.dcm", "CT_small.dcm", "MR_small_RLE.dcm",
-    ]  # fmt: skip
+        "MR_truncated.dcm",
+        "rtplan_truncated.dcm",
+        "rtplan.dcm",
+        "test-SR.dcm",
+        "badVR.dcm",
+        "no_meta.dcm",
+        "meta_missing_tsyntax.dcm",
+        "JPEG2000.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "JPEGLSNearLossless_08.dcm",
+        "UN_sequence.dcm",
+        "rtstruct.dcm",
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+    ]
     outcomes = {}
     for name in names:
         path = get_testdata_file(name, download=False)
@@ -159,9 +178,13 @@ def test_ingest_lists_bad_files_with_reasons(tmp_path):
         "sop,y\n" + "".join(f"{k},{'ab'[i % 2]}\n" for i, k in enumerate(keys)) + "missing,a\n"
     )
     ds = DatasetSection(
-        root=str(data), labels_csv=str(data / "labels.csv"), join_column="sop",
-        label_column="y", spatial_size=16, workers=1,
-    )  # fmt: skip
+        root=str(data),
+        labels_csv=str(data / "labels.csv"),
+        join_column="sop",
+        label_column="y",
+        spatial_size=16,
+        workers=1,
+    )
     summary = ingest(ds, tmp_path / "out")
     import csv
 

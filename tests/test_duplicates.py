@@ -137,10 +137,17 @@ def ds_acc(path) -> str:
 
 def _section(root, **kw) -> DatasetSection:
     return DatasetSection(
-        root=str(root), labels_csv=str(root / "labels_split.csv"), join_attribute="AccessionNumber",
-        join_column="accession", label_column="finding", classes=["normal", "opacity"],
-        spatial_size=32, intensity="bits", workers=1, **kw,
-    )  # fmt: skip
+        root=str(root),
+        labels_csv=str(root / "labels_split.csv"),
+        join_attribute="AccessionNumber",
+        join_column="accession",
+        label_column="finding",
+        classes=["normal", "opacity"],
+        spatial_size=32,
+        intensity="bits",
+        workers=1,
+        **kw,
+    )
 
 
 def test_ingest_reports_leaking_heldout_images(leaky_dir, tmp_path):
@@ -194,9 +201,13 @@ def test_pneumoniamnist_duplicate_counts(tmp_path):
 
     root = shared_dataset("pneumoniamnist-dicom")
     ds = DatasetSection(
-        root=str(root), labels_csv=str(root / "labels.csv"), classes=["normal", "pneumonia"],
-        split_column="split", spatial_size=28, intensity="bits",
-    )  # fmt: skip
+        root=str(root),
+        labels_csv=str(root / "labels.csv"),
+        classes=["normal", "pneumonia"],
+        split_column="split",
+        spatial_size=28,
+        intensity="bits",
+    )
     d = ingest(ds, tmp_path).duplicates
     assert d["heldout_with_train_duplicate"] == {"val": 8, "test": 0}
     assert d["exact_pairs"] == 31 and d["by_splits"]["train-val"] == {"pairs": 10, "exact": 10}

@@ -56,8 +56,14 @@ def test_collapsed_pool_is_not_diverse_and_flagged():
     assert vendi(collapsed.numpy()) == pytest.approx(1.0, abs=1e-6)
     assert vendi(np.eye(20)) == pytest.approx(20.0, rel=1e-6)
     assert msssim_ratio(collapsed, real) > 1.5  # far more alike than real images are
-    res = audit(collapsed.numpy(), train.numpy(), holdout.numpy(), np.repeat(f_train[:1], 50, 0),
-                f_train, rng.normal(size=(50, 8)))  # fmt: skip
+    res = audit(
+        collapsed.numpy(),
+        train.numpy(),
+        holdout.numpy(),
+        np.repeat(f_train[:1], 50, 0),
+        f_train,
+        rng.normal(size=(50, 8)),
+    )
     assert res["share_flagged"] == 1.0 and res["exact_copies"] == 50
 
 

@@ -27,8 +27,17 @@ def smoke_run(tmp_path_factory):
 def test_smoke_study_end_to_end(smoke_run):
     run, res = smoke_run
     assert [p.action for p in res.plan] == ["run"] * 5
-    for f in ("protocol.yaml", "environment.json", "ingest/index.csv", "train/log.jsonl", "generate/main/manifest.csv",
-              "evaluate/uplift.csv", "report/index.html", "report/samples.png", "report/uplift.png"):  # fmt: skip
+    for f in (
+        "protocol.yaml",
+        "environment.json",
+        "ingest/index.csv",
+        "train/log.jsonl",
+        "generate/main/manifest.csv",
+        "evaluate/uplift.csv",
+        "report/index.html",
+        "report/samples.png",
+        "report/uplift.png",
+    ):
         assert (run / f).exists(), f
     page = (run / "report/index.html").read_text()
     for text in (

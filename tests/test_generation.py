@@ -58,8 +58,14 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _gen(run: Path, out: Path, **kw):
-    return generate_pool(run / "train/snapshot-0000020", out, {"normal": 7, "opacity": 5},
-                         steps=4, progress=False, **kw)  # fmt: skip
+    return generate_pool(
+        run / "train/snapshot-0000020",
+        out,
+        {"normal": 7, "opacity": 5},
+        steps=4,
+        progress=False,
+        **kw,
+    )
 
 
 def test_same_request_same_bytes_any_batch_size(run, tmp_path):
@@ -100,9 +106,21 @@ def test_resume_skips_verified_and_redoes_damaged(run, tmp_path):
 
 def test_sigkill_midway_then_rerun(run, tmp_path):
     proto = run / "p.yaml"
-    cmd = [sys.executable, "-m", "medsynth.cli", "generate", str(proto), "--run-dir", str(run),
-           "--set", "generation.pool=killed", "--set", "generation.per_class=40",
-           "--set", "generation.batch_size=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "medsynth.cli",
+        "generate",
+        str(proto),
+        "--run-dir",
+        str(run),
+        "--set",
+        "generation.pool=killed",
+        "--set",
+        "generation.per_class=40",
+        "--set",
+        "generation.batch_size=2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     out = run / "generate/killed"
@@ -177,15 +195,29 @@ def test_tiny_study_end_to_end(run):
     from medsynth.evaluation.study import run_study
     from medsynth.generation.api import generate_from_protocol
 
-    proto = parse_protocol(YAML, ["evaluation.seeds=2", "evaluation.classifier.epochs=2",
-                                  "evaluation.bootstrap=100", "evaluation.ratios=[0.5,1]"])  # fmt: skip
+    proto = parse_protocol(
+        YAML,
+        [
+            "evaluation.seeds=2",
+            "evaluation.classifier.epochs=2",
+            "evaluation.bootstrap=100",
+            "evaluation.ratios=[0.5,1]",
+        ],
+    )
     generate_from_protocol(proto, run, progress=False)
     res = run_study(
         run / "ingest", run / "generate", run / "evaluate", proto.evaluation, progress=False
     )
     arms = [u["arm"] for u in res["uplift"]]
-    assert arms == ["real_only", "classical_aug", "duplicate_control@0.5", "synthetic:main:random@0.5",
-                    "duplicate_control@1", "synthetic:main:random@1", "synthetic_only:main"]  # fmt: skip
+    assert arms == [
+        "real_only",
+        "classical_aug",
+        "duplicate_control@0.5",
+        "synthetic:main:random@0.5",
+        "duplicate_control@1",
+        "synthetic:main:random@1",
+        "synthetic_only:main",
+    ]
     runs = list(csv.DictReader(open(run / "evaluate/runs.csv")))
     assert len(runs) == 7 * 2
     syn = next(u for u in res["uplift"] if u["arm"] == "synthetic:main:random@1")
@@ -200,8 +232,18 @@ def test_tiny_study_end_to_end(run):
 
 
 def _identifying_values(source: Path) -> set[bytes]:
-    keywords = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName",
-                "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate")  # fmt: skip
+    keywords = (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "InstitutionName",
+        "ReferringPhysicianName",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "StudyDate",
+    )
     values = set()
     for f in source.rglob("*"):
         if f.is_file() and f.name != "labels.csv" and not f.name.startswith("."):
@@ -234,8 +276,14 @@ def test_canary_no_source_identifier_in_any_output(run):
     # Runs after the study test in this module, so evaluate/ outputs are scanned too.
     values = _identifying_values(run / "phantoms")
     assert any(b"CANARY" in v for v in values) and len(values) > 50
-    generate_pool(run / "train/snapshot-0000020", run / "generate/canary", {"normal": 3, "opacity": 3},
-                  steps=3, progress=False, export_png=True)  # fmt: skip
+    generate_pool(
+        run / "train/snapshot-0000020",
+        run / "generate/canary",
+        {"normal": 3, "opacity": 3},
+        steps=3,
+        progress=False,
+        export_png=True,
+    )
     assert _scan_outputs(run, values) == []
     # The scan can fail: an identifier planted in an output is found.
     (run / "generate/canary/leak.txt").write_bytes(sorted(values)[0])

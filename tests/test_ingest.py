@@ -20,10 +20,16 @@ def _rows(path):
 
 def test_phantom_ingest_patient_split_and_cache(phantom_dir, tmp_path):
     ds = DatasetSection(
-        root=str(phantom_dir), labels_csv=str(phantom_dir / "labels.csv"),
-        join_attribute="AccessionNumber", join_column="accession", label_column="finding",
-        classes=["normal", "opacity"], spatial_size=32, intensity="bits", workers=2,
-    )  # fmt: skip
+        root=str(phantom_dir),
+        labels_csv=str(phantom_dir / "labels.csv"),
+        join_attribute="AccessionNumber",
+        join_column="accession",
+        label_column="finding",
+        classes=["normal", "opacity"],
+        spatial_size=32,
+        intensity="bits",
+        workers=2,
+    )
     summary = ingest(ds, tmp_path)
     rows = _rows(tmp_path / "index.csv")
     assert summary.images == len(rows) > 40 and summary.skipped == 0
@@ -73,10 +79,15 @@ def test_missing_key_column_and_empty_class(phantom_dir, tmp_path):
         ingest(DatasetSection(**base), tmp_path)
     with pytest.raises(IngestError, match=r"class\(es\) \['nodule'\] have no images"):
         ingest(
-            DatasetSection(**base, join_attribute="AccessionNumber", join_column="accession",
-                           label_column="finding", classes=["normal", "opacity", "nodule"]),
+            DatasetSection(
+                **base,
+                join_attribute="AccessionNumber",
+                join_column="accession",
+                label_column="finding",
+                classes=["normal", "opacity", "nodule"],
+            ),
             tmp_path,
-        )  # fmt: skip
+        )
     with pytest.raises(IngestError, match="data folder not found"):
         ingest(DatasetSection(**dict(base, root=str(tmp_path / "nope"))), tmp_path)
 
@@ -132,9 +143,13 @@ dataset:
 def test_rsna_jpeg_ingest_at_64(tmp_path):
     root = shared_dataset("rsna-pneumonia-dicom")
     ds = DatasetSection(
-        root=str(root), labels_csv=str(root / "labels.csv"), join_attribute="PatientID",
-        join_column="patientId", label_column="Target", spatial_size=64,
-    )  # fmt: skip
+        root=str(root),
+        labels_csv=str(root / "labels.csv"),
+        join_attribute="PatientID",
+        join_column="patientId",
+        label_column="Target",
+        spatial_size=64,
+    )
     summary = ingest(ds, tmp_path)
     # Only side tables beside the images (boxes.csv) are skipped, as not DICOM.
     skipped = _rows(tmp_path / "skipped.csv")

@@ -5,14 +5,20 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "medsynth"
 LEVEL = {
-    "protocol": 0, "registry": 0, "dicom": 0, "utils": 0, "runfolder": 0,
-    "data": 1, "diffusion": 1,
-    "training": 2, "generation": 2,
+    "protocol": 0,
+    "registry": 0,
+    "dicom": 0,
+    "utils": 0,
+    "runfolder": 0,
+    "data": 1,
+    "diffusion": 1,
+    "training": 2,
+    "generation": 2,
     "evaluation": 3,
     "experiment": 4,
     "review": 4,
     "cli": 5,
-}  # fmt: skip
+}
 FORBIDDEN = {
     "diffusion": {"data", "dicom"},
     "evaluation": {"training", "diffusion"},

@@ -116,8 +116,10 @@ def test_csv_cells_are_neutralised_and_restored(tmp_path):
 def test_formula_labels_are_neutralised_in_index(tmp_path):
     data, uids = _folder(tmp_path)
     table = tmp_path / "labels.csv"
-    table.write_text("SOPInstanceUID,label\n" + "".join(
-        f"{u},{'=cmd|calc' if i % 2 else '@bad'}\n" for i, u in enumerate(uids)))  # fmt: skip
+    table.write_text(
+        "SOPInstanceUID,label\n"
+        + "".join(f"{u},{'=cmd|calc' if i % 2 else '@bad'}\n" for i, u in enumerate(uids))
+    )
     ingest(_ds(data, table, classes=["=cmd|calc", "@bad"]), tmp_path / "out")
     raw = list(csv.DictReader((tmp_path / "out" / "index.csv").open()))
     assert {r["label"] for r in raw} == {"'=cmd|calc", "'@bad"}

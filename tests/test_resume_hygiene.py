@@ -18,8 +18,18 @@ def _train(out: Path, max_steps: int) -> Path:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(16, 1, 16, 16, generator=g) * 2 - 1
     labels = torch.arange(16) % 2
-    return train(images, labels, ["a", "b"], out, unet=TINY, max_steps=max_steps, batch_size=8,
-                 warmup_steps=2, checkpoint_every_steps=5, progress=False)  # fmt: skip
+    return train(
+        images,
+        labels,
+        ["a", "b"],
+        out,
+        unet=TINY,
+        max_steps=max_steps,
+        batch_size=8,
+        warmup_steps=2,
+        checkpoint_every_steps=5,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,14 @@ def test_apptest_accept_persists_reload_and_export(run):
         at.run()
         assert not at.exception
         assert at.radio(key="view").options == [
-            "Samples", "Review", "Compare", "Disagreements", "Metrics", "DICOM", "Export",
-        ]  # fmt: skip
+            "Samples",
+            "Review",
+            "Compare",
+            "Disagreements",
+            "Metrics",
+            "DICOM",
+            "Export",
+        ]
         at.radio(key="view").set_value("Review").run()
         # The smoke run's held-out set is too small to calibrate: Compare says so.
         at.radio(key="view").set_value("Compare").run()
@@ -125,8 +131,14 @@ def test_export_applies_corrected_label_everywhere_and_cli(run, tmp_path):
 
     manifest = _rows(run / "generate/main/manifest.csv")
     r = manifest[-1]  # an opacity sample, accepted as normal
-    decide(run / "review.sqlite", f"main/{r['path']}", "other", "accept", r["pixel_sha256"],
-           corrected_label="normal")  # fmt: skip
+    decide(
+        run / "review.sqlite",
+        f"main/{r['path']}",
+        "other",
+        "accept",
+        r["pixel_sha256"],
+        corrected_label="normal",
+    )
     out, n = export_accepted(run, "main", tmp_path / "exp", reviewer="other", link=True)
     row = _rows(out / "manifest.csv")[0]
     assert n == 1 and not (out / row["path"]).is_symlink()  # a relabelled file is rewritten
@@ -237,10 +249,12 @@ def test_agreement_kappas():
     # Fleiss (1971) worked example reduced: identical ratings -> 1, all split evenly -> negative.
     assert fleiss_kappa([["a", "a", "a"], ["b", "b", "b"]]) == 1.0
     assert fleiss_kappa([["a", "b"], ["a", "b"]]) < 0
-    rows = [{"sample": "s1", "reviewer": "x", "decision": "accept", "corrected_label": None},
-            {"sample": "s1", "reviewer": "y", "decision": "accept", "corrected_label": "opacity"},
-            {"sample": "s2", "reviewer": "x", "decision": "reject", "corrected_label": None},
-            {"sample": "s2", "reviewer": "y", "decision": "reject", "corrected_label": None}]  # fmt: skip
+    rows = [
+        {"sample": "s1", "reviewer": "x", "decision": "accept", "corrected_label": None},
+        {"sample": "s1", "reviewer": "y", "decision": "accept", "corrected_label": "opacity"},
+        {"sample": "s2", "reviewer": "x", "decision": "reject", "corrected_label": None},
+        {"sample": "s2", "reviewer": "y", "decision": "reject", "corrected_label": None},
+    ]
     assert disagreements(rows) == {"s1": {"x": "accept", "y": "accept→opacity"}}
     table = agreement_table(rows)
     assert table["samples"] == 2 and table["pairs"][0]["reviewers"] == "x / y"
@@ -293,10 +307,27 @@ def test_real_browser_screenshot(run, tmp_path):
     port = _free_port()
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     app = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address",
-         "127.0.0.1", "--server.port", str(port), "--client.toolbarMode", "viewer", "--", str(run)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(APP),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--client.toolbarMode",
+            "viewer",
+            "--",
+            str(run),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while True:

@@ -56,17 +56,38 @@ def base_run(tmp_path_factory):
         # A phantom chest radiograph at 1024 px (fine texture is readable only at full size).
         rng = np.random.default_rng(i)
         img = render(draw_anatomy(rng), "opacity" if i else "normal", 0.3, 1024, rng) * 2 - 1
-        ds = synthetic_instance(np.clip(img, -1, 1), run_id="e" * 64, pool="xray1024",
-                                class_name="normal", class_index=0, seed=i, index=i, derivation="test")  # fmt: skip
+        ds = synthetic_instance(
+            np.clip(img, -1, 1),
+            run_id="e" * 64,
+            pool="xray1024",
+            class_name="normal",
+            class_index=0,
+            seed=i,
+            index=i,
+            derivation="test",
+        )
         path = f"dicom/normal/{i:06d}.dcm"
         import hashlib
 
         data = write_instance(pool / path, ds)
-        rows.append({"path": path, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": "normal",
-                     "class_index": "0", "index": str(i), "seed": str(i), "guidance_scale": "1.0",
-                     "sampler": "test", "steps": "1", "snapshot_sha256": "x", "protocol_sha256": "x",
-                     "pixel_sha256": pixel_sha256(ds), "file_sha256": hashlib.sha256(data).hexdigest(),
-                     "medsynth_version": "test"})  # fmt: skip
+        rows.append(
+            {
+                "path": path,
+                "SOPInstanceUID": ds.SOPInstanceUID,
+                "class_name": "normal",
+                "class_index": "0",
+                "index": str(i),
+                "seed": str(i),
+                "guidance_scale": "1.0",
+                "sampler": "test",
+                "steps": "1",
+                "snapshot_sha256": "x",
+                "protocol_sha256": "x",
+                "pixel_sha256": pixel_sha256(ds),
+                "file_sha256": hashlib.sha256(data).hexdigest(),
+                "medsynth_version": "test",
+            }
+        )
     with (pool / "manifest.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -94,11 +115,29 @@ def server(base_run, tmp_path_factory):
     port = _port()
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", USER="server-user")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType",
-         "none", "--client.toolbarMode", "viewer", "--", str(run)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(APP),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.fileWatcherType",
+            "none",
+            "--client.toolbarMode",
+            "viewer",
+            "--",
+            str(run),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -442,8 +481,10 @@ def test_disagreements_adjudication_and_agreement(browser, app, tmp_path):
     browser.wait("document.body.innerText.includes('Saved: adjudication')", 30)
     (adj,) = adjudications(db)
     assert (adj["sample"], adj["adjudicator"], adj["decision"]) == (
-        f"main/{rows[0]['path']}", "carol", "accept",
-    )  # fmt: skip
+        f"main/{rows[0]['path']}",
+        "carol",
+        "accept",
+    )
     browser.click(radio_option("Metrics"))
     browser.idle()
     from medsynth.review.agreement import cohen_kappa, fleiss_kappa
@@ -508,8 +549,11 @@ def test_export_preview_offers_to_exclude_flagged(browser, app):
     for r in rows[:3]:
         decide(run / "review.sqlite", f"main/{r['path']}", "alice", "accept", r["pixel_sha256"])
     _open(browser, url, "Export")
-    _see(browser, "Exclude memorization-flagged samples (1 accepted)",
-         "Left out as possible copies: dicom/normal/000001.dcm")  # fmt: skip
+    _see(
+        browser,
+        "Exclude memorization-flagged samples (1 accepted)",
+        "Left out as possible copies: dicom/normal/000001.dcm",
+    )
     _click_then_see(browser, "Export 2 samples", "Exported 2")
     assert [r["path"] for r in _manifest(run, "main-accepted")] == [
         rows[0]["path"],

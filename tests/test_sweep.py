@@ -20,8 +20,10 @@ PNEUMONIA_SWEEP = ROOT / "protocols" / "pneumoniamnist_sweep.yaml"
 
 def _markers(run: Path) -> dict[str, float]:
     """Folder -> finish time of every finished sweep unit (train, pool, evaluation)."""
-    return {str(m.parent.relative_to(run)): json.loads(m.read_text())["finished"]
-            for m in (run / "sweep").rglob(".stage.json")}  # fmt: skip
+    return {
+        str(m.parent.relative_to(run)): json.loads(m.read_text())["finished"]
+        for m in (run / "sweep").rglob(".stage.json")
+    }
 
 
 def test_sweep_section_is_validated_with_clear_errors():
@@ -121,8 +123,15 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
         assert text in page, text
     # Each generator and its classifiers saw only their fraction of the real training images.
     pools = ["g2-ddim3-eta0-p1", "g2-dpmpp3-p1"]
-    n = {f: {json.loads((run / f"sweep/f{f}/evaluate/proportional/{p}/summary.json").read_text())[
-        "n_real_train"] for p in pools} for f in ("0.5", "1")}  # fmt: skip
+    n = {
+        f: {
+            json.loads((run / f"sweep/f{f}/evaluate/proportional/{p}/summary.json").read_text())[
+                "n_real_train"
+            ]
+            for p in pools
+        }
+        for f in ("0.5", "1")
+    }
     assert len(n["0.5"]) == len(n["1"]) == 1 and 0 < min(n["0.5"]) < min(n["1"])
 
 

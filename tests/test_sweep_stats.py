@@ -50,8 +50,10 @@ def test_a_planted_effect_is_found_and_a_null_is_not():
     assert hit["diff"] > 0.1 and hit["ci_low"] > 0 and hit["p"] < 0.01
     assert null["ci_low"] < 0 < null["ci_high"] and null["p"] > 0.05
     # Twenty null configurations and one real one: after Holm only the real one survives.
-    ps = [paired_bootstrap_test(y, _probas(y, 1.0, 3, rng), base[:3], n_boot=200, seed=i)["p"]
-          for i in range(20)] + [hit["p"]]  # fmt: skip
+    ps = [
+        paired_bootstrap_test(y, _probas(y, 1.0, 3, rng), base[:3], n_boot=200, seed=i)["p"]
+        for i in range(20)
+    ] + [hit["p"]]
     assert np.flatnonzero(holm(ps) < 0.05).tolist() == [20]
     # The MDE is a multiple of the SE; with Bonferroni over more comparisons it grows.
     mde = minimal_detectable_effect(null["se"])
@@ -64,8 +66,10 @@ def test_partial_spearman_separates_diversity_from_fidelity():
     fidelity = rng.normal(size=60)
     diversity = fidelity + 0.3 * rng.normal(size=60)  # moves with fidelity (guidance)
     uplift = fidelity + 0.3 * rng.normal(size=60)  # driven by fidelity only
-    rows = [{"vendi_clf": d, "FD_clf": -f, "precision_clf": f, "auc_vs_dup": u}
-            for d, f, u in zip(diversity, fidelity, uplift, strict=True)]  # fmt: skip
+    rows = [
+        {"vendi_clf": d, "FD_clf": -f, "precision_clf": f, "auc_vs_dup": u}
+        for d, f, u in zip(diversity, fidelity, uplift, strict=True)
+    ]
     res = diversity_vs_uplift(rows, ("vendi_clf",), n_boot=300)["vendi_clf"]
     assert res["spearman"]["rho"] > 0.7  # raw rho is confounded
     assert (

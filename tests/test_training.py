@@ -92,8 +92,21 @@ def test_ddp_two_processes_match_one(tmp_path):
     (tmp_path / "two").mkdir()
     os.symlink(tmp_path / "one/ingest", tmp_path / "two/ingest")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29533", "-m", "medsynth.cli", "train", str(proto), "--run-dir", str(tmp_path / "two")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "medsynth.cli",
+        "train",
+        str(proto),
+        "--run-dir",
+        str(tmp_path / "two"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = (
@@ -148,15 +161,35 @@ def test_conditioning_conditions(tmp_path):
     cy = 7.5 + torch.randn(n, generator=g) * 1.5
     blob = torch.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 6.0)
     images = (blob * 1.8 - 0.9 + torch.randn(n, s, s, generator=g) * 0.05)[:, None]
-    snap = train(images, labels, ["left", "right"], tmp_path, unet=TINY, max_steps=300,
-                 batch_size=32, lr=2e-3, warmup_steps=20, ema_halflife_steps=50,
-                 checkpoint_every_steps=300, progress=False)  # fmt: skip
+    snap = train(
+        images,
+        labels,
+        ["left", "right"],
+        tmp_path,
+        unet=TINY,
+        max_steps=300,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=20,
+        ema_halflife_steps=50,
+        checkpoint_every_steps=300,
+        progress=False,
+    )
     model, sched, cfg = load_snapshot(snap)
     from medsynth.diffusion.sampler import sample
 
     want = [0] * 16 + [1] * 16
-    out = sample(model, sched, want, list(range(32)), image_shape=(1, s, s), null_label=2,
-                 sampler="dpmpp", steps=15, guidance_scale=2.0)  # fmt: skip
+    out = sample(
+        model,
+        sched,
+        want,
+        list(range(32)),
+        image_shape=(1, s, s),
+        null_label=2,
+        sampler="dpmpp",
+        steps=15,
+        guidance_scale=2.0,
+    )
     # A simple classifier: which half is brighter?
     left, right = out[:, 0, :, : s // 2].mean((1, 2)), out[:, 0, :, s // 2 :].mean((1, 2))
     predicted = (right > left).long()

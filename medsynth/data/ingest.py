@@ -37,9 +37,20 @@ from medsynth.protocol import DatasetKind, DatasetSection
 from medsynth.utils.csvsafe import write_rows
 
 INDEX_COLUMNS = (
-    "row", "path", "PatientID", "StudyInstanceUID", "SOPInstanceUID", "label", "label_index",
-    "split", "Rows", "Columns", "PhotometricInterpretation", "TransferSyntaxUID", "ViewPosition",
-)  # fmt: skip
+    "row",
+    "path",
+    "PatientID",
+    "StudyInstanceUID",
+    "SOPInstanceUID",
+    "label",
+    "label_index",
+    "split",
+    "Rows",
+    "Columns",
+    "PhotometricInterpretation",
+    "TransferSyntaxUID",
+    "ViewPosition",
+)
 
 
 @dataclass

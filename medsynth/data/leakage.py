@@ -18,9 +18,19 @@ from medsynth.data.index import IngestError, _patient_key, assign_splits
 from medsynth.utils.csvsafe import neutralise
 
 DUPLICATE_COLUMNS = (
-    "row_a", "row_b", "similarity", "exact", "split_a", "split_b", "cross_split",
-    "PatientID_a", "PatientID_b", "same_patient", "label_a", "label_b",
-)  # fmt: skip
+    "row_a",
+    "row_b",
+    "similarity",
+    "exact",
+    "split_a",
+    "split_b",
+    "cross_split",
+    "PatientID_a",
+    "PatientID_b",
+    "same_patient",
+    "label_a",
+    "label_b",
+)
 EXCLUDED_FILE = "excluded.csv"
 
 
@@ -101,9 +111,20 @@ def _write(out: Path, rows: list[dict], pairs: DuplicatePairs) -> None:
         for k in order.tolist():
             a, b = rows[int(pairs.i[k])], rows[int(pairs.j[k])]
             pa, pb = a.get("PatientID", ""), b.get("PatientID", "")
-            cells = [a["row"], b["row"], f"{pairs.similarity[k]:.6f}", int(pairs.exact[k]),
-                     a["split"], b["split"], int(a["split"] != b["split"]), pa, pb,
-                     int(_patient_key(a) == _patient_key(b)), a["label"], b["label"]]  # fmt: skip
+            cells = [
+                a["row"],
+                b["row"],
+                f"{pairs.similarity[k]:.6f}",
+                int(pairs.exact[k]),
+                a["split"],
+                b["split"],
+                int(a["split"] != b["split"]),
+                pa,
+                pb,
+                int(_patient_key(a) == _patient_key(b)),
+                a["label"],
+                b["label"],
+            ]
             w.writerow([neutralise(c) for c in cells])  # IDs and labels are the user's text
 
 

@@ -24,9 +24,14 @@ from medsynth.dicom.files import (
 )
 
 __all__ = [
-    "DecodeOptions", "DicomSkip", "iter_candidate_files", "read_header", "load_unit_image",
-    "header_table", "check_image_header",
-]  # fmt: skip
+    "DecodeOptions",
+    "DicomSkip",
+    "iter_candidate_files",
+    "read_header",
+    "load_unit_image",
+    "header_table",
+    "check_image_header",
+]
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_KEYWORDS = (
@@ -260,13 +265,37 @@ def load_unit_image(
 
 
 # Values shown unmasked in a header view of a *real* file: technical attributes only.
-TECHNICAL_KEYWORDS = frozenset({
-    "SOPClassUID", "Modality", "ConversionType", "ImageType", "BodyPartExamined", "ViewPosition",
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "PixelSpacing",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
-    "RescaleType", "WindowCenter", "WindowWidth", "LossyImageCompression", "BurnedInAnnotation",
-    "PatientIdentityRemoved", "SeriesDescription", "DerivationDescription", "SpecificCharacterSet",
-})  # fmt: skip
+TECHNICAL_KEYWORDS = frozenset(
+    {
+        "SOPClassUID",
+        "Modality",
+        "ConversionType",
+        "ImageType",
+        "BodyPartExamined",
+        "ViewPosition",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "PixelSpacing",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "LossyImageCompression",
+        "BurnedInAnnotation",
+        "PatientIdentityRemoved",
+        "SeriesDescription",
+        "DerivationDescription",
+        "SpecificCharacterSet",
+    }
+)
 
 
 def header_table(path: str | Path, mask: bool = False) -> list[dict[str, str]]:

@@ -17,9 +17,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 _PIXEL_ATTRS = {
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "PixelData", "PlanarConfiguration",
-}  # fmt: skip
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelData",
+    "PlanarConfiguration",
+}
 
 
 def deterministic_uid(*entropy: object) -> str:
@@ -207,8 +215,13 @@ def synthetic_instance(
         top = 2**STORED_BITS - 1
         stored = np.round((np.clip(image, -1, 1) + 1) / 2 * top).astype(np.uint16)
         photometric, bits = "MONOCHROME2", STORED_BITS
-        attrs |= {"RescaleIntercept": "-1", "RescaleSlope": f"{2 / top:.10g}", "RescaleType": "US",
-                  "WindowCenter": "0", "WindowWidth": "2"}  # fmt: skip
+        attrs |= {
+            "RescaleIntercept": "-1",
+            "RescaleSlope": f"{2 / top:.10g}",
+            "RescaleType": "US",
+            "WindowCenter": "0",
+            "WindowWidth": "2",
+        }
     attrs["LossyImageCompression"] = "00"
     ds = build_instance(
         stored,

@@ -110,8 +110,9 @@ def _ddim(denoise, x, noise, cfg: ScheduleConfig, steps: int, progress) -> torch
     return x
 
 
-def _ddim_eta_step(denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress,
-                   *, eta: float) -> torch.Tensor:  # fmt: skip
+def _ddim_eta_step(
+    denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress, *, eta: float
+) -> torch.Tensor:
     """DDIM with stochasticity ``eta`` (Song et al. 2021, eq. 12) and per-sample noise.
 
     MONAI's ``DDIMScheduler.step`` takes one generator for the whole batch, which would tie a

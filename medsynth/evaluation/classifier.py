@@ -51,10 +51,16 @@ class SmallCNN(nn.Module):
             )
 
         self.body = nn.Sequential(
-            block(in_channels, c[0]), block(c[0], c[0]), nn.MaxPool2d(2),
-            block(c[0], c[1]), block(c[1], c[1]), nn.MaxPool2d(2),
-            block(c[1], c[2]), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            block(in_channels, c[0]),
+            block(c[0], c[0]),
+            nn.MaxPool2d(2),
+            block(c[0], c[1]),
+            block(c[1], c[1]),
+            nn.MaxPool2d(2),
+            block(c[1], c[2]),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(c[2], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +87,17 @@ def build_network(kind: str, in_channels: int, num_classes: int, width: float = 
         from monai.networks.nets import ResNet
 
         return ResNet(
-            block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
-            n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
-            widen_factor=width, num_classes=num_classes,
-        )  # fmt: skip
+            block="basic",
+            layers=[2, 2, 2, 2],
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=2,
+            n_input_channels=in_channels,
+            conv1_t_size=3,
+            conv1_t_stride=1,
+            no_max_pool=True,
+            widen_factor=width,
+            num_classes=num_classes,
+        )
     raise ValueError(f"unknown classifier kind {kind!r}; valid choices: resnet18, small_cnn")
 
 
@@ -110,8 +123,13 @@ def classical_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class Classifier:
     """fit / predict_proba / features over ``(N, C, H, W)`` float tensors in [-1, 1]."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, config: ClassifierConfig | None = None,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        config: ClassifierConfig | None = None,
+        seed: int = 0,
+    ) -> None:
         self.cfg = copy.copy(config or ClassifierConfig())
         self.cfg.precision = resolve_precision(self.cfg.precision, self.cfg.device)
         self.num_classes, self.in_channels, self.seed = num_classes, in_channels, seed
@@ -129,8 +147,14 @@ class Classifier:
         dev = torch.device(self.cfg.device).type
         return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-            sample_weight: torch.Tensor | None = None) -> Classifier:  # fmt: skip
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+    ) -> Classifier:
         """Train for ``epochs``; keep the weights of the epoch with the best validation AUC."""
         cfg, dev = self.cfg, torch.device(self.cfg.device)
         g = torch.Generator().manual_seed(self.seed)

@@ -54,8 +54,11 @@ def kid(
         x = real[rng.choice(len(real), m, replace=False)]
         y = fake[rng.choice(len(fake), m, replace=False)]
         kxx, kyy, kxy = (((a @ b.T) / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                    - 2 * kxy.mean())  # fmt: skip
+        vals.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
     return float(np.mean(vals))
 
 
@@ -122,11 +125,21 @@ def msssim_ratio(
     return mean_pairwise_msssim(fake, n_pairs, seed) / mean_pairwise_msssim(real, n_pairs, seed)
 
 
-def fidelity_diversity(real_feats: np.ndarray, fake_feats: np.ndarray, real_imgs: torch.Tensor,
-                       fake_imgs: torch.Tensor, k: int = 5, seed: int = 0) -> dict[str, float]:  # fmt: skip
+def fidelity_diversity(
+    real_feats: np.ndarray,
+    fake_feats: np.ndarray,
+    real_imgs: torch.Tensor,
+    fake_imgs: torch.Tensor,
+    k: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
     """All metrics of one (class or overall) comparison, keys named after the extractor."""
-    out = {"n_real": len(real_feats), "n_synthetic": len(fake_feats),
-           "FD_clf": fd(real_feats, fake_feats), "KID_clf": kid(real_feats, fake_feats, seed=seed)}  # fmt: skip
+    out = {
+        "n_real": len(real_feats),
+        "n_synthetic": len(fake_feats),
+        "FD_clf": fd(real_feats, fake_feats),
+        "KID_clf": kid(real_feats, fake_feats, seed=seed),
+    }
     out.update({f"{k_}_clf": v for k_, v in prdc(real_feats, fake_feats, k).items()})
     out["msssim_ratio"] = msssim_ratio(fake_imgs, real_imgs, seed=seed)
     out["vendi_clf"] = vendi(fake_feats)

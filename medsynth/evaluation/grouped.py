@@ -34,8 +34,14 @@ def groupable(config: ClassifierConfig) -> bool:
 
 def _group_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:
     g, c0 = len(convs), convs[0]
-    out = nn.Conv2d(c0.in_channels * g, c0.out_channels * g, c0.kernel_size, padding=c0.padding,
-                    bias=False, groups=g)  # fmt: skip
+    out = nn.Conv2d(
+        c0.in_channels * g,
+        c0.out_channels * g,
+        c0.kernel_size,
+        padding=c0.padding,
+        bias=False,
+        groups=g,
+    )
     out.weight.data.copy_(torch.cat([c.weight.data for c in convs]))
     return out
 
@@ -62,8 +68,13 @@ class GroupedSmallCNN(nn.Module):
         layers = []
         for parts in zip(*(n.body for n in nets), strict=True):
             if isinstance(parts[0], nn.Sequential):  # conv - BN - ReLU block
-                layers.append(nn.Sequential(_group_conv([p[0] for p in parts]),
-                                            _group_bn([p[1] for p in parts]), nn.ReLU(inplace=True)))  # fmt: skip
+                layers.append(
+                    nn.Sequential(
+                        _group_conv([p[0] for p in parts]),
+                        _group_bn([p[1] for p in parts]),
+                        nn.ReLU(inplace=True),
+                    )
+                )
             else:  # pooling / flatten act per channel: shared as they are
                 layers.append(parts[0])
         self.body = nn.Sequential(*layers)
@@ -158,8 +169,9 @@ def fit_seeds(
         states = None
         for k in range(g):
             auc = auc_score(y_val_np, probas[k], num_classes)
-            clfs[k].history.append({"epoch": epoch, "train_loss": float(totals[k]) / len(x),
-                                    "val_auc": auc})  # fmt: skip
+            clfs[k].history.append(
+                {"epoch": epoch, "train_loss": float(totals[k]) / len(x), "val_auc": auc}
+            )
             if auc > best[k]:
                 states = states or net.split_state()
                 best[k], best_state[k], clfs[k].best_epoch = auc, states[k], epoch
@@ -170,8 +182,9 @@ def fit_seeds(
 
 
 @torch.no_grad()
-def _predict(net: GroupedSmallCNN, x: torch.Tensor, autocast, dev, mf,
-             batch: int = 512) -> list[np.ndarray]:  # fmt: skip
+def _predict(
+    net: GroupedSmallCNN, x: torch.Tensor, autocast, dev, mf, batch: int = 512
+) -> list[np.ndarray]:
     """Per-group ``(N, K)`` probabilities of the same images ``x`` ``(N, C, H, W)``."""
     net.eval()
     outs = []

@@ -96,23 +96,36 @@ def audit(
         "n_synthetic": len(px_sim),
         "pixel_threshold": px_thr,
         "feature_threshold": ft_thr,
-        "n_holdout": len(hold_px), "n_calibration": n_cal,
+        "n_holdout": len(hold_px),
+        "n_calibration": n_cal,
         "n_holdout_near_duplicates": int(len(hold_px) - calib.sum()),
         "exclude_threshold": exclude_threshold,
         "holdout_flag_rate_nominal": 1 - quantile,
         "holdout_flag_rate": float(hold_flag.mean()) if len(hold_flag) else nan,
-        "informative": not reasons, "not_informative_reason": "; ".join(reasons) or None,
+        "informative": not reasons,
+        "not_informative_reason": "; ".join(reasons) or None,
         "share_flagged": float(flag.mean()) if len(flag) else nan,
         "share_flagged_pixel": float((px_sim > px_thr).mean()) if len(flag) else nan,
         "share_flagged_feature": float((ft_sim > ft_thr).mean()) if len(flag) else nan,
         "exact_copies": int(copies.sum()),
         "per_sample": {
-            "pixel_similarity": px_sim.tolist(), "pixel_nn": px_idx.tolist(),
-            "feature_similarity": ft_sim.tolist(), "feature_nn": ft_idx.tolist(), "flagged": flag.tolist(),
+            "pixel_similarity": px_sim.tolist(),
+            "pixel_nn": px_idx.tolist(),
+            "feature_similarity": ft_sim.tolist(),
+            "feature_nn": ft_idx.tolist(),
+            "flagged": flag.tolist(),
         },
-        "top_pairs": [{"synthetic": int(i), "train": int(px_idx[i]), "pixel_similarity": float(px_sim[i]),
-                       "feature_similarity": float(ft_sim[i]), "flagged": bool(flag[i])} for i in order],
-    }  # fmt: skip
+        "top_pairs": [
+            {
+                "synthetic": int(i),
+                "train": int(px_idx[i]),
+                "pixel_similarity": float(px_sim[i]),
+                "feature_similarity": float(ft_sim[i]),
+                "flagged": bool(flag[i]),
+            }
+            for i in order
+        ],
+    }
 
 
 def audit_line(m: dict) -> str:

@@ -28,8 +28,9 @@ def kcenter_greedy(feats: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
     return np.array(chosen, dtype=np.int64)
 
 
-def select(method: str, m: int, feats: np.ndarray, confidence: np.ndarray | None = None,
-           seed: int = 0) -> np.ndarray:  # fmt: skip
+def select(
+    method: str, m: int, feats: np.ndarray, confidence: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
     """Indices of ``m`` pool rows. ``confidence``: real-trained classifier's probability of each
     sample's own label (``fidelity`` keeps the most confident)."""
     if method == "random":

@@ -82,10 +82,15 @@ def paired_bootstrap_diff(
 
     def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
         yi = y[idx]
-        return float(np.mean([
-            fast_metric(metric, yi, proba_arm[j][idx], k) - fast_metric(metric, yi, proba_base[j][idx], k)
-            for j in seeds
-        ]))  # fmt: skip
+        return float(
+            np.mean(
+                [
+                    fast_metric(metric, yi, proba_arm[j][idx], k)
+                    - fast_metric(metric, yi, proba_base[j][idx], k)
+                    for j in seeds
+                ]
+            )
+        )
 
     point = diff(np.arange(s), np.arange(n))
     reps = []

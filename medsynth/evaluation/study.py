@@ -29,8 +29,17 @@ from medsynth.protocol import EvaluationSection
 from medsynth.utils.csvsafe import write_rows
 
 UPLIFT_METRICS = ("auc", "balanced_accuracy")
-DIVERSITY_KEYS = ("FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf",
-                  "msssim_ratio", "vendi_clf", "vendi_pixels")  # fmt: skip
+DIVERSITY_KEYS = (
+    "FD_clf",
+    "KID_clf",
+    "precision_clf",
+    "recall_clf",
+    "density_clf",
+    "coverage_clf",
+    "msssim_ratio",
+    "vendi_clf",
+    "vendi_pixels",
+)
 
 
 def class_counts(labels: torch.Tensor, k: int, ratio: float, mix: str) -> list[int]:
@@ -94,20 +103,39 @@ def run_study(
         arm: str, x: torch.Tensor, y: torch.Tensor, n_extra: int = 0, augment=False, **tags
     ):
         """Every seed of one arm, fitted together (grouped where that pays: see fit_seeds)."""
-        clfs = fit_seeds(k, x.shape[1], ClassifierConfig(**dict(cfg.to_dict(), augment=augment)),
-                         list(range(ev.seeds)), x, y, val.images, val.labels)  # fmt: skip
+        clfs = fit_seeds(
+            k,
+            x.shape[1],
+            ClassifierConfig(**dict(cfg.to_dict(), augment=augment)),
+            list(range(ev.seeds)),
+            x,
+            y,
+            val.images,
+            val.labels,
+        )
         for seed, clf in enumerate(clfs):
             p = clf.predict_proba(test.images)
             probas.setdefault(arm, []).append(p)
-            rows.append({"arm": arm, "seed": seed, "n_train": len(x), "n_extra": n_extra,
-                         "best_epoch": clf.best_epoch, **tags, **metrics(y_test, p, classes)})  # fmt: skip
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "n_train": len(x),
+                    "n_extra": n_extra,
+                    "best_epoch": clf.best_epoch,
+                    **tags,
+                    **metrics(y_test, p, classes),
+                }
+            )
         bar.update(len(clfs))
         return clfs
 
     # 1. Real-only; seed 0 is the feature extractor.
     extractor = fit_arm("real_only", real.images, real.labels)[0]
-    feats = {"real_train": extractor.features(real.images), "real_holdout": extractor.features(
-        torch.cat([val.images, test.images]))}  # fmt: skip
+    feats = {
+        "real_train": extractor.features(real.images),
+        "real_holdout": extractor.features(torch.cat([val.images, test.images])),
+    }
     conf = {}  # the real-only classifier's probability of each sample's own label
     for name, pool in pools.items():
         feats[f"pool:{name}"] = extractor.features(pool.images)
@@ -129,27 +157,51 @@ def run_study(
             dup = _pick_per_class(
                 real.labels, counts, lambda idx, m, c, r=dup_rng: r.integers(0, len(idx), m)
             )
-            fit_arm(f"duplicate_control@{ratio:g}", torch.cat([real.images, real.images[dup]]),
-                    torch.cat([real.labels, real.labels[dup]]), len(dup), ratio=ratio)  # fmt: skip
+            fit_arm(
+                f"duplicate_control@{ratio:g}",
+                torch.cat([real.images, real.images[dup]]),
+                torch.cat([real.labels, real.labels[dup]]),
+                len(dup),
+                ratio=ratio,
+            )
         if "synthetic" not in arms:
             continue
         for name, pool in pools.items():
             pf = feats[f"pool:{name}"]
             for sel in ev.selectors:
-                chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c, sel=sel, pf=pf, pc=conf[name]: select(
-                    sel, m, pf[idx], pc[idx], seed=c))  # fmt: skip
+                chosen = _pick_per_class(
+                    pool.labels,
+                    counts,
+                    lambda idx, m, c, sel=sel, pf=pf, pc=conf[name]: select(
+                        sel, m, pf[idx], pc[idx], seed=c
+                    ),
+                )
                 key = f"synthetic:{name}:{sel}@{ratio:g}"
                 variants.append((key, name, sel, ratio, chosen))
-                fit_arm(key, torch.cat([real.images, pool.images[chosen]]),
-                        torch.cat([real.labels, pool.labels[chosen]]), len(chosen),
-                        pool=name, selector=sel, ratio=ratio)  # fmt: skip
+                fit_arm(
+                    key,
+                    torch.cat([real.images, pool.images[chosen]]),
+                    torch.cat([real.labels, pool.labels[chosen]]),
+                    len(chosen),
+                    pool=name,
+                    selector=sel,
+                    ratio=ratio,
+                )
     if "synthetic_only" in arms:
         counts = class_counts(real.labels, k, 1.0, ev.class_mix)
         for name, pool in pools.items():
-            chosen = _pick_per_class(pool.labels, counts, lambda idx, m, c: np.random.default_rng(c).permutation(
-                len(idx))[:m])  # fmt: skip
-            fit_arm(f"synthetic_only:{name}", pool.images[chosen], pool.labels[chosen], len(chosen),
-                    pool=name)  # fmt: skip
+            chosen = _pick_per_class(
+                pool.labels,
+                counts,
+                lambda idx, m, c: np.random.default_rng(c).permutation(len(idx))[:m],
+            )
+            fit_arm(
+                f"synthetic_only:{name}",
+                pool.images[chosen],
+                pool.labels[chosen],
+                len(chosen),
+                pool=name,
+            )
     bar.close()
 
     # 2. Uplift against real-only and against the duplicate control of the same ratio.
@@ -164,8 +216,13 @@ def run_study(
             )
             if arm != "real_only":
                 d = paired_bootstrap_diff(y_test, ps, probas["real_only"], m, classes, ev.bootstrap)
-                rec.update({f"{m}_vs_real": d["diff"], f"{m}_vs_real_ci_low": d["ci_low"],
-                            f"{m}_vs_real_ci_high": d["ci_high"]})  # fmt: skip
+                rec.update(
+                    {
+                        f"{m}_vs_real": d["diff"],
+                        f"{m}_vs_real_ci_low": d["ci_low"],
+                        f"{m}_vs_real_ci_high": d["ci_high"],
+                    }
+                )
             dup = (
                 f"duplicate_control@{arm.rsplit('@', 1)[1]}"
                 if arm.startswith("synthetic:")
@@ -173,8 +230,13 @@ def run_study(
             )
             if dup in probas:
                 d = paired_bootstrap_diff(y_test, ps, probas[dup], m, classes, ev.bootstrap)
-                rec.update({f"{m}_vs_dup": d["diff"], f"{m}_vs_dup_ci_low": d["ci_low"],
-                            f"{m}_vs_dup_ci_high": d["ci_high"]})  # fmt: skip
+                rec.update(
+                    {
+                        f"{m}_vs_dup": d["diff"],
+                        f"{m}_vs_dup_ci_low": d["ci_low"],
+                        f"{m}_vs_dup_ci_high": d["ci_high"],
+                    }
+                )
         uplift.append(rec)
 
     # 3. Fidelity / diversity of each selected set (per class and overall), memorization per pool.
@@ -206,9 +268,16 @@ def run_study(
     ingest_summary = json.loads((Path(ingest_dir) / "summary.json").read_text())
     exclude = (ingest_summary.get("duplicates") or {}).get("threshold", 0.99)
     for name, pool in pools.items():
-        memo[name] = audit(pool.images.numpy(), real.images.numpy(), holdout_px, feats[f"pool:{name}"],
-                           feats["real_train"], feats["real_holdout"], quantile=ev.memorization_quantile,
-                           exclude_threshold=exclude)  # fmt: skip
+        memo[name] = audit(
+            pool.images.numpy(),
+            real.images.numpy(),
+            holdout_px,
+            feats[f"pool:{name}"],
+            feats["real_train"],
+            feats["real_holdout"],
+            quantile=ev.memorization_quantile,
+            exclude_threshold=exclude,
+        )
         memo[name]["synthetic_paths"] = [r["path"] for r in pool.rows]
         # Cache rows, not file paths: source paths often embed patient identifiers.
         memo[name]["train_cache_rows"] = [int(r["row"]) for r in real.rows]
@@ -222,21 +291,47 @@ def run_study(
             x = [fidelity[key].get("all", {}).get(m, np.nan) for key, *_ in variants]
             div_up[m] = spearman_with_ci(np.array(x), np.array(y_up)) | {"x": x, "uplift_auc": y_up}
 
-    summary = {"classes": classes, "train_fraction": train_fraction, "n_real_train": len(real.labels),
-               "n_val": len(val.labels), "n_test": len(test.labels), "classifier": cfg.to_dict(),
-               "seeds": ev.seeds, "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    summary = {
+        "classes": classes,
+        "train_fraction": train_fraction,
+        "n_real_train": len(real.labels),
+        "n_val": len(val.labels),
+        "n_test": len(test.labels),
+        "classifier": cfg.to_dict(),
+        "seeds": ev.seeds,
+        "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     # Test probabilities per arm (seeds stacked) for statistics across studies (sweeps).
-    np.savez_compressed(out / "probas.npz", y_test=y_test, arms=np.array(list(probas)),
-                        **{f"arm_{i}": np.stack(ps) for i, ps in enumerate(probas.values())})  # fmt: skip
+    np.savez_compressed(
+        out / "probas.npz",
+        y_test=y_test,
+        arms=np.array(list(probas)),
+        **{f"arm_{i}": np.stack(ps) for i, ps in enumerate(probas.values())},
+    )
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "uplift.csv", uplift)
-    for fname, obj in (("fidelity.json", fidelity), ("memorization.json", memo),
-                       ("diversity_uplift.json", div_up), ("summary.json", summary)):  # fmt: skip
+    for fname, obj in (
+        ("fidelity.json", fidelity),
+        ("memorization.json", memo),
+        ("diversity_uplift.json", div_up),
+        ("summary.json", summary),
+    ):
         (out / fname).write_text(json.dumps(obj, indent=2, default=float))
-    return {"summary": summary, "uplift": uplift, "fidelity": fidelity, "diversity_uplift": div_up,
-            "memorization": {n: {k_: v for k_, v in m.items() if k_ not in ("per_sample", "synthetic_paths",
-                                 "train_cache_rows")} for n, m in memo.items()}}  # fmt: skip
+    return {
+        "summary": summary,
+        "uplift": uplift,
+        "fidelity": fidelity,
+        "diversity_uplift": div_up,
+        "memorization": {
+            n: {
+                k_: v
+                for k_, v in m.items()
+                if k_ not in ("per_sample", "synthetic_paths", "train_cache_rows")
+            }
+            for n, m in memo.items()
+        },
+    }
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

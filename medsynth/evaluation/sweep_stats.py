@@ -42,8 +42,15 @@ def paired_bootstrap_test(
 
     def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
         yi = y[idx]
-        return float(np.mean([fast_metric(metric, yi, proba_arm[j][idx], k)
-                              - fast_metric(metric, yi, proba_base[j][idx], k) for j in seeds]))  # fmt: skip
+        return float(
+            np.mean(
+                [
+                    fast_metric(metric, yi, proba_arm[j][idx], k)
+                    - fast_metric(metric, yi, proba_base[j][idx], k)
+                    for j in seeds
+                ]
+            )
+        )
 
     point = diff(np.arange(s), np.arange(n))
     reps = []
@@ -59,8 +66,14 @@ def paired_bootstrap_test(
     lo, hi = np.percentile(reps, [2.5, 97.5])
     tail = min((reps <= 0).mean(), (reps >= 0).mean())
     p = min(1.0, max(2 * tail, 1 / (len(reps) + 1)))
-    return {"diff": point, "ci_low": float(lo), "ci_high": float(hi), "se": float(reps.std(ddof=1)),
-            "p": float(p), "n_boot": len(reps)}  # fmt: skip
+    return {
+        "diff": point,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "se": float(reps.std(ddof=1)),
+        "p": float(p),
+        "n_boot": len(reps),
+    }
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -147,8 +160,12 @@ def partial_spearman_with_ci(
     reps = _rowwise_corr(_residual_ranks(x[i], z[i]), _residual_ranks(y[i], z[i]))
     reps = reps[np.isfinite(reps)]
     lo, hi = np.percentile(reps, [2.5, 97.5]) if len(reps) else (nan, nan)
-    return {"rho": partial_spearman(x, y, z), "ci_low": float(lo), "ci_high": float(hi),
-            "n": len(x)}  # fmt: skip
+    return {
+        "rho": partial_spearman(x, y, z),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "n": len(x),
+    }
 
 
 def adjust_table(rows: list[dict], prefix: str) -> None:
@@ -186,8 +203,10 @@ def verdict(diff: float, ci_low: float, ci_high: float, p_adj: float, mde: float
         return f"{'helps' if diff > 0 else 'hurts'} ({diff:+.3f}, adjusted p={p_adj:.3g})"
     if ci_low > 0 or ci_high < 0:
         # The raw CI excludes 0 but the adjusted p does not: say so rather than hide it.
-        return (f"not significant after adjustment (raw CI [{ci_low:+.3f}, {ci_high:+.3f}], "
-                f"adjusted p={p_adj:.3g}; MDE {mde:.3f})")  # fmt: skip
+        return (
+            f"not significant after adjustment (raw CI [{ci_low:+.3f}, {ci_high:+.3f}], "
+            f"adjusted p={p_adj:.3g}; MDE {mde:.3f})"
+        )
     return f"no effect detected (MDE {mde:.3f}; CI [{ci_low:+.3f}, {ci_high:+.3f}])"
 
 

@@ -102,8 +102,10 @@ def write_report(run: Path, protocol) -> Path:
     env = json.loads((run / "environment.json").read_text())
     ingest = json.loads((run / "ingest" / "summary.json").read_text())
     classes = ingest["classes"]
-    parts = [f"<h1>medsynth study: {html.escape(protocol.name)}</h1>",
-             f"<p class=muted>{html.escape(protocol.description)}</p>"]  # fmt: skip
+    parts = [
+        f"<h1>medsynth study: {html.escape(protocol.name)}</h1>",
+        f"<p class=muted>{html.escape(protocol.description)}</p>",
+    ]
 
     # What was run.
     skipped = list(csv.DictReader((run / "ingest" / "skipped.csv").open()))
@@ -111,15 +113,21 @@ def write_report(run: Path, protocol) -> Path:
     for s in skipped:
         reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
     counts = [[s] + [ingest["counts"][s][c] for c in classes] for s in ("train", "val", "test")]
-    parts += ["<h2>What was run</h2>",
-              f"<p>{ingest['images']} images from {ingest['files_scanned']} files at {ingest['spatial_size']} px; "
-              f"{ingest['skipped']} files skipped"
-              + (" (" + ", ".join(f"{n}× {html.escape(r)}" for r, n in reasons.items()) + ")" if reasons else "")
-              + f"; training fraction {protocol.dataset.train_fraction:g} of the train split.</p>",
-              _leak_box(ingest),
-              _table(counts, ["split"] + classes),
-              _small_class_card(run, protocol, classes),
-              "<p class=muted>" + ", ".join(f"{k} {v}" for k, v in env.items() if v) + "</p>"]  # fmt: skip
+    parts += [
+        "<h2>What was run</h2>",
+        f"<p>{ingest['images']} images from {ingest['files_scanned']} files at {ingest['spatial_size']} px; "
+        f"{ingest['skipped']} files skipped"
+        + (
+            " (" + ", ".join(f"{n}× {html.escape(r)}" for r, n in reasons.items()) + ")"
+            if reasons
+            else ""
+        )
+        + f"; training fraction {protocol.dataset.train_fraction:g} of the train split.</p>",
+        _leak_box(ingest),
+        _table(counts, ["split"] + classes),
+        _small_class_card(run, protocol, classes),
+        "<p class=muted>" + ", ".join(f"{k} {v}" for k, v in env.items() if v) + "</p>",
+    ]
 
     # Training curve.
     log = run / "train" / "log.jsonl"
@@ -145,8 +153,9 @@ def write_report(run: Path, protocol) -> Path:
         )
         per = 8
         rows_syn = [r for c in classes for r in [m for m in manifest if m["class_name"] == c][:per]]
-        pool = load_pool(pool_dir, classes, real.images.shape[-1], rows=rows_syn,
-                         channels=real.images.shape[1])  # fmt: skip
+        pool = load_pool(
+            pool_dir, classes, real.images.shape[-1], rows=rows_syn, channels=real.images.shape[1]
+        )
         rows_img = []
         for ci in range(len(classes)):
             strips = [
@@ -167,17 +176,24 @@ def write_report(run: Path, protocol) -> Path:
             axes[ci, 0].set_title(f"{c}: real (left) | synthetic (right)", fontsize=9, loc="left")
             axes[ci, 0].axis("off")
         fig.tight_layout()
-        parts += [f"<h2>Samples (pool <code>{html.escape(pool_name)}</code>)</h2>",
-                  f"<p>{len(manifest)} synthetic images, sampler {protocol.generation.sampler}-{protocol.generation.steps}, "
-                  f"guidance {protocol.generation.guidance_scale:g}. Left: real training images; right: synthetic.</p>",
-                  _png(fig, out / "samples.png")]  # fmt: skip
+        parts += [
+            f"<h2>Samples (pool <code>{html.escape(pool_name)}</code>)</h2>",
+            f"<p>{len(manifest)} synthetic images, sampler {protocol.generation.sampler}-{protocol.generation.steps}, "
+            f"guidance {protocol.generation.guidance_scale:g}. Left: real training images; right: synthetic.</p>",
+            _png(fig, out / "samples.png"),
+        ]
     parts += _evaluation_sections(run, out, classes)
     parts += _cards(run, protocol, ingest)
-    parts += ["<h2>Protocol</h2>", "<details><summary>resolved protocol (YAML)</summary>"
-              f"<pre>{html.escape((run / 'protocol.yaml').read_text())}</pre></details>",
-              f"<p class=muted>medsynth {__version__}</p>"]  # fmt: skip
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>medsynth report: "
-            f"{html.escape(protocol.name)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    parts += [
+        "<h2>Protocol</h2>",
+        "<details><summary>resolved protocol (YAML)</summary>"
+        f"<pre>{html.escape((run / 'protocol.yaml').read_text())}</pre></details>",
+        f"<p class=muted>medsynth {__version__}</p>",
+    ]
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>medsynth report: "
+        f"{html.escape(protocol.name)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
     (out / "index.html").write_text(page)
     return out / "index.html"
 
@@ -188,16 +204,34 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         return ["<h2>Uplift</h2><p>Not evaluated yet.</p>"]
     summary = json.loads((ev / "summary.json").read_text())
     uplift = read_rows(ev / "uplift.csv")
-    parts = ["<h2>Does it help the diagnosis?</h2>",
-             f"<p>Classifier: {summary['classifier']['kind']}, {summary['seeds']} seeds per arm, best epoch on the real "
-             f"validation split, tested on {summary['n_test']} real test images. Differences are paired (same seeds, "
-             "same test cases) with bootstrap 95 % CIs; green/red = CI excludes zero. Synthetic arms must beat the "
-             "duplicate-real control holding as many extra images per class.</p>",
-             _table([[html.escape(r["arm"]), _fmt(r["auc_mean"]), _fmt(r["balanced_accuracy_mean"]),
-                      _ci(r, "auc_vs_real"), _ci(r, "auc_vs_dup"), _ci(r, "balanced_accuracy_vs_real")]
-                     for r in uplift],
-                    ["arm", "AUC", "bal. acc.", "ΔAUC vs real-only", "ΔAUC vs duplicate control",
-                     "Δbal. acc. vs real-only"])]  # fmt: skip
+    parts = [
+        "<h2>Does it help the diagnosis?</h2>",
+        f"<p>Classifier: {summary['classifier']['kind']}, {summary['seeds']} seeds per arm, best epoch on the real "
+        f"validation split, tested on {summary['n_test']} real test images. Differences are paired (same seeds, "
+        "same test cases) with bootstrap 95 % CIs; green/red = CI excludes zero. Synthetic arms must beat the "
+        "duplicate-real control holding as many extra images per class.</p>",
+        _table(
+            [
+                [
+                    html.escape(r["arm"]),
+                    _fmt(r["auc_mean"]),
+                    _fmt(r["balanced_accuracy_mean"]),
+                    _ci(r, "auc_vs_real"),
+                    _ci(r, "auc_vs_dup"),
+                    _ci(r, "balanced_accuracy_vs_real"),
+                ]
+                for r in uplift
+            ],
+            [
+                "arm",
+                "AUC",
+                "bal. acc.",
+                "ΔAUC vs real-only",
+                "ΔAUC vs duplicate control",
+                "Δbal. acc. vs real-only",
+            ],
+        ),
+    ]
     arms = [r for r in uplift if r.get("auc_vs_real")]
     if arms:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(arms) + 1))
@@ -205,42 +239,73 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         d = np.array([float(r["auc_vs_real"]) for r in arms])
         lo = d - np.array([float(r["auc_vs_real_ci_low"]) for r in arms])
         hi = np.array([float(r["auc_vs_real_ci_high"]) for r in arms]) - d
-        ax.barh(y, d, xerr=[lo, hi], color=["#4a6fd1" if a["arm"].startswith("synthetic") else "#9aa4b8" for a in arms],
-                capsize=3)  # fmt: skip
+        ax.barh(
+            y,
+            d,
+            xerr=[lo, hi],
+            color=["#4a6fd1" if a["arm"].startswith("synthetic") else "#9aa4b8" for a in arms],
+            capsize=3,
+        )
         ax.set_yticks(y, [a["arm"] for a in arms], fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
         ax.set(xlabel="test AUC difference to real-only (95 % CI)", title="Uplift")
         parts.append(_png(fig, out / "uplift.png"))
     fid = json.loads((ev / "fidelity.json").read_text())
-    keys = ["FD_clf", "KID_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf", "msssim_ratio",
-            "vendi_clf", "vendi_clf_real"]  # fmt: skip
+    keys = [
+        "FD_clf",
+        "KID_clf",
+        "precision_clf",
+        "recall_clf",
+        "density_clf",
+        "coverage_clf",
+        "msssim_ratio",
+        "vendi_clf",
+        "vendi_clf_real",
+    ]
     rows = [
         [html.escape(f"{arm} / {c}")] + [_fmt(m.get(k)) for k in keys]
         for arm, per in fid.items()
         for c, m in per.items()
     ]
-    parts += ["<h2>Fidelity and diversity</h2>",
-              "<p>In the features of the real-only classifier (seed 0), hence the <code>_clf</code> names — not FID. "
-              "MS-SSIM ratio: mean pairwise MS-SSIM among synthetic images over the same among real ones (1 = as "
-              "diverse as real, higher = less diverse).</p>", _table(rows, ["set / class"] + keys)]  # fmt: skip
+    parts += [
+        "<h2>Fidelity and diversity</h2>",
+        "<p>In the features of the real-only classifier (seed 0), hence the <code>_clf</code> names — not FID. "
+        "MS-SSIM ratio: mean pairwise MS-SSIM among synthetic images over the same among real ones (1 = as "
+        "diverse as real, higher = less diverse).</p>",
+        _table(rows, ["set / class"] + keys),
+    ]
     div = json.loads((ev / "diversity_uplift.json").read_text())
     if div:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         for ax, key in zip(axes, ("vendi_clf", "coverage_clf", "msssim_ratio"), strict=False):
             ax.scatter(div[key]["x"], div[key]["uplift_auc"])
             ax.set(xlabel=key, ylabel="ΔAUC vs real-only", title=f"ρ = {_fmt(div[key]['rho'], 2)}")
-        parts += ["<h2>Diversity ↔ uplift</h2>",
-                  _table([[k, _fmt(v["rho"], 2), f"[{_fmt(v['ci_low'], 2)}, {_fmt(v['ci_high'], 2)}]", v["n"]]
-                          for k, v in div.items()], ["metric", "Spearman ρ", "95 % CI", "sets"]),
-                  _png(fig, out / "diversity_uplift.png")]  # fmt: skip
+        parts += [
+            "<h2>Diversity ↔ uplift</h2>",
+            _table(
+                [
+                    [
+                        k,
+                        _fmt(v["rho"], 2),
+                        f"[{_fmt(v['ci_low'], 2)}, {_fmt(v['ci_high'], 2)}]",
+                        v["n"],
+                    ]
+                    for k, v in div.items()
+                ],
+                ["metric", "Spearman ρ", "95 % CI", "sets"],
+            ),
+            _png(fig, out / "diversity_uplift.png"),
+        ]
     memo = json.loads((ev / "memorization.json").read_text())
     parts.append("<h2>Memorization audit</h2>")
     for name, m in memo.items():
         cls = "" if m.get("informative", True) else " class='card warn'"
-        parts.append(f"<p{cls}>Pool <code>{html.escape(name)}</code>: {html.escape(audit_line(m))}. A sample is "
-                     f"flagged when it is closer to a training image (pixels or features) than "
-                     f"{100 * (1 - m.get('holdout_flag_rate_nominal', 0.01)):.0f} % of calibration held-out real images "
-                     f"are.</p>")  # fmt: skip
+        parts.append(
+            f"<p{cls}>Pool <code>{html.escape(name)}</code>: {html.escape(audit_line(m))}. A sample is "
+            f"flagged when it is closer to a training image (pixels or features) than "
+            f"{100 * (1 - m.get('holdout_flag_rate_nominal', 0.01)):.0f} % of calibration held-out real images "
+            f"are.</p>"
+        )
         parts.append(_pairs_png(run, out, name, m))
     return parts
 
@@ -313,8 +378,12 @@ def _adaptation(snaps: list[Path]) -> str:
     if "base" not in cfg:
         return ""
     a = cfg["adapter"]
-    how = (f"LoRA adapters (rank {a['rank']}, alpha {a['alpha']:g}, on {', '.join(a['targets'])}) and "
-           "class embeddings; the snapshot stores only these" if a["kind"] == "lora" else "full fine-tuning")  # fmt: skip
+    how = (
+        f"LoRA adapters (rank {a['rank']}, alpha {a['alpha']:g}, on {', '.join(a['targets'])}) and "
+        "class embeddings; the snapshot stores only these"
+        if a["kind"] == "lora"
+        else "full fine-tuning"
+    )
     n = len(cfg.get("provenance", {}).get("train_pixel_sha256", []))
     return (
         f" Adapted by {how} from base snapshot sha256:{cfg['base']['sha256'][:16]}; the base's "

@@ -175,8 +175,10 @@ def run_stage(
         s for s in before if stage_status(stage_folder(run, s, protocol), hashes[s]) != "skip"
     ]
     if pending:
-        log(f"[{stage}] not recorded as done: {', '.join(pending)} not done for this protocol "
-            "in this run folder (`medsynth run` does them first)")  # fmt: skip
+        log(
+            f"[{stage}] not recorded as done: {', '.join(pending)} not done for this protocol "
+            "in this run folder (`medsynth run` does them first)"
+        )
     elif complete(result):
         _finish(p, seconds, {"threads": threads})
     return result
@@ -214,9 +216,16 @@ def run_protocol(
             from medsynth.training.api import train_from_sections
 
             _begin(p)
-            snap = train_from_sections(run / "ingest", run / "train", protocol.model, protocol.schedule,
-                                       protocol.training, train_fraction=ds.train_fraction,
-                                       fraction_seed=ds.fraction_seed, progress=progress)  # fmt: skip
+            snap = train_from_sections(
+                run / "ingest",
+                run / "train",
+                protocol.model,
+                protocol.schedule,
+                protocol.training,
+                train_fraction=ds.train_fraction,
+                fraction_seed=ds.fraction_seed,
+                progress=progress,
+            )
             log(f"  snapshot {snap.relative_to(run)}")
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
@@ -242,8 +251,15 @@ def run_protocol(
                     f"evaluation.pools names {missing}, which were not generated in {run / 'generate'}; "
                     f"generate them (generation.pool) or list only {protocol.generation.pool!r}"
                 )
-            run_study(run / "ingest", run / "generate", run / "evaluate", protocol.evaluation,
-                      train_fraction=ds.train_fraction, fraction_seed=ds.fraction_seed, progress=progress)  # fmt: skip
+            run_study(
+                run / "ingest",
+                run / "generate",
+                run / "evaluate",
+                protocol.evaluation,
+                train_fraction=ds.train_fraction,
+                fraction_seed=ds.fraction_seed,
+                progress=progress,
+            )
         elif p.stage == "report":
             from medsynth.experiment.report import write_report
 
@@ -291,8 +307,14 @@ def show(run_dir: str | Path) -> str:
 
         lines.append("uplift (test AUC; difference to real-only with 95 % CI):")
         for r in read_rows(uplift):
-            d = (f"{float(r['auc_vs_real']):+.3f} [{float(r['auc_vs_real_ci_low']):+.3f}, "
-                 f"{float(r['auc_vs_real_ci_high']):+.3f}]") if r.get("auc_vs_real") else ""  # fmt: skip
+            d = (
+                (
+                    f"{float(r['auc_vs_real']):+.3f} [{float(r['auc_vs_real_ci_low']):+.3f}, "
+                    f"{float(r['auc_vs_real_ci_high']):+.3f}]"
+                )
+                if r.get("auc_vs_real")
+                else ""
+            )
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")
     memo = run / "evaluate" / "memorization.json"
     if memo.exists():

@@ -88,8 +88,12 @@ class SweepPlan:
 
     @property
     def units(self) -> list[Unit]:
-        return [Unit(f, m, p, tuple(self.selectors_at(f))) for f in self.fractions
-                for m in self.class_mixes for p in self.pools_at(f)]  # fmt: skip
+        return [
+            Unit(f, m, p, tuple(self.selectors_at(f)))
+            for f in self.fractions
+            for m in self.class_mixes
+            for p in self.pools_at(f)
+        ]
 
     @property
     def n_configs(self) -> int:
@@ -115,21 +119,33 @@ def expand(protocol: Protocol) -> SweepPlan:
         SamplerSetting(sampler=g.sampler, steps=g.steps, ddim_eta=g.ddim_eta)
     ]
     pool_sizes = sw.pool_size or [max(sw.ratios or ev.ratios)]
-    pools = [PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps)
-             for gs, s, ps in itertools.product(sw.guidance_scale or [g.guidance_scale], samplers, pool_sizes)]  # fmt: skip
+    pools = [
+        PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps)
+        for gs, s, ps in itertools.product(
+            sw.guidance_scale or [g.guidance_scale], samplers, pool_sizes
+        )
+    ]
     names = [p.name for p in pools]
     if len(set(names)) != len(names):
         raise StudyError(f"sweep.samplers lists the same sampler setting twice: {names}")
     by_name = {p.name: p for p in pools}
     unknown = [n for n in sw.curve_pools if n not in by_name]
     if unknown:
-        raise StudyError(f"sweep.curve_pools names {unknown}, which the sweep does not generate; "
-                         f"its pools are: {', '.join(by_name)}")  # fmt: skip
+        raise StudyError(
+            f"sweep.curve_pools names {unknown}, which the sweep does not generate; "
+            f"its pools are: {', '.join(by_name)}"
+        )
     selectors = sw.selectors or list(ev.selectors)
-    plan = SweepPlan(sw.train_fractions or [protocol.dataset.train_fraction], pools,
-                     sw.class_mix or [ev.class_mix], selectors, sw.ratios or list(ev.ratios),
-                     sw.curve_fractions, [by_name[n] for n in sw.curve_pools] or pools,
-                     sw.curve_selectors or selectors)  # fmt: skip
+    plan = SweepPlan(
+        sw.train_fractions or [protocol.dataset.train_fraction],
+        pools,
+        sw.class_mix or [ev.class_mix],
+        selectors,
+        sw.ratios or list(ev.ratios),
+        sw.curve_fractions,
+        [by_name[n] for n in sw.curve_pools] or pools,
+        sw.curve_selectors or selectors,
+    )
     if protocol.schedule.kind == "rflow" and any(p.sampler != "euler" for p in pools):
         raise StudyError("rflow schedules sample with 'euler' only; fix sweep.samplers")
     if protocol.schedule.kind != "rflow" and any(p.sampler == "euler" for p in pools):
@@ -146,22 +162,37 @@ def fraction_protocol(protocol: Protocol, fraction: float) -> Protocol:
 
 
 def pool_protocol(protocol: Protocol, fraction: float, pool: PoolSpec, per_class: int) -> Protocol:
-    gen = protocol.generation.model_copy(update={
-        "pool": pool.name, "guidance_scale": pool.guidance_scale, "sampler": pool.sampler,
-        "steps": pool.steps, "ddim_eta": pool.ddim_eta, "count_mode": "per_class",
-        "per_class": per_class, "counts": {}})  # fmt: skip
+    gen = protocol.generation.model_copy(
+        update={
+            "pool": pool.name,
+            "guidance_scale": pool.guidance_scale,
+            "sampler": pool.sampler,
+            "steps": pool.steps,
+            "ddim_eta": pool.ddim_eta,
+            "count_mode": "per_class",
+            "per_class": per_class,
+            "counts": {},
+        }
+    )
     return fraction_protocol(protocol, fraction).model_copy(update={"generation": gen})
 
 
 def unit_evaluation(protocol: Protocol, plan: SweepPlan, unit: Unit):
-    return protocol.evaluation.model_copy(update={
-        "pools": [unit.pool.name], "selectors": list(unit.selectors), "ratios": plan.ratios,
-        "class_mix": unit.class_mix, "arms": POOL_ARMS})  # fmt: skip
+    return protocol.evaluation.model_copy(
+        update={
+            "pools": [unit.pool.name],
+            "selectors": list(unit.selectors),
+            "ratios": plan.ratios,
+            "class_mix": unit.class_mix,
+            "arms": POOL_ARMS,
+        }
+    )
 
 
 def baseline_evaluation(protocol: Protocol, plan: SweepPlan, class_mix: str):
-    return protocol.evaluation.model_copy(update={
-        "pools": [], "ratios": plan.ratios, "class_mix": class_mix, "arms": BASELINE_ARMS})  # fmt: skip
+    return protocol.evaluation.model_copy(
+        update={"pools": [], "ratios": plan.ratios, "class_mix": class_mix, "arms": BASELINE_ARMS}
+    )
 
 
 # --- estimate --------------------------------------------------------------------------------
@@ -220,18 +251,22 @@ def describe(protocol: Protocol, run: Path) -> str:
     """The expanded plan, what is done already, and the estimated time, as text (--dry-run)."""
     plan = expand(protocol)
     est = estimate(protocol, plan, run)
-    lines = [f"sweep {protocol.name}: grid at train fraction(s) "
-             f"{', '.join(f'{f:g}' for f in plan.grid_fractions)}; {len(plan.pools)} pool(s); "
-             f"{plan.n_configs} synthetic configuration(s) per grid fraction "
-             f"({len(plan.pools)} pools x {len(plan.selectors)} selectors x {len(plan.ratios)} ratios x "
-             f"{len(plan.class_mixes)} class mixes); {protocol.evaluation.seeds} seeds",
-             "pools:"]  # fmt: skip
+    lines = [
+        f"sweep {protocol.name}: grid at train fraction(s) "
+        f"{', '.join(f'{f:g}' for f in plan.grid_fractions)}; {len(plan.pools)} pool(s); "
+        f"{plan.n_configs} synthetic configuration(s) per grid fraction "
+        f"({len(plan.pools)} pools x {len(plan.selectors)} selectors x {len(plan.ratios)} ratios x "
+        f"{len(plan.class_mixes)} class mixes); {protocol.evaluation.seeds} seeds",
+        "pools:",
+    ]
     lines += [f"  {p.name}" for p in plan.pools]
     lines.append(f"selectors {plan.selectors}, ratios {plan.ratios}, class mix {plan.class_mixes}")
     curve_only = [f for f in plan.curve_fractions if f not in plan.grid_fractions]
     if curve_only:
-        lines.append(f"low-data curve at {', '.join(f'{f:g}' for f in curve_only)}: pools "
-                     f"{[p.name for p in plan.curve_pools]} x selectors {plan.curve_selectors}")  # fmt: skip
+        lines.append(
+            f"low-data curve at {', '.join(f'{f:g}' for f in curve_only)}: pools "
+            f"{[p.name for p in plan.curve_pools]} x selectors {plan.curve_selectors}"
+        )
     lines.append("units (fraction / class mix / pool -> action):")
     for f in plan.fractions:
         for m in plan.class_mixes:
@@ -239,10 +274,12 @@ def describe(protocol: Protocol, run: Path) -> str:
             lines.append(f"  {baseline_dir(f, m):<60} {'skip (done)' if act == 'skip' else act}")
     for u in plan.units:
         lines.append(f"  {u.folder:<60} {_unit_action(protocol, plan, run, u)}")
-    lines.append(f"estimated time: train {_dur(est['train'])}, generate {_dur(est['generate'])}, "
-                 f"evaluate {_dur(est['evaluate'])} ({est['fits']} classifier fits); "
-                 f"total {_dur(est['total'])} "
-                 "(sweep.seconds_per_* constants; finished units are counted too)")  # fmt: skip
+    lines.append(
+        f"estimated time: train {_dur(est['train'])}, generate {_dur(est['generate'])}, "
+        f"evaluate {_dur(est['evaluate'])} ({est['fits']} classifier fits); "
+        f"total {_dur(est['total'])} "
+        "(sweep.seconds_per_* constants; finished units are counted too)"
+    )
     lines.append(f"run folder: {run}")
     return "\n".join(lines)
 
@@ -278,10 +315,14 @@ def _unit_sha(protocol: Protocol, plan: SweepPlan, unit: Unit) -> str:
 
 
 def _unit_action(protocol: Protocol, plan: SweepPlan, run: Path, unit: Unit) -> str:
-    steps = [(f"{fraction_dir(unit.fraction)}/train", _train_sha(protocol, unit.fraction)),
-             (f"{fraction_dir(unit.fraction)}/generate/{unit.pool.name}",
-              _pool_sha(protocol, unit.fraction, unit.pool)),
-             (unit.folder, _unit_sha(protocol, plan, unit))]  # fmt: skip
+    steps = [
+        (f"{fraction_dir(unit.fraction)}/train", _train_sha(protocol, unit.fraction)),
+        (
+            f"{fraction_dir(unit.fraction)}/generate/{unit.pool.name}",
+            _pool_sha(protocol, unit.fraction, unit.pool),
+        ),
+        (unit.folder, _unit_sha(protocol, plan, unit)),
+    ]
     acts = [stage_status(run / folder, sha) for folder, sha in steps]
     return "skip (done)" if acts == ["skip"] * 3 else "/".join(acts) + " (train/generate/evaluate)"
 
@@ -336,12 +377,22 @@ def run_sweep(
     prepare_run_dir(protocol, run)
     run_protocol(protocol, stages=["ingest"], run_dir=run, log=log, progress=progress)
     (run / "sweep").mkdir(exist_ok=True)
-    (run / "sweep" / "plan.json").write_text(json.dumps(
-        {"grid_fractions": plan.grid_fractions, "curve_fractions": plan.curve_fractions,
-         "pools": [asdict(p) | {"name": p.name} for p in plan.pools],
-         "curve_pools": [p.name for p in plan.curve_pools], "curve_selectors": plan.curve_selectors,
-         "class_mixes": plan.class_mixes, "selectors": plan.selectors, "ratios": plan.ratios,
-         "estimate_s": estimate(protocol, plan, run)}, indent=2))  # fmt: skip
+    (run / "sweep" / "plan.json").write_text(
+        json.dumps(
+            {
+                "grid_fractions": plan.grid_fractions,
+                "curve_fractions": plan.curve_fractions,
+                "pools": [asdict(p) | {"name": p.name} for p in plan.pools],
+                "curve_pools": [p.name for p in plan.curve_pools],
+                "curve_selectors": plan.curve_selectors,
+                "class_mixes": plan.class_mixes,
+                "selectors": plan.selectors,
+                "ratios": plan.ratios,
+                "estimate_s": estimate(protocol, plan, run),
+            },
+            indent=2,
+        )
+    )
     counts = {f: _train_counts(protocol, run, f) for f in plan.fractions}
     for f in plan.fractions:
         _check_pool_sizes(plan, counts[f], f)
@@ -353,9 +404,16 @@ def run_sweep(
 
         def train(f=f, fdir=fdir):
             p = fraction_protocol(protocol, f)
-            train_from_sections(run / "ingest", fdir / "train", p.model, p.schedule, p.training,
-                                train_fraction=f, fraction_seed=p.dataset.fraction_seed,
-                                progress=progress)  # fmt: skip
+            train_from_sections(
+                run / "ingest",
+                fdir / "train",
+                p.model,
+                p.schedule,
+                p.training,
+                train_fraction=f,
+                fraction_seed=p.dataset.fraction_seed,
+                progress=progress,
+            )
 
         _step(run, f"{fraction_dir(f)}/train", _train_sha(protocol, f), train, log)
         for p in plan.pools_at(f):
@@ -370,8 +428,13 @@ def run_sweep(
     for f in plan.fractions:
         for m in plan.class_mixes:
             sha = _baseline_sha(protocol, plan, f, m)
-            _step(run, baseline_dir(f, m), sha, partial(_evaluate_baselines, protocol, plan, run,
-                                                        f, m, progress), log)  # fmt: skip
+            _step(
+                run,
+                baseline_dir(f, m),
+                sha,
+                partial(_evaluate_baselines, protocol, plan, run, f, m, progress),
+                log,
+            )
     for u in plan.units:
         work = partial(_evaluate, protocol, plan, run, u, progress)
         _step(run, u.folder, _unit_sha(protocol, plan, u), work, log)
@@ -383,19 +446,32 @@ def run_sweep(
     return run
 
 
-def _evaluate_baselines(protocol: Protocol, plan: SweepPlan, run: Path, fraction: float,
-                        class_mix: str, progress: bool) -> None:  # fmt: skip
+def _evaluate_baselines(
+    protocol: Protocol, plan: SweepPlan, run: Path, fraction: float, class_mix: str, progress: bool
+) -> None:
     from medsynth.evaluation.study import run_study
 
-    run_study(run / "ingest", run / fraction_dir(fraction) / "generate", run / baseline_dir(fraction, class_mix),
-              baseline_evaluation(protocol, plan, class_mix), train_fraction=fraction,
-              fraction_seed=protocol.dataset.fraction_seed, progress=progress)  # fmt: skip
+    run_study(
+        run / "ingest",
+        run / fraction_dir(fraction) / "generate",
+        run / baseline_dir(fraction, class_mix),
+        baseline_evaluation(protocol, plan, class_mix),
+        train_fraction=fraction,
+        fraction_seed=protocol.dataset.fraction_seed,
+        progress=progress,
+    )
 
 
 def _evaluate(protocol: Protocol, plan: SweepPlan, run: Path, u: Unit, progress: bool) -> None:
     from medsynth.evaluation.study import run_study
 
     fdir = run / fraction_dir(u.fraction)
-    run_study(run / "ingest", fdir / "generate", run / u.folder, unit_evaluation(protocol, plan, u),
-              train_fraction=u.fraction, fraction_seed=protocol.dataset.fraction_seed,
-              progress=progress)  # fmt: skip
+    run_study(
+        run / "ingest",
+        fdir / "generate",
+        run / u.folder,
+        unit_evaluation(protocol, plan, u),
+        train_fraction=u.fraction,
+        fraction_seed=protocol.dataset.fraction_seed,
+        progress=progress,
+    )

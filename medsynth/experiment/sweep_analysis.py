@@ -52,15 +52,35 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
             _, _pool, rest = arm.split(":", 2)
             selector, ratio = rest.rsplit("@", 1)
             cid = f"{u.pool.name}|{selector}|x{ratio}|{u.class_mix}"
-            row = {"fraction": u.fraction, "config": cid, "pool": u.pool.name,
-                   "guidance_scale": u.pool.guidance_scale, "sampler": u.pool.sampler,
-                   "steps": u.pool.steps, "ddim_eta": u.pool.ddim_eta, "pool_size": u.pool.pool_size,
-                   "selector": selector, "ratio": float(ratio), "class_mix": u.class_mix,
-                   "seeds": len(pa), "n_test": len(y)}  # fmt: skip
-            for base, key in (("real_only", "auc_vs_real"), (f"duplicate_control@{ratio}", "auc_vs_dup")):  # fmt: skip
+            row = {
+                "fraction": u.fraction,
+                "config": cid,
+                "pool": u.pool.name,
+                "guidance_scale": u.pool.guidance_scale,
+                "sampler": u.pool.sampler,
+                "steps": u.pool.steps,
+                "ddim_eta": u.pool.ddim_eta,
+                "pool_size": u.pool.pool_size,
+                "selector": selector,
+                "ratio": float(ratio),
+                "class_mix": u.class_mix,
+                "seeds": len(pa),
+                "n_test": len(y),
+            }
+            for base, key in (
+                ("real_only", "auc_vs_real"),
+                (f"duplicate_control@{ratio}", "auc_vs_dup"),
+            ):
                 t = paired_bootstrap_test(y, pa, probas[base], "auc", n_boot)
-                row.update({key: t["diff"], f"{key}_ci_low": t["ci_low"],
-                            f"{key}_ci_high": t["ci_high"], f"{key}_se": t["se"], f"{key}_p": t["p"]})  # fmt: skip
+                row.update(
+                    {
+                        key: t["diff"],
+                        f"{key}_ci_low": t["ci_low"],
+                        f"{key}_ci_high": t["ci_high"],
+                        f"{key}_se": t["se"],
+                        f"{key}_p": t["p"],
+                    }
+                )
             row.update(
                 {m: fid.get(arm, {}).get("all", {}).get(m, np.nan) for m in DIVERSITY + FIDELITY}
             )
@@ -78,21 +98,41 @@ def analyse_fraction(rows: list[dict], probas_of: dict, fraction: float, n_boot:
         adjust_table(mine, key)
         for r in mine:
             r[f"{key}_mde"] = minimal_detectable_effect(r[f"{key}_se"], comparisons=m)
-            r[f"{key}_verdict"] = verdict(r[key], r[f"{key}_ci_low"], r[f"{key}_ci_high"],
-                                          r[f"{key}_p_holm"], r[f"{key}_mde"])  # fmt: skip
-    out = {"fraction": fraction, "configurations": m,
-           "diversity_vs_uplift_dup": diversity_vs_uplift(mine, DIVERSITY, FIDELITY, "auc_vs_dup", n_boot),
-           "diversity_vs_uplift_real": diversity_vs_uplift(mine, DIVERSITY, FIDELITY, "auc_vs_real", n_boot)}  # fmt: skip
+            r[f"{key}_verdict"] = verdict(
+                r[key], r[f"{key}_ci_low"], r[f"{key}_ci_high"], r[f"{key}_p_holm"], r[f"{key}_mde"]
+            )
+    out = {
+        "fraction": fraction,
+        "configurations": m,
+        "diversity_vs_uplift_dup": diversity_vs_uplift(
+            mine, DIVERSITY, FIDELITY, "auc_vs_dup", n_boot
+        ),
+        "diversity_vs_uplift_real": diversity_vs_uplift(
+            mine, DIVERSITY, FIDELITY, "auc_vs_real", n_boot
+        ),
+    }
     ranked = sorted(mine, key=lambda r: -r["auc_vs_dup"])
     if ranked:
         best = ranked[0]
-        out["best"] = {k: best[k] for k in ("config", "auc_vs_dup", "auc_vs_dup_ci_low",
-                                            "auc_vs_dup_ci_high", "auc_vs_dup_p_holm", "auc_vs_dup_mde")}  # fmt: skip
+        out["best"] = {
+            k: best[k]
+            for k in (
+                "config",
+                "auc_vs_dup",
+                "auc_vs_dup_ci_low",
+                "auc_vs_dup_ci_high",
+                "auc_vs_dup_p_holm",
+                "auc_vs_dup_mde",
+            )
+        }
     if len(ranked) >= 2:
         (y, pa), (_, pb) = (probas_of[(fraction, r["config"])] for r in ranked[:2])
         t = paired_bootstrap_test(y, pa, pb, "auc", n_boot)
-        out["best_vs_runner_up"] = {"runner_up": ranked[1]["config"], **t,
-                                    "mde": minimal_detectable_effect(t["se"])}  # fmt: skip
+        out["best_vs_runner_up"] = {
+            "runner_up": ranked[1]["config"],
+            **t,
+            "mde": minimal_detectable_effect(t["se"]),
+        }
     out["recommendation"] = recommendation(out)
     return out
 
@@ -102,19 +142,25 @@ def recommendation(fr: dict) -> str:
     if "best" not in fr:
         return "No synthetic configuration was evaluated."
     b = fr["best"]
-    head = (f"At train fraction {fr['fraction']:g}, the largest uplift over the count-matched "
-            f"duplicate control came from {b['config']} ({b['auc_vs_dup']:+.3f} AUC, 95 % CI "
-            f"[{b['auc_vs_dup_ci_low']:+.3f}, {b['auc_vs_dup_ci_high']:+.3f}], Holm-adjusted "
-            f"p={b['auc_vs_dup_p_holm']:.3g} over {fr['configurations']} configurations)")  # fmt: skip
+    head = (
+        f"At train fraction {fr['fraction']:g}, the largest uplift over the count-matched "
+        f"duplicate control came from {b['config']} ({b['auc_vs_dup']:+.3f} AUC, 95 % CI "
+        f"[{b['auc_vs_dup_ci_low']:+.3f}, {b['auc_vs_dup_ci_high']:+.3f}], Holm-adjusted "
+        f"p={b['auc_vs_dup_p_holm']:.3g} over {fr['configurations']} configurations)"
+    )
     if not b["auc_vs_dup_p_holm"] < 0.05:
-        head += (f"; that is not distinguishable from the control after adjustment (this design "
-                 f"detects effects of about {b['auc_vs_dup_mde']:.3f} AUC or more)")  # fmt: skip
+        head += (
+            f"; that is not distinguishable from the control after adjustment (this design "
+            f"detects effects of about {b['auc_vs_dup_mde']:.3f} AUC or more)"
+        )
     vs = fr.get("best_vs_runner_up")
     if vs:
         same = not vs["p"] < 0.05
-        head += (f". Against the runner-up {vs['runner_up']} it is {vs['diff']:+.3f} "
-                 f"[{vs['ci_low']:+.3f}, {vs['ci_high']:+.3f}] (p={vs['p']:.3g}): "
-                 + ("not distinguishable" if same else "distinguishable"))  # fmt: skip
+        head += (
+            f". Against the runner-up {vs['runner_up']} it is {vs['diff']:+.3f} "
+            f"[{vs['ci_low']:+.3f}, {vs['ci_high']:+.3f}] (p={vs['p']:.3g}): "
+            + ("not distinguishable" if same else "distinguishable")
+        )
     return (
         head + ". Configurations were ranked on the test split: treat the ranking as descriptive."
     )
@@ -132,10 +178,22 @@ def low_data_curve(rows: list[dict]) -> dict:
         return {"fractions": fractions, "lines": {}}
     mean = {c: float(np.mean([v[f]["auc_vs_dup"] for f in fractions])) for c, v in full.items()}
     picks = {"best": max(mean, key=mean.get), "worst": min(mean, key=mean.get)}
-    keys = ("auc_vs_real", "auc_vs_real_ci_low", "auc_vs_real_ci_high", "auc_vs_dup",
-            "auc_vs_dup_ci_low", "auc_vs_dup_ci_high", "auc_vs_dup_mde")  # fmt: skip
-    lines = {tag: {"config": c, "points": [{"fraction": f, **{k: full[c][f][k] for k in keys}}
-                                           for f in fractions]} for tag, c in picks.items()}  # fmt: skip
+    keys = (
+        "auc_vs_real",
+        "auc_vs_real_ci_low",
+        "auc_vs_real_ci_high",
+        "auc_vs_dup",
+        "auc_vs_dup_ci_low",
+        "auc_vs_dup_ci_high",
+        "auc_vs_dup_mde",
+    )
+    lines = {
+        tag: {
+            "config": c,
+            "points": [{"fraction": f, **{k: full[c][f][k] for k in keys}} for f in fractions],
+        }
+        for tag, c in picks.items()
+    }
     return {"fractions": fractions, "lines": lines}
 
 
@@ -144,10 +202,13 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
     run = Path(run)
     rows, probas_of = config_rows(run, plan, n_boot)
     fractions = {f"{f:g}": analyse_fraction(rows, probas_of, f, n_boot) for f in plan.fractions}
-    stats = {"fractions": fractions, "low_data_curve": low_data_curve(rows),
-             "note": "uplift = test AUC difference (paired bootstrap over seeds and test cases); "
-                     "p-values adjusted per train fraction across its configurations; MDE at "
-                     "80 % power and alpha 0.05 / configurations"}  # fmt: skip
+    stats = {
+        "fractions": fractions,
+        "low_data_curve": low_data_curve(rows),
+        "note": "uplift = test AUC difference (paired bootstrap over seeds and test cases); "
+        "p-values adjusted per train fraction across its configurations; MDE at "
+        "80 % power and alpha 0.05 / configurations",
+    }
     out = run / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(c for r in rows for c in r))
@@ -163,10 +224,14 @@ def summary_text(result: dict) -> str:
     lines = []
     for key, fr in result["fractions"].items():
         lines.append(f"train fraction {key}: {fr['configurations']} configurations")
-        mine = sorted((r for r in result["rows"] if f"{r['fraction']:g}" == key),
-                      key=lambda r: -r["auc_vs_dup"])  # fmt: skip
+        mine = sorted(
+            (r for r in result["rows"] if f"{r['fraction']:g}" == key),
+            key=lambda r: -r["auc_vs_dup"],
+        )
         for r in mine:
-            lines.append(f"  {r['config']:<48} vs real {r['auc_vs_real']:+.3f}  vs control "
-                         f"{r['auc_vs_dup_verdict']}")  # fmt: skip
+            lines.append(
+                f"  {r['config']:<48} vs real {r['auc_vs_real']:+.3f}  vs control "
+                f"{r['auc_vs_dup_verdict']}"
+            )
         lines.append("  " + fr["recommendation"])
     return "\n".join(lines)

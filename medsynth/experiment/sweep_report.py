@@ -22,16 +22,23 @@ from medsynth.utils.csvsafe import read_rows
 def _scatter(rows: list[dict], div: dict, path: Path) -> str:
     fig, axes = plt.subplots(1, len(DIVERSITY), figsize=(3.2 * len(DIVERSITY), 3.1), squeeze=False)
     y = np.array([r["auc_vs_dup"] for r in rows])
-    err = np.array([[r["auc_vs_dup"] - r["auc_vs_dup_ci_low"] for r in rows],
-                    [r["auc_vs_dup_ci_high"] - r["auc_vs_dup"] for r in rows]])  # fmt: skip
+    err = np.array(
+        [
+            [r["auc_vs_dup"] - r["auc_vs_dup_ci_low"] for r in rows],
+            [r["auc_vs_dup_ci_high"] - r["auc_vs_dup"] for r in rows],
+        ]
+    )
     for ax, m in zip(axes[0], DIVERSITY, strict=True):
         x = np.array([r.get(m, np.nan) for r in rows], float)
         ax.errorbar(x, y, yerr=np.abs(err), fmt="o", ms=4, capsize=2, alpha=0.8)
         ax.axhline(0, color="grey", lw=0.8)
         s = div.get(m, {}).get("spearman", {})
         pt = div.get(m, {}).get("partial", {})
-        ax.set_title(f"{m}\nρ={_fmt(s.get('rho'), 2)} [{_fmt(s.get('ci_low'), 2)}, "
-                     f"{_fmt(s.get('ci_high'), 2)}]; partial {_fmt(pt.get('rho'), 2)}", fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"{m}\nρ={_fmt(s.get('rho'), 2)} [{_fmt(s.get('ci_low'), 2)}, "
+            f"{_fmt(s.get('ci_high'), 2)}]; partial {_fmt(pt.get('rho'), 2)}",
+            fontsize=8,
+        )
         ax.set_xlabel(m, fontsize=8)
     axes[0][0].set_ylabel("AUC uplift vs duplicate control")
     fig.tight_layout()
@@ -40,8 +47,10 @@ def _scatter(rows: list[dict], div: dict, path: Path) -> str:
 
 def _curve(curve: dict, path: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, title in ((axes[0], "auc_vs_real", "vs real-only"),
-                           (axes[1], "auc_vs_dup", "vs duplicate control")):  # fmt: skip
+    for ax, key, title in (
+        (axes[0], "auc_vs_real", "vs real-only"),
+        (axes[1], "auc_vs_dup", "vs duplicate control"),
+    ):
         for tag, line in curve["lines"].items():
             pts = line["points"]
             f = [p["fraction"] * 100 for p in pts]
@@ -50,8 +59,14 @@ def _curve(curve: dict, path: Path) -> str:
                 np.array([p[key + "_ci_low"] for p in pts]),
                 np.array([p[key + "_ci_high"] for p in pts]),
             )
-            ax.errorbar(f, d, yerr=np.abs([d - lo, hi - d]), marker="o", capsize=3,
-                        label=f"{tag}: {line['config']}")  # fmt: skip
+            ax.errorbar(
+                f,
+                d,
+                yerr=np.abs([d - lo, hi - d]),
+                marker="o",
+                capsize=3,
+                label=f"{tag}: {line['config']}",
+            )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("real training data (% of train split)")
@@ -69,10 +84,13 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     out.mkdir(exist_ok=True)
     stats = json.loads((run / "sweep" / "stats.json").read_text())
     rows = [{k: _num(v) for k, v in r.items()} for r in read_rows(run / "sweep" / "configs.csv")]
-    parts = [f"<h1>Sweep report: {html.escape(protocol.name)}</h1>",
-             f"<p class='muted'>medsynth {__version__}. {html.escape(protocol.description)} "
-             "Research use only. Not for clinical use.</p>",
-             f"<p class='muted'>{html.escape(stats['note'])}</p>", "<h2>Recommendation</h2>"]  # fmt: skip
+    parts = [
+        f"<h1>Sweep report: {html.escape(protocol.name)}</h1>",
+        f"<p class='muted'>medsynth {__version__}. {html.escape(protocol.description)} "
+        "Research use only. Not for clinical use.</p>",
+        f"<p class='muted'>{html.escape(stats['note'])}</p>",
+        "<h2>Recommendation</h2>",
+    ]
     for fr in stats["fractions"].values():
         parts.append(f"<div class='card'>{html.escape(fr['recommendation'])}</div>")
     for key, fr in stats["fractions"].items():
@@ -80,29 +98,58 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
             (r for r in rows if f"{r['fraction']:g}" == key), key=lambda r: -r["auc_vs_dup"]
         )
         parts.append(f"<h2>Train fraction {key}: {len(mine)} configurations</h2>")
-        table = [[html.escape(r["config"]), _diff(r, "auc_vs_real"), _fmt(r["auc_vs_real_p_holm"]),
-                  _diff(r, "auc_vs_dup"), _fmt(r["auc_vs_dup_p_holm"]), _fmt(r["auc_vs_dup_p_bh"]),
-                  html.escape(r["auc_vs_dup_verdict"])] for r in mine]  # fmt: skip
-        parts.append(_table(table, ["configuration", "vs real-only (95 % CI)", "Holm p",
-                                    "vs duplicate control (95 % CI)", "Holm p", "BH p",
-                                    "verdict vs control"]))  # fmt: skip
+        table = [
+            [
+                html.escape(r["config"]),
+                _diff(r, "auc_vs_real"),
+                _fmt(r["auc_vs_real_p_holm"]),
+                _diff(r, "auc_vs_dup"),
+                _fmt(r["auc_vs_dup_p_holm"]),
+                _fmt(r["auc_vs_dup_p_bh"]),
+                html.escape(r["auc_vs_dup_verdict"]),
+            ]
+            for r in mine
+        ]
+        parts.append(
+            _table(
+                table,
+                [
+                    "configuration",
+                    "vs real-only (95 % CI)",
+                    "Holm p",
+                    "vs duplicate control (95 % CI)",
+                    "Holm p",
+                    "BH p",
+                    "verdict vs control",
+                ],
+            )
+        )
         if len(mine) >= 3:
             parts.append("<h3>Diversity against uplift</h3>")
             parts.append(
                 _scatter(mine, fr["diversity_vs_uplift_dup"], out / f"sweep_scatter_{key}.png")
             )
-            corr = [[m, _rho(d["spearman"]), _rho(d["partial"]), ", ".join(d["held_fixed"])]
-                    for m, d in fr["diversity_vs_uplift_dup"].items()]  # fmt: skip
-            parts.append(_table(corr, ["metric", "Spearman ρ [95 % CI]", "partial ρ [95 % CI]",
-                                       "held fixed"]))  # fmt: skip
+            corr = [
+                [m, _rho(d["spearman"]), _rho(d["partial"]), ", ".join(d["held_fixed"])]
+                for m, d in fr["diversity_vs_uplift_dup"].items()
+            ]
+            parts.append(
+                _table(
+                    corr, ["metric", "Spearman ρ [95 % CI]", "partial ρ [95 % CI]", "held fixed"]
+                )
+            )
     curve = stats["low_data_curve"]
     if len(curve["fractions"]) >= 2 and curve["lines"]:
         parts.append("<h2>Low-data curve</h2>")
-        parts.append("<p class='muted'>Best and worst configuration by mean uplift over the "
-                     "duplicate control across fractions (chosen on test: descriptive).</p>")  # fmt: skip
+        parts.append(
+            "<p class='muted'>Best and worst configuration by mean uplift over the "
+            "duplicate control across fractions (chosen on test: descriptive).</p>"
+        )
         parts.append(_curve(curve, out / "sweep_low_data_curve.png"))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(protocol.name)}"
-            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(protocol.name)}"
+        f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
     (out / "index.html").write_text(page)
     return out / "index.html"
 

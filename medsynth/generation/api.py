@@ -12,9 +12,13 @@ from medsynth.training.checkpoint import latest_snapshot
 
 
 def generate_from_protocol(
-    proto: Protocol, run_dir: str | Path, *, snapshot: str | Path | None = None,
-    shard: tuple[int, int] = (0, 1), progress: bool = True,
-) -> dict:  # fmt: skip
+    proto: Protocol,
+    run_dir: str | Path,
+    *,
+    snapshot: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> dict:
     """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot."""
     run = Path(run_dir)
     snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
@@ -24,11 +28,29 @@ def generate_from_protocol(
     )
     real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     g = proto.generation
-    plan = plan_counts(g.count_mode, summary["classes"], real, per_class=g.per_class,
-                       counts=g.counts, ratio=g.ratio)  # fmt: skip
+    plan = plan_counts(
+        g.count_mode,
+        summary["classes"],
+        real,
+        per_class=g.per_class,
+        counts=g.counts,
+        ratio=g.ratio,
+    )
     return generate_pool(
-        snap, run / "generate" / g.pool, plan, pool=g.pool, sampler=g.sampler, steps=g.steps,
-        guidance_scale=g.guidance_scale, ddim_eta=g.ddim_eta, batch_size=g.batch_size, net_batch=g.net_batch, precision=g.precision,
-        export_png=g.export_png, device=g.device, shard=shard, protocol_sha256=proto.sha256(),
+        snap,
+        run / "generate" / g.pool,
+        plan,
+        pool=g.pool,
+        sampler=g.sampler,
+        steps=g.steps,
+        guidance_scale=g.guidance_scale,
+        ddim_eta=g.ddim_eta,
+        batch_size=g.batch_size,
+        net_batch=g.net_batch,
+        precision=g.precision,
+        export_png=g.export_png,
+        device=g.device,
+        shard=shard,
+        protocol_sha256=proto.sha256(),
         progress=progress,
-    )  # fmt: skip
+    )

@@ -29,8 +29,13 @@ def read_manifest(pool_dir: str | Path) -> list[dict]:
     return read_rows(path)
 
 
-def load_pool(pool_dir: str | Path, classes: list[str] | None = None, spatial_size: int | None = None,
-              rows: list[dict] | None = None, channels: int = 1) -> Pool:  # fmt: skip
+def load_pool(
+    pool_dir: str | Path,
+    classes: list[str] | None = None,
+    spatial_size: int | None = None,
+    rows: list[dict] | None = None,
+    channels: int = 1,
+) -> Pool:
     """Decode a pool's DICOM files listed in its manifest (or ``rows``, e.g. an accepted subset).
 
     ``classes`` fixes the label order (e.g. the real dataset's); a manifest class outside it is an
@@ -42,8 +47,10 @@ def load_pool(pool_dir: str | Path, classes: list[str] | None = None, spatial_si
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     pool_dir = Path(pool_dir)
     rows = read_manifest(pool_dir) if rows is None else rows
-    names = classes or sorted({r["class_name"] for r in rows}, key=lambda c: int(
-        next(r["class_index"] for r in rows if r["class_name"] == c)))  # fmt: skip
+    names = classes or sorted(
+        {r["class_name"] for r in rows},
+        key=lambda c: int(next(r["class_index"] for r in rows if r["class_name"] == c)),
+    )
     missing = sorted({r["class_name"] for r in rows} - set(names))
     if missing:
         raise ValueError(f"pool classes {missing} are not among {names}")

@@ -30,10 +30,21 @@ from medsynth.training.loop import pick_device
 from medsynth.utils.csvsafe import neutralise_row, restore_row
 
 MANIFEST_COLUMNS = (
-    "path", "SOPInstanceUID", "class_name", "class_index", "index", "seed", "guidance_scale",
-    "sampler", "steps", "snapshot_sha256", "protocol_sha256", "pixel_sha256", "file_sha256",
+    "path",
+    "SOPInstanceUID",
+    "class_name",
+    "class_index",
+    "index",
+    "seed",
+    "guidance_scale",
+    "sampler",
+    "steps",
+    "snapshot_sha256",
+    "protocol_sha256",
+    "pixel_sha256",
+    "file_sha256",
     "medsynth_version",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,15 @@ def sample_seed(pool: str, class_index: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def plan_counts(mode: str, classes: list[str], real_counts: dict[str, int], *, per_class: int = 100,
-                counts: dict[str, int] | None = None, ratio: float = 1.0) -> dict[str, int]:  # fmt: skip
+def plan_counts(
+    mode: str,
+    classes: list[str],
+    real_counts: dict[str, int],
+    *,
+    per_class: int = 100,
+    counts: dict[str, int] | None = None,
+    ratio: float = 1.0,
+) -> dict[str, int]:
     """Images to generate per class. ``real_counts``: real training images per class."""
     unknown = sorted(set(counts or {}) - set(classes))
     if unknown:
@@ -174,8 +192,16 @@ def generate_pool(
     snap_sha = snapshot_sha256(snapshot_dir)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
-    request = {"snapshot_sha256": snap_sha, "plan": plan, "pool": pool, "sampler": sampler, "steps": steps,
-               "guidance_scale": guidance_scale, "net_batch": net_batch, "precision": precision}  # fmt: skip
+    request = {
+        "snapshot_sha256": snap_sha,
+        "plan": plan,
+        "pool": pool,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "net_batch": net_batch,
+        "precision": precision,
+    }
     if ddim_eta:
         request["ddim_eta"] = ddim_eta  # only when set: pools made before the knob still match
     with open(out / ".manifest.lock", "w") as lock:
@@ -186,49 +212,95 @@ def generate_pool(
     done = _verified(out)
     todo = [it for it in mine if (it.class_index, it.index) not in done]
     part = out / "parts" / f"shard-{rank}-of-{world}.csv"
-    derivation = (f"medsynth {__version__} diffusion snapshot sha256:{snap_sha[:16]} "
-                  f"sampler={sampler} steps={steps} guidance={guidance_scale} net_batch={net_batch} {precision}")  # fmt: skip
+    derivation = (
+        f"medsynth {__version__} diffusion snapshot sha256:{snap_sha[:16]} "
+        f"sampler={sampler} steps={steps} guidance={guidance_scale} net_batch={net_batch} {precision}"
+    )
     if ddim_eta:
         derivation += f" eta={ddim_eta:g}"
 
     t0, t_write = time.perf_counter(), 0.0
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img",
-               desc=f"generate {pool}")  # fmt: skip
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        disable=not progress,
+        unit="img",
+        desc=f"generate {pool}",
+    )
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         seeds = [sample_seed(pool, it.class_index, it.index) for it in batch]
-        images = sample(model, sched_cfg, [it.class_index for it in batch], seeds,
-                        image_shape=tuple(cfg["image_shape"]), null_label=len(classes), sampler=sampler,
-                        steps=steps, guidance_scale=guidance_scale, ddim_eta=ddim_eta, device=dev,
-                        bf16=precision == "bf16", net_batch=net_batch).cpu().numpy()  # fmt: skip
+        images = (
+            sample(
+                model,
+                sched_cfg,
+                [it.class_index for it in batch],
+                seeds,
+                image_shape=tuple(cfg["image_shape"]),
+                null_label=len(classes),
+                sampler=sampler,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                ddim_eta=ddim_eta,
+                device=dev,
+                bf16=precision == "bf16",
+                net_batch=net_batch,
+            )
+            .cpu()
+            .numpy()
+        )
         tw = time.perf_counter()
         for it, seed, img in zip(batch, seeds, images, strict=True):
             name = classes[it.class_index]
-            ds = synthetic_instance(img, run_id=snap_sha, pool=pool, class_name=name,
-                                    class_index=it.class_index, seed=seed, index=it.index,
-                                    derivation=f"{derivation} seed={seed}")  # fmt: skip
+            ds = synthetic_instance(
+                img,
+                run_id=snap_sha,
+                pool=pool,
+                class_name=name,
+                class_index=it.class_index,
+                seed=seed,
+                index=it.index,
+                derivation=f"{derivation} seed={seed}",
+            )
             data = to_bytes(ds)
             rel = it.relpath(name)
             atomic_write_bytes(out / rel, data)
             if export_png:
                 _write_png(out / "png" / name / f"{it.index:06d}.png", img)
-            _append_row(part, {
-                "path": rel, "SOPInstanceUID": ds.SOPInstanceUID, "class_name": name,
-                "class_index": it.class_index, "index": it.index, "seed": seed,
-                "guidance_scale": guidance_scale, "sampler": sampler, "steps": steps,
-                "snapshot_sha256": snap_sha, "protocol_sha256": protocol_sha256,
-                "pixel_sha256": pixel_sha256(ds), "file_sha256": hashlib.sha256(data).hexdigest(),
-                "medsynth_version": __version__,
-            })  # fmt: skip
+            _append_row(
+                part,
+                {
+                    "path": rel,
+                    "SOPInstanceUID": ds.SOPInstanceUID,
+                    "class_name": name,
+                    "class_index": it.class_index,
+                    "index": it.index,
+                    "seed": seed,
+                    "guidance_scale": guidance_scale,
+                    "sampler": sampler,
+                    "steps": steps,
+                    "snapshot_sha256": snap_sha,
+                    "protocol_sha256": protocol_sha256,
+                    "pixel_sha256": pixel_sha256(ds),
+                    "file_sha256": hashlib.sha256(data).hexdigest(),
+                    "medsynth_version": __version__,
+                },
+            )
         t_write += time.perf_counter() - tw
         bar.update(len(batch))
     bar.close()
     n_done, n_missing = write_manifest(out, plan, classes)
     seconds = time.perf_counter() - t0
-    return {"generated": len(todo), "already_present": len(mine) - len(todo), "pool_complete": n_missing == 0,
-            "pool_images": n_done, "pool_missing": n_missing, "seconds": seconds,
-            "images_per_s": len(todo) / seconds if seconds > 0 and todo else None,
-            "dicom_written_per_s": len(todo) / t_write if t_write > 0 else None}  # fmt: skip
+    return {
+        "generated": len(todo),
+        "already_present": len(mine) - len(todo),
+        "pool_complete": n_missing == 0,
+        "pool_images": n_done,
+        "pool_missing": n_missing,
+        "seconds": seconds,
+        "images_per_s": len(todo) / seconds if seconds > 0 and todo else None,
+        "dicom_written_per_s": len(todo) / t_write if t_write > 0 else None,
+    }
 
 
 def _check_request(out: Path, request: dict) -> None:

@@ -120,8 +120,15 @@ def _check(decision: str, reviewer: str) -> None:
         raise ValueError("a reviewer name is required")
 
 
-def decide(path: str | Path, sample: str, reviewer: str, decision: str, pixel_sha256: str,
-           corrected_label: str | None = None, note: str = "") -> None:  # fmt: skip
+def decide(
+    path: str | Path,
+    sample: str,
+    reviewer: str,
+    decision: str,
+    pixel_sha256: str,
+    corrected_label: str | None = None,
+    note: str = "",
+) -> None:
     """Record (or change) one reviewer's decision on one sample, and append it to the audit log."""
     _check(decision, reviewer)
     path = init_db(path)
@@ -160,8 +167,15 @@ def clear(path: str | Path, sample: str, reviewer: str) -> bool:
     return bool(gone)
 
 
-def adjudicate(path: str | Path, sample: str, adjudicator: str, decision: str, pixel_sha256: str,
-               corrected_label: str | None = None, note: str = "") -> None:  # fmt: skip
+def adjudicate(
+    path: str | Path,
+    sample: str,
+    adjudicator: str,
+    decision: str,
+    pixel_sha256: str,
+    corrected_label: str | None = None,
+    note: str = "",
+) -> None:
     """Settle a sample the reviewers disagree on; the adjudication overrides every reviewer.
 
     Audited with the reviewer written as ``<adjudicator> (adjudication)``.

@@ -65,8 +65,9 @@ class ExportPlan:
         return dict(sorted(out.items()))
 
 
-def plan_export(run_dir: str | Path, pool: str, *, reviewer: str | None = None,
-                exclude_flagged: bool = False) -> ExportPlan:  # fmt: skip
+def plan_export(
+    run_dir: str | Path, pool: str, *, reviewer: str | None = None, exclude_flagged: bool = False
+) -> ExportPlan:
     """The accepted samples with corrected labels applied; flagged copies kept or left out."""
     run = Path(run_dir)
     rows = read_manifest(run / "generate" / pool)
@@ -114,9 +115,15 @@ def next_export_dir(run_dir: str | Path, pool: str) -> Path:
     return out
 
 
-def export_accepted(run_dir: str | Path, pool: str, out_dir: str | Path | None = None, *,
-                    reviewer: str | None = None, link: bool = False,
-                    exclude_flagged: bool = False) -> tuple[Path, int]:  # fmt: skip
+def export_accepted(
+    run_dir: str | Path,
+    pool: str,
+    out_dir: str | Path | None = None,
+    *,
+    reviewer: str | None = None,
+    link: bool = False,
+    exclude_flagged: bool = False,
+) -> tuple[Path, int]:
     """Write ``manifest.csv`` of the accepted samples (corrected labels applied everywhere, the
     original kept in ``original_class``), their DICOM files (copies, or symlinks with ``link``;
     a relabelled file is always a rewritten copy) and ``export.json``.
@@ -163,10 +170,15 @@ def export_accepted(run_dir: str | Path, pool: str, out_dir: str | Path | None =
         # Labels and reviewer notes are free text: neutralise spreadsheet formulas.
         write_rows(fh, cols, plan.rows, lineterminator="\n")
     meta = {
-        "source_pool": pool, "reviewer": reviewer, "exported_at": time.time(),
-        "count": len(plan.rows), "per_class": plan.per_class(), "relabels": plan.relabels,
-        "flagged_excluded": plan.flagged_excluded, "flagged_included": plan.flagged_included,
-    }  # fmt: skip
+        "source_pool": pool,
+        "reviewer": reviewer,
+        "exported_at": time.time(),
+        "count": len(plan.rows),
+        "per_class": plan.per_class(),
+        "relabels": plan.relabels,
+        "flagged_excluded": plan.flagged_excluded,
+        "flagged_included": plan.flagged_included,
+    }
     (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out)
     return out, len(plan.rows)

@@ -51,16 +51,26 @@ def to_png(img01: np.ndarray, size: int = 112, marker: str | None = "SYNTHETIC")
     return buf.getvalue()
 
 
-def dicom_thumbnail(path: str | Path, level: float = 0.5, width: float = 1.0, size: int = 112,
-                    marker: str | None = "SYNTHETIC") -> bytes:  # fmt: skip
+def dicom_thumbnail(
+    path: str | Path,
+    level: float = 0.5,
+    width: float = 1.0,
+    size: int = 112,
+    marker: str | None = "SYNTHETIC",
+) -> bytes:
     """A synthetic instance (grey or RGB, as ``dicom.write`` stores them) as a PNG thumbnail."""
     spp = int(read_header(path).get("SamplesPerPixel") or 1)
     unit = load_unit_image(path, synthetic_decode_options(spp))
     return to_png(window(unit, level, width), size, marker)
 
 
-def array_thumbnail(img: np.ndarray, level: float = 0.5, width: float = 1.0, size: int = 112,
-                    marker: str | None = None) -> bytes:  # fmt: skip
+def array_thumbnail(
+    img: np.ndarray,
+    level: float = 0.5,
+    width: float = 1.0,
+    size: int = 112,
+    marker: str | None = None,
+) -> bytes:
     """``img``: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)`` in [-1, 1] (the ingest cache scale;
     pass a whole cache row ``cache[i]`` to keep colour)."""
     return to_png(window((img.astype(np.float32) + 1) / 2, level, width), size, marker)

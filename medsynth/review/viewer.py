@@ -19,9 +19,11 @@ from PIL import Image, ImageDraw, ImageFont
 from medsynth.dicom.read import DecodeOptions, load_unit_image, read_header
 
 STATUS_COLOURS = {  # tile strip colours (RGB): green, red, amber, grey
-    "accept": (46, 160, 67), "reject": (210, 50, 50), "unsure": (230, 160, 20),
+    "accept": (46, 160, 67),
+    "reject": (210, 50, 50),
+    "unsure": (230, 160, 20),
     "unreviewed": (120, 120, 120),
-}  # fmt: skip
+}
 BANNER_PX = 14  # least height of a banner (grows with the image so it stays readable)
 
 
@@ -39,11 +41,21 @@ def value_range(path: str | Path) -> ValueRange:
     """The range the stored bits can reach after the modality rescale, and the file's window."""
     h = read_header(
         path,
-        ("BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "WindowCenter",
-         "WindowWidth"),
-    )  # fmt: skip
+        (
+            "BitsStored",
+            "PixelRepresentation",
+            "RescaleSlope",
+            "RescaleIntercept",
+            "WindowCenter",
+            "WindowWidth",
+        ),
+    )
     bits = int(h["BitsStored"] or 8)
-    lo, hi = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if h["PixelRepresentation"] == "1" else (0.0, 2.0**bits - 1)  # fmt: skip
+    lo, hi = (
+        (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+        if h["PixelRepresentation"] == "1"
+        else (0.0, 2.0**bits - 1)
+    )
     slope, icpt = float(h["RescaleSlope"] or 1), float(h["RescaleIntercept"] or 0)
     low, high = sorted((lo * slope + icpt, hi * slope + icpt))
     first = lambda v: float(v.strip("[]").split(",")[0]) if v else None  # noqa: E731
@@ -56,8 +68,12 @@ def value_range(path: str | Path) -> ValueRange:
 def presets(path: str | Path) -> dict[str, tuple[float, float]]:
     """Named (center, width) windows in modality units: stored, full range, auto (1–99 %)."""
     vr = value_range(path)
-    full = load_unit_image(path, DecodeOptions(intensity="window", window_center=(vr.low + vr.high) / 2,
-                                               window_width=vr.high - vr.low))[0]  # fmt: skip
+    full = load_unit_image(
+        path,
+        DecodeOptions(
+            intensity="window", window_center=(vr.low + vr.high) / 2, window_width=vr.high - vr.low
+        ),
+    )[0]
     p1, p99 = (vr.low + q * (vr.high - vr.low) for q in np.percentile(full, [1, 99]))
     return {
         "stored window": (vr.center, vr.width),

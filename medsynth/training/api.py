@@ -15,8 +15,9 @@ from medsynth.training.provenance import check_no_leak, ingest_fingerprint
 
 
 def unet_config(model: ModelSection, num_classes: int, in_channels: int) -> UNetConfig:
-    return UNetConfig(num_classes=num_classes, in_channels=in_channels,
-                      **model.model_dump(exclude={"kind"}))  # fmt: skip
+    return UNetConfig(
+        num_classes=num_classes, in_channels=in_channels, **model.model_dump(exclude={"kind"})
+    )
 
 
 def schedule_config(schedule: ScheduleSection) -> ScheduleConfig:
@@ -57,9 +58,16 @@ def train_from_sections(
     data = load_split(ingest_dir, "train", train_fraction, fraction_seed)
     for line in small_class_warnings(data.rows, data.classes):
         (warn or _stderr)(f"{line} (train_fraction {train_fraction:g})")
-    datasets = [{"ingest_sha256": ingest_fingerprint(ingest_dir), "split": "train",
-                 "train_fraction": train_fraction, "fraction_seed": fraction_seed,
-                 "classes": data.classes, "images": len(data.images)}]  # fmt: skip
+    datasets = [
+        {
+            "ingest_sha256": ingest_fingerprint(ingest_dir),
+            "split": "train",
+            "train_fraction": train_fraction,
+            "fraction_seed": fraction_seed,
+            "classes": data.classes,
+            "images": len(data.images),
+        }
+    ]
     return train(
         data.images,
         data.labels,

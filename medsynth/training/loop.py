@@ -90,10 +90,12 @@ def _augment(x: torch.Tensor, g: torch.Generator, hflip: bool, shift_px: int) ->
         shifts = torch.randint(-shift_px, shift_px + 1, (x.shape[0], 2), generator=g)
         padded = F.pad(x, (shift_px,) * 4, mode="reflect")
         h, w = x.shape[-2:]
-        x = torch.stack([
-            padded[i, :, shift_px + dy : shift_px + dy + h, shift_px + dx : shift_px + dx + w]
-            for i, (dy, dx) in enumerate(shifts.tolist())
-        ])  # fmt: skip
+        x = torch.stack(
+            [
+                padded[i, :, shift_px + dy : shift_px + dy + h, shift_px + dx : shift_px + dx + w]
+                for i, (dy, dx) in enumerate(shifts.tolist())
+            ]
+        )
     return x
 
 
@@ -114,9 +116,18 @@ def save_preview(
 
     rows = max(1, len(classes))  # an unconditional model previews one row of null-class samples
     labels = [c for c in range(rows) for _ in range(per_class)]
-    imgs = sample(ema_model, schedule_cfg, labels, list(range(len(labels))), image_shape=image_shape,
-                  null_label=len(classes), sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
-                  steps=20, guidance_scale=2.0, device=device)  # fmt: skip
+    imgs = sample(
+        ema_model,
+        schedule_cfg,
+        labels,
+        list(range(len(labels))),
+        image_shape=image_shape,
+        null_label=len(classes),
+        sampler="euler" if schedule_cfg.kind == "rflow" else "dpmpp",
+        steps=20,
+        guidance_scale=2.0,
+        device=device,
+    )
     c, h, w = image_shape
     # (K*per, C, H, W) -> (K, H, per, W, C) -> (K*H, per*W, C): rows of classes, channels last.
     grid = imgs.reshape(rows, per_class, c, h, w).permute(0, 3, 1, 4, 2)
@@ -178,8 +189,12 @@ def train(
     unet.num_classes, unet.in_channels = len(classes), int(images.shape[1])
     schedule = schedule or ScheduleConfig()
     image_shape = tuple(int(s) for s in images.shape[1:])
-    config = {"unet": unet.to_dict(), "schedule": schedule.to_dict(), "classes": list(classes),
-              "image_shape": list(image_shape)}  # fmt: skip
+    config = {
+        "unet": unet.to_dict(),
+        "schedule": schedule.to_dict(),
+        "classes": list(classes),
+        "image_shape": list(image_shape),
+    }
     base_dir, base_cfg = None, None
     if init_from:
         adapter = dict(adapter or {"kind": "full"})
@@ -208,8 +223,9 @@ def train(
     if state is not None:
         # The data may change between runs (provenance is not a setting), but every image the
         # weights have seen stays in the record.
-        config["provenance"] = merge_provenance(state.get("config", {}).get("provenance"),
-                                                config["provenance"])  # fmt: skip
+        config["provenance"] = merge_provenance(
+            state.get("config", {}).get("provenance"), config["provenance"]
+        )
     if state is not None and _settings(state.get("config")) != _settings(config):
         raise ValueError(
             f"{out} holds training states of another model, schedule or class list; "
@@ -242,16 +258,26 @@ def train(
     images, labels = images.float(), labels.long()
 
     def payload() -> dict:
-        return {"model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
-                "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "step": step,
-                "data_generator": gen.get_state(), "rng": rng_state(),
-                "nonfinite_total": nonfinite_total, "config": config,
-                "threads": torch.get_num_threads()}  # fmt: skip
+        return {
+            "model": model.state_dict(),
+            "ema": ema.module.state_dict(),
+            "ema_updates": ema.updates,
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": sched.state_dict(),
+            "step": step,
+            "data_generator": gen.get_state(),
+            "rng": rng_state(),
+            "nonfinite_total": nonfinite_total,
+            "config": config,
+            "threads": torch.get_num_threads(),
+        }
 
     if info.main:
-        print(f"training {sum(p.numel() for p in trainable) / 1e6:.2f} of {count_parameters(model) / 1e6:.2f} M "
-              f"parameters on {dev} x{info.world}, "
-              f"{len(images)} images {image_shape}, steps {step}->{max_steps}")  # fmt: skip
+        print(
+            f"training {sum(p.numel() for p in trainable) / 1e6:.2f} of {count_parameters(model) / 1e6:.2f} M "
+            f"parameters on {dev} x{info.world}, "
+            f"{len(images)} images {image_shape}, steps {step}->{max_steps}"
+        )
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and info.main), unit="step")
     consecutive, t_last, n_last, losses = 0, time.perf_counter(), 0, []
     while step < max_steps:
@@ -260,8 +286,15 @@ def train(
         x = _augment(images[idx], gen, augment_hflip, augment_shift_px)
         d = draw(tuple(x.shape), schedule.num_train_timesteps, label_dropout, gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = diffusion_loss(ddp, noise_sched, schedule, x[sl].to(dev), labels[idx][sl].to(dev),
-                                  d.slice(sl), null_label=unet.num_classes)  # fmt: skip
+            loss = diffusion_loss(
+                ddp,
+                noise_sched,
+                schedule,
+                x[sl].to(dev),
+                labels[idx][sl].to(dev),
+                d.slice(sl),
+                null_label=unet.num_classes,
+            )
         finite = torch.isfinite(loss.detach()).float()
         if info.world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -288,9 +321,14 @@ def train(
 
         if info.main and (step % log_every_steps == 0 or step == max_steps):
             now = time.perf_counter()
-            rec = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "img_per_s": (step - n_last) * batch_size / (now - t_last)
-                   if n_last else None, "nonfinite_total": nonfinite_total}  # fmt: skip
+            rec = {
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "img_per_s": (step - n_last) * batch_size / (now - t_last) if n_last else None,
+                "nonfinite_total": nonfinite_total,
+            }
             with (out / "log.jsonl").open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

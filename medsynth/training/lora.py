@@ -45,8 +45,15 @@ class LoRALayer(nn.Module):
             self.lora_A = nn.Linear(base.in_features, rank, bias=False)
             self.lora_B = nn.Linear(rank, base.out_features, bias=False)
         elif isinstance(base, nn.Conv2d) and base.groups == 1:
-            self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride,
-                                    base.padding, base.dilation, bias=False)  # fmt: skip
+            self.lora_A = nn.Conv2d(
+                base.in_channels,
+                rank,
+                base.kernel_size,
+                base.stride,
+                base.padding,
+                base.dilation,
+                bias=False,
+            )
             self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         else:
             raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d (groups=1), not {base}")
