@@ -305,7 +305,7 @@ class RuntimeSection(_Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for torch; None = $OMP_NUM_THREADS, else half the CPUs "
+        description="CPU threads for torch; None = $OMP_NUM_THREADS, else every available CPU "
         "(a bit-identical resume needs the same count)",
     )
 
