@@ -58,27 +58,22 @@ def metrics(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, f
     return out
 
 
-def paired_bootstrap_diff(
+def bootstrap_diffs(
     y: np.ndarray,
-    proba_arm: list[np.ndarray],
-    proba_base: list[np.ndarray],
+    proba_arm,
+    proba_base,
     metric: str,
-    classes: list[str],
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Mean difference arm - base of ``metric`` with a paired 95 % bootstrap CI.
+    k: int,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> tuple[float, list[float]]:
+    """Point difference arm - base of ``metric`` (mean over seeds) and its paired replicates.
 
-    ``proba_arm[s]`` and ``proba_base[s]`` are ``(N, K)`` test probabilities of classifier
-    seed ``s`` (paired by seed). Each replicate resamples seeds (pairs kept) and test cases
-    (the same cases for both arms), so the CI covers seed and test-set variability.
+    ``proba_arm[s]``, ``proba_base[s]``: ``(N, K)`` test probabilities of seed ``s``. Each
+    replicate resamples seeds (pairs kept) and test cases (the same for both arms); a resample
+    with one class only is skipped (the metric is undefined there).
     """
-    rng = np.random.default_rng(seed)
     n, s = len(y), len(proba_arm)
-    if s != len(proba_base) or s == 0:
-        raise ValueError("arm and baseline need the same, non-zero number of seeds")
-
-    k = len(classes)
 
     def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
         yi = y[idx]
@@ -99,6 +94,30 @@ def paired_bootstrap_diff(
         if len(np.unique(y[idx])) < 2:
             continue
         reps.append(diff(rng.integers(0, s, s), idx))
+    return point, reps
+
+
+def paired_bootstrap_diff(
+    y: np.ndarray,
+    proba_arm: list[np.ndarray],
+    proba_base: list[np.ndarray],
+    metric: str,
+    classes: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean difference arm - base of ``metric`` with a paired 95 % bootstrap CI.
+
+    ``proba_arm[s]`` and ``proba_base[s]`` are ``(N, K)`` test probabilities of classifier
+    seed ``s`` (paired by seed). Each replicate resamples seeds (pairs kept) and test cases
+    (the same cases for both arms), so the CI covers seed and test-set variability.
+    """
+    rng = np.random.default_rng(seed)
+    s = len(proba_arm)
+    if s != len(proba_base) or s == 0:
+        raise ValueError("arm and baseline need the same, non-zero number of seeds")
+
+    point, reps = bootstrap_diffs(y, proba_arm, proba_base, metric, len(classes), n_boot, rng)
     lo, hi = np.percentile(reps, [2.5, 97.5]) if reps else (float("nan"), float("nan"))
     return {
         "diff": point,

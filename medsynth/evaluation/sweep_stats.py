@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sps
 
-from medsynth.evaluation.stats import fast_metric
+from medsynth.evaluation.stats import bootstrap_diffs
 
 
 def paired_bootstrap_test(
@@ -37,28 +37,9 @@ def paired_bootstrap_test(
             f"arm and baseline need the same (seeds, cases, classes) shape; got "
             f"{proba_arm.shape} and {proba_base.shape}"
         )
-    s, n, k = proba_arm.shape
+    k = proba_arm.shape[2]
     rng = np.random.default_rng(seed)
-
-    def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
-        yi = y[idx]
-        return float(
-            np.mean(
-                [
-                    fast_metric(metric, yi, proba_arm[j][idx], k)
-                    - fast_metric(metric, yi, proba_base[j][idx], k)
-                    for j in seeds
-                ]
-            )
-        )
-
-    point = diff(np.arange(s), np.arange(n))
-    reps = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        if len(np.unique(y[idx])) < 2:
-            continue
-        reps.append(diff(rng.integers(0, s, s), idx))
+    point, reps = bootstrap_diffs(y, proba_arm, proba_base, metric, k, n_boot, rng)
     reps = np.asarray(reps)
     if not len(reps):
         nan = float("nan")
