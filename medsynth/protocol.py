@@ -202,6 +202,17 @@ class AdapterSection(_Section):
     )
 
 
+class LossWeighting(str, Enum):
+    uniform = "uniform"  # plain MSE: every timestep counts the same
+    min_snr = "min_snr"  # Min-SNR-gamma (Hang et al. 2023): low-noise steps clipped to gamma
+
+
+class ClassBalance(str, Enum):
+    none = "none"  # draw training images uniformly: classes as often as they occur
+    balanced = "balanced"  # every class equally likely per draw
+    sqrt = "sqrt"  # class probability proportional to sqrt(its image count)
+
+
 class TrainingSection(_Section):
     max_steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch (summed over processes)")
@@ -228,6 +239,13 @@ class TrainingSection(_Section):
     )
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     unconditional: bool = Field(False, description="null class only (e.g. base pretraining)")
+    loss_weighting: LossWeighting = Field(
+        LossWeighting.uniform, description="per-sample loss weight over timesteps"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0, description="SNR clip of loss_weighting min_snr")
+    class_balance: ClassBalance = Field(
+        ClassBalance.none, description="how training batches draw classes"
+    )
 
 
 class CountMode(str, Enum):
@@ -248,11 +266,31 @@ class GenerationSection(_Section):
     ddim_eta: float = Field(
         0.0, ge=0, le=1, description="DDIM stochasticity: 0 deterministic, 1 DDPM-like"
     )
+    guidance_rescale: float = Field(
+        0.0, ge=0, le=1, description="rescaled CFG mix phi (Lin et al. 2024); 0 = plain CFG"
+    )
+    guidance_interval: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0],
+        description="[lo, hi] share of the timestep range where guidance applies; "
+        "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
+    )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
     precision: Literal["fp32", "bf16"] = "fp32"
     export_png: bool = Field(False, description="also write 16-bit PNGs beside the DICOM")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: list[float]) -> list[float]:
+        return check_interval(v)
+
+
+def check_interval(v: list[float]) -> list[float]:
+    """``[lo, hi]`` with ``0 <= lo < hi <= 1``, else a ValueError saying so."""
+    if len(v) != 2 or not 0 <= v[0] < v[1] <= 1:
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1; got {v}")
+    return [float(x) for x in v]
 
 
 class Arm(str, Enum):
@@ -314,6 +352,25 @@ class RuntimeSection(_Section):
 # resume with another batch size or thread count is the same study.
 PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
 
+# Knobs added after studies were run, with the value that reproduces the older behaviour: left
+# out of every hash while at that value, so existing run folders and pools stay valid.
+LATER_KNOBS = {
+    "training": {"loss_weighting": "uniform", "min_snr_gamma": 5.0, "class_balance": "none"},
+    "generation": {"guidance_rescale": 0.0, "guidance_interval": [0.0, 1.0]},
+    "sweep": {"guidance_rescale": [], "guidance_interval": []},
+}
+
+
+def drop_later_defaults(data: dict) -> dict:
+    """Remove the ``LATER_KNOBS`` that hold their old-behaviour value from dumped sections."""
+    for section, knobs in LATER_KNOBS.items():
+        sec = data.get(section)
+        if isinstance(sec, dict):
+            for key, default in knobs.items():
+                if key in sec and sec[key] == default:
+                    del sec[key]
+    return data
+
 
 class SamplerSetting(_Section):
     """One sampler configuration of a sweep (the generation keys of the same names)."""
@@ -340,6 +397,12 @@ class SweepSection(_Section):
         default_factory=list, description="dataset.train_fraction values; one generator each"
     )
     guidance_scale: list[float] = Field(default_factory=list, description="generation values")
+    guidance_rescale: list[float] = Field(
+        default_factory=list, description="generation.guidance_rescale values, each in [0, 1]"
+    )
+    guidance_interval: list[list[float]] = Field(
+        default_factory=list, description="generation.guidance_interval values, each [lo, hi]"
+    )
     samplers: list[SamplerSetting] = Field(default_factory=list, description="sampler+steps+eta")
     pool_size: list[float] = Field(
         default_factory=list,
@@ -379,6 +442,18 @@ class SweepSection(_Section):
             raise ValueError(f"train_fractions must lie in (0, 1]; got {bad}")
         return v
 
+    @field_validator("guidance_rescale")
+    @classmethod
+    def _unit(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= x <= 1 for x in v):
+            raise ValueError(f"guidance_rescale values must lie in [0, 1]; got {v}")
+        return v
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _intervals(cls, v: list[list[float]]) -> list[list[float]]:
+        return [check_interval(i) for i in v]
+
     @field_validator("guidance_scale", "ratios", "pool_size")
     @classmethod
     def _non_negative(cls, v: list[float]) -> list[float]:
@@ -391,6 +466,8 @@ class SweepSection(_Section):
         for name in (
             "train_fractions",
             "guidance_scale",
+            "guidance_rescale",
+            "guidance_interval",
             "pool_size",
             "selectors",
             "ratios",
@@ -399,7 +476,7 @@ class SweepSection(_Section):
             "curve_pools",
             "curve_selectors",
         ):
-            vals = getattr(self, name)
+            vals = [tuple(v) if isinstance(v, list) else v for v in getattr(self, name)]
             if len(set(vals)) != len(vals):
                 raise ValueError(f"sweep.{name} lists a value twice: {vals}")
         return self
@@ -418,6 +495,15 @@ class Protocol(_Section):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
 
+    @model_validator(mode="after")
+    def _min_snr_needs_ddpm(self) -> Protocol:
+        if self.training.loss_weighting == "min_snr" and self.schedule.kind == "rflow":
+            raise ValueError(
+                "training.loss_weighting 'min_snr' is defined for schedule.kind 'ddpm' "
+                "(epsilon or v_prediction), not 'rflow'; use loss_weighting 'uniform'"
+            )
+        return self
+
     def dump(self) -> dict:
         """Plain data; an absent sweep is left out so protocols without one keep their hash."""
         data = self.model_dump(mode="json")
@@ -427,7 +513,7 @@ class Protocol(_Section):
 
     def identity(self) -> dict:
         """:meth:`dump` less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
-        data = self.dump()
+        data = drop_later_defaults(self.dump())
         data.pop("runtime")
         for section, keys in PERFORMANCE_ONLY.items():
             for key in keys:

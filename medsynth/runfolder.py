@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from medsynth import __version__
-from medsynth.protocol import Protocol, canonical_json
+from medsynth.protocol import Protocol, canonical_json, drop_later_defaults
 
 STAGES = ("ingest", "train", "generate", "evaluate", "report")
 
@@ -35,7 +35,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     ``base_sha256``: the snapshot hash ``training.init_from`` resolves to, so a retrained base
     reruns the adaptation (None leaves every hash as it was without adaptation).
     """
-    p = protocol.model_dump(mode="json")
+    # Knobs added later, at their old-behaviour value, leave every hash as it was.
+    p = drop_later_defaults(protocol.model_dump(mode="json"))
     ds = p["dataset"]
     out: dict[str, str] = {}
     out["ingest"] = _sha(

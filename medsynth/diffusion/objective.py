@@ -38,6 +38,29 @@ def draw(
     return Draws(noise, timesteps, drop)
 
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str, gamma: float
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): ``(B,)`` float32, each in (0, 1].
+
+    ``SNR(t) = a_t / (1 - a_t)`` with ``a_t`` the cumulative alpha product. The weight makes the
+    loss equal to ``min(SNR, gamma)`` times the x0 error: ``min(SNR, gamma) / SNR`` for epsilon
+    targets, ``min(SNR, gamma) / (SNR + 1)`` for v-prediction. Nearly clean timesteps (huge SNR)
+    otherwise dominate the gradient although they matter least for the sample.
+    """
+    a = alphas_cumprod.to(timesteps.device, torch.float64)[timesteps]
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return (clipped / (snr + 1)).float()
+    if prediction_type == "epsilon":
+        return (clipped / snr).float()
+    raise ValueError(f"min_snr weighting needs epsilon or v_prediction, not {prediction_type!r}")
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     scheduler,
@@ -46,13 +69,22 @@ def diffusion_loss(
     labels: torch.Tensor,
     draws: Draws,
     null_label: int,
+    loss_weighting: str = "uniform",  # uniform | min_snr (ddpm schedules only)
+    min_snr_gamma: float = 5.0,  # SNR clip of min_snr
 ) -> torch.Tensor:
     """Mean squared error of the model's prediction; scalar float32.
 
     ``images``: ``(B, C, H, W)`` in [-1, 1]; ``labels``: ``(B,)`` long class indices. Targets:
     epsilon (the noise), v-prediction (``sqrt(a) * noise - sqrt(1 - a) * x0``) or, for rflow,
-    the velocity ``x0 - noise`` that MONAI's RFlowScheduler integrates.
+    the velocity ``x0 - noise`` that MONAI's RFlowScheduler integrates. ``min_snr`` weights each
+    sample's MSE by :func:`min_snr_weights`; rflow has no ``alphas_cumprod`` and is refused.
     """
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(
+            f"unknown loss_weighting {loss_weighting!r}; valid choices: {', '.join(LOSS_WEIGHTINGS)}"
+        )
+    if loss_weighting == "min_snr" and cfg.kind == "rflow":
+        raise ValueError("loss_weighting 'min_snr' is defined for ddpm schedules, not 'rflow'")
     device = images.device
     noise, t = draws.noise.to(device), draws.timesteps.to(device)
     labels = torch.where(draws.drop.to(device), torch.full_like(labels, null_label), labels)
@@ -64,4 +96,8 @@ def diffusion_loss(
     else:
         target = noise
     pred = model(noisy, timesteps=t, class_labels=labels)
-    return F.mse_loss(pred.float(), target.float())
+    if loss_weighting == "uniform":
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    w = min_snr_weights(scheduler.alphas_cumprod, t, cfg.prediction_type, min_snr_gamma)
+    return (w * per_sample).mean()

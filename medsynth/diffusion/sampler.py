@@ -42,14 +42,32 @@ class _Denoiser:
     The network always sees chunks of exactly ``net_batch`` rows (the last one zero-padded):
     CPU kernels may round differently for different batch sizes, so a fixed call size is what
     makes sample k bit-identical whatever batch it was requested in.
+
+    ``rescale`` (phi in [0, 1]): rescaled guidance (Lin et al. 2024, eq. 15-16) applied to the
+    x0 the prediction implies, whatever the schedule predicts, so every sampler sees the same
+    correction. ``interval`` ``(lo, hi)``: guidance only where ``lo <= t / T <= hi``; outside
+    it one conditional pass (Kynkaanniemi et al. 2024).
     """
 
     def __init__(
-        self, model, labels, null_label: int, guidance_scale: float, autocast, net_batch: int
+        self,
+        model,
+        labels,
+        null_label: int,
+        guidance_scale: float,
+        autocast,
+        net_batch: int,
+        cfg: ScheduleConfig | None = None,
+        rescale: float = 0.0,
+        interval: tuple[float, float] = (0.0, 1.0),
     ):
         self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
         self.null = torch.full_like(labels, null_label)
         self.net_batch = net_batch
+        self.cfg, self.rescale, self.interval = cfg or ScheduleConfig(), float(rescale), interval
+        self._acp = None
+        if self.rescale and self.cfg.kind != "rflow":
+            self._acp = training_scheduler(self.cfg).alphas_cumprod.to(torch.float64)
 
     def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
         outs, n = [], self.net_batch
@@ -64,13 +82,54 @@ class _Denoiser:
                 outs.append(self.model(xc, timesteps=ts, class_labels=yc).float()[: n - pad])
         return torch.cat(outs)
 
-    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def guided_at(self, t: int) -> bool:
+        """Whether step ``t`` (a training timestep) gets two passes."""
         if self.scale == 1.0:
+            return False
+        lo, hi = self.interval
+        return lo <= int(t) / self.cfg.num_train_timesteps <= hi
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if not self.guided_at(t):
             return self._net(x, t, self.labels)
         b = x.shape[0]
         out = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.null]))
         cond, uncond = out[:b], out[b:]
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale:
+            guided = self._rescaled(guided, cond, x, t)
+        return guided
+
+    def _rescaled(self, guided, cond, x, t: int) -> torch.Tensor:
+        """Mix phi of the guided x0 rescaled to the conditional x0's per-sample std, back to
+        the prediction space; ``(B, C, H, W)`` float32."""
+        to_x0, from_x0 = _x0_maps(self.cfg, x.double(), t, self._acp)
+        if to_x0 is None:
+            return guided  # t = 0 of rflow: the prediction does not move x
+        x0_g, x0_c = to_x0(guided.double()), to_x0(cond.double())
+        dims = tuple(range(1, x.ndim))
+        ratio = x0_c.std(dim=dims, keepdim=True) / x0_g.std(dim=dims, keepdim=True).clamp(min=1e-12)
+        x0 = self.rescale * (x0_g * ratio) + (1 - self.rescale) * x0_g
+        return from_x0(x0).float()
+
+
+def _x0_maps(cfg: ScheduleConfig, x: torch.Tensor, t: int, acp: torch.Tensor | None):
+    """``(prediction -> x0, x0 -> prediction)`` at timestep ``t`` for noisy ``x`` (float64).
+
+    ddpm: ``x = sqrt(a) x0 + sqrt(1 - a) eps`` and ``v = sqrt(a) eps - sqrt(1 - a) x0``;
+    rflow (MONAI): ``x = (1 - s) x0 + s noise`` with ``s = t / T`` and velocity ``x0 - noise``,
+    so ``x0 = x + s v``. Returns ``(None, None)`` where the map is not invertible (s = 0).
+    """
+    if cfg.kind == "rflow":
+        s = int(t) / cfg.num_train_timesteps
+        if s <= 0:
+            return None, None
+        return (lambda v: x + s * v), (lambda x0: (x0 - x) / s)
+    a = acp[int(t)].to(x.device)
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    if cfg.prediction_type == "v_prediction":
+        return (lambda v: sa * x - sb * v), (lambda x0: (sa * x - x0) / sb)
+    return (lambda e: (x - sb * e) / sa), (lambda x0: (x - sa * x0) / sb)
 
 
 def _x0_from(pred: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -169,6 +228,8 @@ def sample(
     steps: int = 20,
     guidance_scale: float = 1.0,
     ddim_eta: float = 0.0,
+    guidance_rescale: float = 0.0,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -180,6 +241,9 @@ def sample(
     pass; ``guidance_scale`` 0 = unconditional, 1 = conditional only, > 1 = guided.
     ``net_batch``: rows per network call (padded); bit-identity holds for a fixed value.
     ``ddim_eta``: DDIM stochasticity in [0, 1] (0 = deterministic DDIM; only for ``ddim``).
+    ``guidance_rescale``: phi in [0, 1] of rescaled guidance (0 = plain CFG);
+    ``guidance_interval``: ``[lo, hi]`` share of the timestep range ``t / T`` that is guided
+    (``[0, 1]`` = every step); other steps take one conditional pass.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -189,6 +253,13 @@ def sample(
         raise ValueError("the 'euler' sampler needs schedule kind 'rflow'")
     if ddim_eta and sampler != "ddim":
         raise ValueError(f"ddim_eta applies to sampler 'ddim' only, not {sampler!r}")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+    lo, hi = (float(v) for v in guidance_interval)
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(
+            f"guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1, got {[lo, hi]}"
+        )
     fn = SAMPLERS.get(sampler)
     if ddim_eta:
         fn = partial(_ddim_eta_step, eta=float(ddim_eta))
@@ -200,7 +271,17 @@ def sample(
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    denoise = _Denoiser(model, labels, null_label, float(guidance_scale), autocast, net_batch)
+    denoise = _Denoiser(
+        model,
+        labels,
+        null_label,
+        float(guidance_scale),
+        autocast,
+        net_batch,
+        cfg=cfg,
+        rescale=float(guidance_rescale),
+        interval=(lo, hi),
+    )
     was_training = model.training
     model.eval()
     try:

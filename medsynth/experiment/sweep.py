@@ -44,11 +44,21 @@ class PoolSpec:
     steps: int
     ddim_eta: float
     pool_size: float  # images per class = ceil(pool_size x the largest real class)
+    guidance_rescale: float = 0.0  # rescaled-guidance phi; 0 = plain CFG
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided share of t / T
 
     @property
     def name(self) -> str:
+        """E.g. ``g2-dpmpp20-p1``; the later knobs add ``-r0.7`` / ``-i0.2-0.8`` only when set,
+        so pools of older sweeps keep their names."""
         eta = f"-eta{self.ddim_eta:g}" if self.sampler == "ddim" else ""
-        return f"g{self.guidance_scale:g}-{self.sampler}{self.steps}{eta}-p{self.pool_size:g}"
+        guide = f"-r{self.guidance_rescale:g}" if self.guidance_rescale else ""
+        lo, hi = self.guidance_interval
+        if (lo, hi) != (0.0, 1.0):
+            guide += f"-i{lo:g}-{hi:g}"
+        return (
+            f"g{self.guidance_scale:g}{guide}-{self.sampler}{self.steps}{eta}-p{self.pool_size:g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -120,9 +130,13 @@ def expand(protocol: Protocol) -> SweepPlan:
     ]
     pool_sizes = sw.pool_size or [max(sw.ratios or ev.ratios)]
     pools = [
-        PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps)
-        for gs, s, ps in itertools.product(
-            sw.guidance_scale or [g.guidance_scale], samplers, pool_sizes
+        PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps, gr, tuple(gi))
+        for gs, gr, gi, s, ps in itertools.product(
+            sw.guidance_scale or [g.guidance_scale],
+            sw.guidance_rescale or [g.guidance_rescale],
+            sw.guidance_interval or [g.guidance_interval],
+            samplers,
+            pool_sizes,
         )
     ]
     names = [p.name for p in pools]
@@ -169,6 +183,8 @@ def pool_protocol(protocol: Protocol, fraction: float, pool: PoolSpec, per_class
             "sampler": pool.sampler,
             "steps": pool.steps,
             "ddim_eta": pool.ddim_eta,
+            "guidance_rescale": pool.guidance_rescale,
+            "guidance_interval": list(pool.guidance_interval),
             "count_mode": "per_class",
             "per_class": per_class,
             "counts": {},
@@ -232,7 +248,8 @@ def estimate(protocol: Protocol, plan: SweepPlan, run: Path) -> dict:
         n, top = sum(counts), max(counts)
         out["train"] += tr.max_steps * sw.seconds_per_train_step
         for p in plan.pools_at(f):
-            calls = p.steps * (1 if p.guidance_scale == 1 else 2)
+            lo, hi = p.guidance_interval
+            calls = p.steps * (1 if p.guidance_scale == 1 else 1 + (hi - lo))  # guided share
             images = math.ceil(p.pool_size * top) * len(counts)
             out["generate"] += images * calls * sw.seconds_per_image_step
         for _ in plan.class_mixes:

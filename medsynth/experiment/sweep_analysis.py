@@ -60,6 +60,8 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
                 "sampler": u.pool.sampler,
                 "steps": u.pool.steps,
                 "ddim_eta": u.pool.ddim_eta,
+                "guidance_rescale": u.pool.guidance_rescale,
+                "guidance_interval": "-".join(f"{v:g}" for v in u.pool.guidance_interval),
                 "pool_size": u.pool.pool_size,
                 "selector": selector,
                 "ratio": float(ratio),

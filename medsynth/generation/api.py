@@ -45,6 +45,8 @@ def generate_from_protocol(
         steps=g.steps,
         guidance_scale=g.guidance_scale,
         ddim_eta=g.ddim_eta,
+        guidance_rescale=g.guidance_rescale,
+        guidance_interval=g.guidance_interval,
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,

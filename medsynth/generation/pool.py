@@ -164,6 +164,8 @@ def generate_pool(
     steps: int = 20,
     guidance_scale: float = 2.0,
     ddim_eta: float = 0.0,
+    guidance_rescale: float = 0.0,  # rescaled-guidance mix phi in [0, 1]; 0 = plain CFG
+    guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",
@@ -204,6 +206,14 @@ def generate_pool(
     }
     if ddim_eta:
         request["ddim_eta"] = ddim_eta  # only when set: pools made before the knob still match
+    interval = [float(v) for v in guidance_interval]
+    extra = ""
+    if guidance_rescale:
+        request["guidance_rescale"] = guidance_rescale  # likewise
+        extra += f" rescale={guidance_rescale:g}"
+    if interval != [0.0, 1.0]:
+        request["guidance_interval"] = interval
+        extra += f" interval={interval[0]:g}-{interval[1]:g}"
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -218,6 +228,7 @@ def generate_pool(
     )
     if ddim_eta:
         derivation += f" eta={ddim_eta:g}"
+    derivation += extra
 
     t0, t_write = time.perf_counter(), 0.0
     bar = tqdm(
@@ -242,6 +253,8 @@ def generate_pool(
                 steps=steps,
                 guidance_scale=guidance_scale,
                 ddim_eta=ddim_eta,
+                guidance_rescale=guidance_rescale,
+                guidance_interval=interval,
                 device=dev,
                 bf16=precision == "bf16",
                 net_batch=net_batch,

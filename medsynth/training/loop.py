@@ -99,6 +99,38 @@ def _augment(x: torch.Tensor, g: torch.Generator, hflip: bool, shift_px: int) ->
     return x
 
 
+CLASS_BALANCES = ("none", "balanced", "sqrt")
+
+
+def draw_weights(labels: torch.Tensor, class_balance: str) -> torch.Tensor | None:
+    """Per-image draw probabilities ``(N,)`` float64 summing to 1, or None for uniform draws.
+
+    ``balanced``: each class present is equally likely (its images share ``1/K``); ``sqrt``:
+    a class's share is proportional to ``sqrt(count)``. Within a class images stay uniform.
+    ``none`` returns None so the default keeps the original ``randint`` stream bit for bit.
+    """
+    if class_balance not in CLASS_BALANCES:
+        raise ValueError(
+            f"unknown class_balance {class_balance!r}; valid choices: {', '.join(CLASS_BALANCES)}"
+        )
+    if class_balance == "none":
+        return None
+    counts = torch.bincount(labels.long()).double()
+    share = torch.where(counts > 0, counts.sqrt() if class_balance == "sqrt" else 1.0, 0.0)
+    share = share / share.sum()
+    per_image = (share / counts.clamp(min=1))[labels.long()]
+    return per_image / per_image.sum()
+
+
+def draw_indices(
+    n: int, batch_size: int, weights: torch.Tensor | None, gen: torch.Generator
+) -> torch.Tensor:
+    """``(batch_size,)`` long indices into the ``n`` training images, drawn from ``gen``."""
+    if weights is None:
+        return torch.randint(0, n, (batch_size,), generator=gen)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+
+
 def save_preview(
     path: Path,
     ema_model,
@@ -165,6 +197,9 @@ def train(
     init_from: str | Path | None = None,  # base snapshot / train / run folder to adapt
     adapter: dict | None = None,  # {kind: full|lora, rank, alpha, targets}; needs init_from
     unconditional: bool = False,  # train the null class only (e.g. a base on other labels)
+    loss_weighting: str = "uniform",  # uniform | min_snr (Min-SNR-gamma, ddpm schedules)
+    min_snr_gamma: float = 5.0,  # SNR clip of min_snr
+    class_balance: str = "none",  # none | balanced | sqrt: class probabilities per batch draw
     datasets: list[dict] | None = None,  # provenance of ``images`` (dataset hashes), recorded
     resume: bool = True,
     progress: bool = True,
@@ -195,6 +230,15 @@ def train(
         "classes": list(classes),
         "image_shape": list(image_shape),
     }
+    if loss_weighting == "min_snr" and schedule.kind == "rflow":
+        raise ValueError("loss_weighting 'min_snr' is defined for ddpm schedules, not 'rflow'")
+    draws = {"loss_weighting": loss_weighting, "class_balance": class_balance}
+    if loss_weighting == "min_snr":
+        draws["min_snr_gamma"] = float(min_snr_gamma)
+    if draws != {"loss_weighting": "uniform", "class_balance": "none"}:
+        # Recorded (only off the defaults, so older states still resume) so that a resume with
+        # another batch stream or loss is refused like one with another model.
+        config["objective"] = draws
     base_dir, base_cfg = None, None
     if init_from:
         adapter = dict(adapter or {"kind": "full"})
@@ -256,6 +300,7 @@ def train(
     sl = slice(info.rank * local, (info.rank + 1) * local)
     use_bf16 = precision == "bf16"
     images, labels = images.float(), labels.long()
+    weights = draw_weights(labels, class_balance)
 
     def payload() -> dict:
         return {
@@ -282,7 +327,7 @@ def train(
     consecutive, t_last, n_last, losses = 0, time.perf_counter(), 0, []
     while step < max_steps:
         # Draw everything for the global batch, then take this process's slice.
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        idx = draw_indices(len(images), batch_size, weights, gen)
         x = _augment(images[idx], gen, augment_hflip, augment_shift_px)
         d = draw(tuple(x.shape), schedule.num_train_timesteps, label_dropout, gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -294,6 +339,8 @@ def train(
                 labels[idx][sl].to(dev),
                 d.slice(sl),
                 null_label=unet.num_classes,
+                loss_weighting=loss_weighting,
+                min_snr_gamma=min_snr_gamma,
             )
         finite = torch.isfinite(loss.detach()).float()
         if info.world > 1:

@@ -1,0 +1,326 @@
+"""Issue 18 candidate knobs: Min-SNR loss weighting, class-balanced batches, rescaled guidance
+and guidance interval; their protocol fields, hashes, resume and sweep expansion."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medsynth.diffusion.objective import diffusion_loss, draw, min_snr_weights
+from medsynth.diffusion.sampler import _Denoiser, _x0_maps, sample
+from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
+from medsynth.diffusion.unet import UNetConfig, build_unet
+from medsynth.experiment.sweep import expand, pool_protocol
+from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
+from medsynth.runfolder import stage_inputs
+from medsynth.training.loop import draw_indices, draw_weights, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = UNetConfig(
+    num_classes=2, channels=[16, 32], attention_levels=[False, True], num_head_channels=16
+)
+BASE = "dataset: {kind: phantoms}\n"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    m = build_unet(TINY)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+# --- protocol ----------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_old_behaviour_and_keep_every_hash():
+    p = parse_protocol(BASE)
+    assert p.training.loss_weighting == "uniform" and p.training.min_snr_gamma == 5.0
+    assert p.training.class_balance == "none"
+    assert p.generation.guidance_rescale == 0.0 and p.generation.guidance_interval == [0.0, 1.0]
+    # Hashes computed with the code before these knobs existed: run folders stay valid.
+    q = load_protocol(ROOT / "protocols" / "quickstart.yaml")
+    assert q.sha256() == "db3df2a2a3735c195575e5a3b8168da73e0a81f99129a5230efbbaa201979f93"
+    assert stage_inputs(q)["report"] == (
+        "c3072f187a163e02c427bc350388395804023d3b76d0fa076fa84f304e0988ab"
+    )
+    # Off the default, a knob is part of the identity of its stage and the ones after it.
+    r = load_protocol(ROOT / "protocols" / "quickstart.yaml", ["generation.guidance_rescale=0.7"])
+    a, b = stage_inputs(q), stage_inputs(r)
+    assert a["train"] == b["train"] and a["generate"] != b["generate"] and q.sha256() != r.sha256()
+
+
+def test_set_overrides_reach_the_new_knobs():
+    p = parse_protocol(
+        BASE,
+        [
+            "training.loss_weighting=min_snr",
+            "training.min_snr_gamma=3",
+            "training.class_balance=sqrt",
+            "generation.guidance_rescale=0.5",
+            "generation.guidance_interval=[0.2, 0.8]",
+        ],
+    )
+    assert (p.training.loss_weighting, p.training.min_snr_gamma) == ("min_snr", 3.0)
+    assert p.training.class_balance == "sqrt"
+    assert p.generation.guidance_rescale == 0.5 and p.generation.guidance_interval == [0.2, 0.8]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.loss_weighting=minsnr", "loss_weighting.*'uniform' or 'min_snr'"),
+        ("training.min_snr_gamma=0", "min_snr_gamma.*greater than 0"),
+        ("training.class_balance=equal", "class_balance.*'none', 'balanced' or 'sqrt'"),
+        ("generation.guidance_rescale=1.5", "guidance_rescale.*less than or equal to 1"),
+        ("generation.guidance_interval=[0.8, 0.2]", "0 <= lo < hi <= 1; got \\[0.8, 0.2\\]"),
+        ("generation.guidance_interval=[0.5]", "guidance_interval must be \\[lo, hi\\]"),
+    ],
+)
+def test_bad_values_fail_loudly(override, message):
+    with pytest.raises(ProtocolError, match=message):
+        parse_protocol(BASE, [override])
+
+
+def test_min_snr_with_rflow_is_refused_clearly():
+    with pytest.raises(ProtocolError, match="min_snr.*'ddpm'.*not 'rflow'"):
+        parse_protocol(BASE, ["training.loss_weighting=min_snr", "schedule.kind=rflow"])
+
+
+# --- loss weighting ----------------------------------------------------------------------------
+
+
+def test_min_snr_weights_follow_the_paper():
+    cfg = ScheduleConfig()
+    acp = training_scheduler(cfg).alphas_cumprod
+    t = torch.tensor([0, 100, 500, 999])
+    snr = (acp[t] / (1 - acp[t])).double()
+    eps = min_snr_weights(acp, t, "epsilon", 5.0).double()
+    v = min_snr_weights(acp, t, "v_prediction", 5.0).double()
+    assert torch.allclose(eps, snr.clamp(max=5) / snr, rtol=1e-5)
+    assert torch.allclose(v, snr.clamp(max=5) / (snr + 1), rtol=1e-5)
+    assert snr[0] > 5 > snr[-1]  # both branches of the min are exercised
+    assert eps[-1] == pytest.approx(1.0) and eps[0] < 0.1
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_loss_weights_each_sample(unet, prediction):
+    cfg = ScheduleConfig(prediction_type=prediction)
+    sched = training_scheduler(cfg)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 0, 1])
+    d = draw(tuple(x.shape), cfg.num_train_timesteps, 0.0, torch.Generator().manual_seed(3))
+    d.timesteps = torch.tensor([5, 200, 600, 990])
+    uniform = diffusion_loss(unet, sched, cfg, x, y, d, null_label=2)
+    weighted = diffusion_loss(
+        unet, sched, cfg, x, y, d, null_label=2, loss_weighting="min_snr", min_snr_gamma=5.0
+    )
+    # By hand: the per-sample MSE times the weight, averaged.
+    noisy = sched.add_noise(x, d.noise, d.timesteps)
+    target = d.noise if prediction == "epsilon" else sched.get_velocity(x, d.noise, d.timesteps)
+    pred = unet(noisy, timesteps=d.timesteps, class_labels=y)
+    per = (pred - target).pow(2).flatten(1).mean(1)
+    w = min_snr_weights(sched.alphas_cumprod, d.timesteps, prediction, 5.0)
+    assert torch.allclose(weighted, (w * per).mean(), rtol=1e-5)
+    assert torch.allclose(uniform, F.mse_loss(pred, target), rtol=1e-6)
+    assert not torch.allclose(uniform, weighted)
+    with pytest.raises(ValueError, match="not 'rflow'"):
+        diffusion_loss(
+            unet, sched, ScheduleConfig(kind="rflow"), x, y, d, 2, loss_weighting="min_snr"
+        )
+
+
+# --- class balance -----------------------------------------------------------------------------
+
+
+def test_class_balance_draws_classes_as_asked():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    assert draw_weights(labels, "none") is None
+    g = torch.Generator().manual_seed(0)
+    # The default keeps the original randint stream bit for bit.
+    assert torch.equal(
+        draw_indices(100, 64, None, g), torch.randint(0, 100, (64,), generator=g.manual_seed(0))
+    )
+    for mode, share_of_1 in (("balanced", 0.5), ("sqrt", 1 / (1 + 3))):  # sqrt(90)/sqrt(10) = 3
+        w = draw_weights(labels, mode)
+        assert w.sum().item() == pytest.approx(1.0)
+        assert w[labels == 1].sum().item() == pytest.approx(share_of_1)
+        idx = draw_indices(100, 20000, w, torch.Generator().manual_seed(1))
+        assert (labels[idx] == 1).float().mean().item() == pytest.approx(share_of_1, abs=0.02)
+    with pytest.raises(ValueError, match="valid choices: none, balanced, sqrt"):
+        draw_weights(labels, "even")
+
+
+def _fit(out: Path, **kw) -> Path:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 1, 16, 16, generator=g) * 2 - 1
+    labels = torch.tensor([0] * 16 + [1] * 4)
+    cfg = UNetConfig(channels=[16, 32], attention_levels=[False, True], num_head_channels=16)
+    args = dict(max_steps=6, batch_size=4, warmup_steps=2, checkpoint_every_steps=3)
+    args.update(kw)
+    return train(images, labels, ["a", "b"], out, unet=cfg, progress=False, **args)
+
+
+def test_balanced_min_snr_training_resumes_bit_identically(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(class_balance="balanced", loss_weighting="min_snr", min_snr_gamma=5.0)
+    ref = load_file(_fit(tmp_path / "ref", **kw) / "ema.safetensors")
+    # Interrupted after step 3: the newest state and snapshot of step 6 are gone.
+    run = tmp_path / "run"
+    _fit(run, **kw)
+    (run / "state-0000006.pt").unlink()
+    shutil.rmtree(run / "snapshot-0000006")
+    again = load_file(_fit(run, **kw) / "ema.safetensors")
+    assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
+    # Another batch stream is not the same run: resuming it is refused.
+    with pytest.raises(ValueError, match="another model, schedule or class list"):
+        _fit(run, class_balance="sqrt", max_steps=9)
+    plain = load_file(_fit(tmp_path / "plain") / "ema.safetensors")
+    assert not all(torch.equal(ref[k], plain[k]) for k in ref)  # the knobs change training
+
+
+# --- guidance ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "rflow"])
+def test_rescale_one_gives_the_conditional_x0_std(unet, prediction):
+    cfg = (
+        ScheduleConfig(kind="rflow")
+        if prediction == "rflow"
+        else ScheduleConfig(prediction_type=prediction)
+    )
+    labels = torch.tensor([0, 1, 1])
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def den(rescale):
+        return _Denoiser(unet, labels, 2, 4.0, torch.no_grad, 4, cfg=cfg, rescale=rescale)
+
+    t = 600
+    with torch.no_grad():
+        cond = den(0.0)._net(x, t, labels)
+        plain, full, half = den(0.0)(x, t), den(1.0)(x, t), den(0.5)(x, t)
+    acp = None if cfg.kind == "rflow" else training_scheduler(cfg).alphas_cumprod.double()
+    to_x0, _ = _x0_maps(cfg, x.double(), t, acp)
+    std = [to_x0(p.double()).std(dim=(1, 2, 3)) for p in (cond, plain, full, half)]
+    assert torch.allclose(std[2], std[0], rtol=1e-4)  # phi = 1: the conditional std exactly
+    assert (std[1] - std[0]).abs().max() > 1e-3  # plain CFG changes it
+    # phi mixes linearly between plain and fully rescaled x0.
+    mid = 0.5 * (to_x0(plain.double()) + to_x0(full.double()))
+    assert torch.allclose(to_x0(half.double()), mid, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("sched", "sampler"),
+    [
+        ("ddpm", "ddpm"),
+        ("ddpm", "ddim"),
+        ("ddpm", "dpmpp"),
+        ("ddpm", "ddim-eta"),
+        ("rflow", "euler"),
+    ],
+)
+def test_every_sampler_takes_rescale_and_interval_per_sample(unet, sched, sampler):
+    cfg = ScheduleConfig(kind=sched)
+    kw = dict(
+        image_shape=(1, 16, 16),
+        null_label=2,
+        sampler=sampler.split("-")[0],
+        steps=10,
+        guidance_scale=3.0,
+        ddim_eta=1.0 if sampler == "ddim-eta" else 0.0,
+    )
+    plain = sample(unet, cfg, [0, 1, 1], [4, 5, 6], **kw)
+    assert torch.equal(plain, sample(unet, cfg, [0, 1, 1], [4, 5, 6], guidance_rescale=0.0, **kw))
+    knobs = dict(guidance_rescale=0.7, guidance_interval=[0.2, 0.8])
+    a = sample(unet, cfg, [0, 1, 1], [4, 5, 6], **knobs, **kw)
+    b = sample(unet, cfg, [1], [6], **knobs, **kw)
+    assert torch.isfinite(a).all() and torch.equal(a[2], b[0])
+    assert (a - plain).abs().max() > 1e-3
+
+
+def test_interval_guides_only_inside_and_outside_is_conditional(unet):
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="ddim", steps=10, net_batch=2)
+    calls = []
+    h = unet.register_forward_hook(
+        lambda m, a, k, o: calls.append(int(k["timesteps"][0])), with_kwargs=True
+    )
+    try:
+        sample(unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0, **kw)
+        assert len(calls) == 20
+        calls.clear()
+        sample(
+            unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0,
+            guidance_interval=[0.25, 0.75], **kw,
+        )  # fmt: skip
+    finally:
+        h.remove()
+    # Two passes exactly at the steps with t/T in [0.25, 0.75], one pass at the others.
+    twice = sorted({t for t in calls if calls.count(t) == 2})
+    inside = sorted({t for t in calls if 0.25 <= t / 1000 <= 0.75})
+    assert twice == inside and 0 < len(inside) < 10 and len(calls) == 10 + len(inside)
+    # An interval no step falls into is the conditional sampler (guidance scale 1).
+    assert not [t for t in calls if 340 <= t <= 440]
+    cond = sample(unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=1.0, **kw)
+    none = sample(
+        unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0,
+        guidance_interval=[0.34, 0.44], **kw,
+    )  # fmt: skip
+    assert torch.equal(cond, none)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(unet, ScheduleConfig(), [0], [1], guidance_interval=[0.5, 0.5], **kw)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        sample(unet, ScheduleConfig(), [0], [1], guidance_rescale=2.0, **kw)
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def test_sweep_enumerates_the_guidance_knobs():
+    smoke = ROOT / "protocols" / "smoke_sweep.yaml"
+    old = [p.name for p in expand(load_protocol(smoke)).pools]
+    assert old == ["g2-ddim3-eta0-p1", "g2-ddim3-eta1-p1", "g2-dpmpp3-p1"]  # names unchanged
+    proto = load_protocol(
+        smoke,
+        [
+            "sweep.samplers=[{sampler: dpmpp, steps: 3}]",
+            "sweep.guidance_rescale=[0, 0.7]",
+            "sweep.guidance_interval=[[0, 1], [0.2, 0.8]]",
+        ],
+    )
+    plan = expand(proto)
+    names = [p.name for p in plan.pools]
+    assert names == [
+        "g2-dpmpp3-p1",
+        "g2-i0.2-0.8-dpmpp3-p1",
+        "g2-r0.7-dpmpp3-p1",
+        "g2-r0.7-i0.2-0.8-dpmpp3-p1",
+    ]
+    gen = pool_protocol(proto, 1.0, plan.pools[3], 10).generation
+    assert gen.guidance_rescale == 0.7 and gen.guidance_interval == [0.2, 0.8]
+    with pytest.raises(ProtocolError, match="guidance_rescale values must lie in"):
+        load_protocol(smoke, ["sweep.guidance_rescale=[1.2]"])
+    with pytest.raises(ProtocolError, match="lists a value twice"):
+        load_protocol(smoke, ["sweep.guidance_interval=[[0, 1], [0, 1]]"])
+
+
+def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):
+    import pydicom
+
+    from medsynth.generation.pool import generate_pool
+
+    snap = _fit(tmp_path / "train", max_steps=3)
+    kw = dict(sampler="ddim", steps=3, device="cpu", progress=False, net_batch=2)
+    knobs = dict(guidance_rescale=0.7, guidance_interval=[0.2, 0.8])
+    generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **knobs, **kw)
+    ds = pydicom.dcmread(next((tmp_path / "pool" / "dicom" / "b").glob("*.dcm")))
+    assert "rescale=0.7 interval=0.2-0.8" in ds.DerivationDescription
+    with pytest.raises(ValueError, match="another request"):
+        generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **kw)
+    generate_pool(snap, tmp_path / "plain", {"a": 1}, **kw)
+    request = (tmp_path / "plain" / "request.json").read_text()
+    assert "rescale" not in request and "interval" not in request  # older pools still match
