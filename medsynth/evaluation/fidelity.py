@@ -146,4 +146,7 @@ def fidelity_diversity(
     out["vendi_clf_real"] = vendi(real_feats)
     out["vendi_pixels"] = vendi(fake_imgs.numpy())
     out["vendi_pixels_real"] = vendi(real_imgs.numpy())
+    # Mean pixel value in [0, 1]: a too-dark or washed-out class shows here first.
+    out["mean_intensity_synthetic"] = float(((fake_imgs.float() + 1) / 2).mean())
+    out["mean_intensity_real"] = float(((real_imgs.float() + 1) / 2).mean())
     return out

@@ -22,6 +22,7 @@ from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
 from medsynth.evaluation.fidelity import fidelity_diversity
 from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.memorization import audit
+from medsynth.evaluation.per_class import class_metrics, flag_collapsed, per_class_rows
 from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
 from medsynth.generation.dataset import load_pool
@@ -257,11 +258,16 @@ def run_study(
                 else np.flatnonzero(real.labels.numpy() == c)
             )
             fi = capped(chosen if c is None else chosen[pool.labels.numpy()[chosen] == c])
-            if len(fi) >= 2 and len(ri) >= 2:
+            if c is not None:
+                # Per class: "n too small" below MIN_IMAGES instead of a noisy number.
+                per[cname] = class_metrics(
+                    feats["real_train"][ri], pf[fi], real.images[ri], pool.images[fi]
+                )
+            elif len(fi) >= 2 and len(ri) >= 2:
                 per[cname] = fidelity_diversity(
                     feats["real_train"][ri], pf[fi], real.images[ri], pool.images[fi]
                 )
-        fidelity[key] = per
+        fidelity[key] = flag_collapsed(per, classes)
     memo = {}
     holdout_px = torch.cat([val.images, test.images]).numpy()
     # Held-out near-copies of train images are left out of calibration, at the ingest threshold.
@@ -311,6 +317,7 @@ def run_study(
     )
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "uplift.csv", uplift)
+    _write_csv(out / "per_class_quality.csv", per_class_rows(fidelity, classes))
     for fname, obj in (
         ("fidelity.json", fidelity),
         ("memorization.json", memo),

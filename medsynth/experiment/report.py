@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from medsynth import __version__  # noqa: E402
 from medsynth.data.leakage import leak_line  # noqa: E402
 from medsynth.evaluation.memorization import audit_line  # noqa: E402
+from medsynth.evaluation.per_class import COLUMNS, cell, flag_text  # noqa: E402
 from medsynth.utils.csvsafe import read_rows  # noqa: E402
 
 CSS = """
@@ -171,9 +172,17 @@ def write_report(run: Path, protocol) -> Path:
         fig, axes = plt.subplots(
             len(classes), 1, figsize=(11, 1.05 * len(classes) + 0.3), squeeze=False
         )
+        verdict = _pool_verdicts(run, pool_name, classes)
         for ci, c in enumerate(classes):
             axes[ci, 0].imshow(rows_img[ci], cmap="gray", vmin=0, vmax=1)
-            axes[ci, 0].set_title(f"{c}: real (left) | synthetic (right)", fontsize=9, loc="left")
+            bad = verdict.get(c, "").startswith("COLLAPSED")
+            axes[ci, 0].set_title(
+                f"{c}: real (left) | synthetic (right)"
+                + (f"  [{verdict[c]}]" if c in verdict else ""),
+                fontsize=9,
+                loc="left",
+                color="#b3261e" if bad else "black",
+            )
             axes[ci, 0].axis("off")
         fig.tight_layout()
         parts += [
@@ -274,6 +283,7 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         "diverse as real, higher = less diverse).</p>",
         _table(rows, ["set / class"] + keys),
     ]
+    parts += _per_class_section(fid, classes)
     div = json.loads((ev / "diversity_uplift.json").read_text())
     if div:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
@@ -308,6 +318,44 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         )
         parts.append(_pairs_png(run, out, name, m))
     return parts
+
+
+def _pool_verdicts(run: Path, pool: str, classes: list[str]) -> dict[str, str]:
+    """Class -> its per-class flag in the first evaluated set drawn from ``pool`` (or {})."""
+    path = run / "evaluate" / "fidelity.json"
+    if not path.exists():
+        return {}
+    for key, per in json.loads(path.read_text()).items():
+        if f":{pool}:" in f"{key}:":
+            return {c: flag_text(per[c]) for c in classes if c in per}
+    return {}
+
+
+def _per_class_section(fid: dict, classes: list[str]) -> list[str]:
+    """Per-class quality table of every synthetic set, collapsed classes in red."""
+    rows = []
+    for key, per in fid.items():
+        for c in classes:
+            if c not in per:
+                continue
+            m = per[c]
+            flag = html.escape(flag_text(m))
+            rows.append(
+                [html.escape(f"{key} / {c}"), f"{m['n_synthetic']} / {m['n_real']}"]
+                + [cell(m, k) for k, _ in COLUMNS]
+                + [f'<span class="neg">{flag}</span>' if m.get("collapsed") else flag]
+            )
+    if not rows:
+        return []
+    return [
+        "<h3>Per class</h3>",
+        "<p>Synthetic images of each class against the real training images of that class; an "
+        "average over classes hides a collapsed class. A class is flagged <b>collapsed</b> when its "
+        "FD_clf is above 1.5× the best class's or its MS-SSIM ratio is above 1.0 (its samples are "
+        "more alike than real ones). Below 10 synthetic or real images: <i>n too small</i>. "
+        "Mean intensity in [0, 1].</p>",
+        _table(rows, ["set / class", "n syn / real"] + [t for _, t in COLUMNS] + ["flag"]),
+    ]
 
 
 def _leak_box(ingest: dict) -> str:

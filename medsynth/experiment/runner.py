@@ -316,6 +316,14 @@ def show(run_dir: str | Path) -> str:
                 else ""
             )
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")
+    fidelity = run / "evaluate" / "fidelity.json"
+    if fidelity.exists() and ingest.exists():
+        from medsynth.evaluation.per_class import per_class_lines
+
+        classes = json.loads(ingest.read_text())["classes"]
+        for key, per in json.loads(fidelity.read_text()).items():
+            lines.append(f"per-class quality, {key} (synthetic vs real of the same class):")
+            lines += per_class_lines(per, classes, indent="  ")
     memo = run / "evaluate" / "memorization.json"
     if memo.exists():
         from medsynth.evaluation.memorization import audit_line

@@ -1,0 +1,132 @@
+"""Per-class quality: each class's synthetic images against the real images of that class.
+
+An average over classes hides a collapsed class (issue 18: the pneumonia samples of a model
+whose overall figures looked fine were smooth, alike grey fields). So every place that reports
+quality also reports, per class: FD_clf, precision, recall, coverage, MS-SSIM ratio and mean
+intensity, plus a ``collapsed`` flag when a class's FD_clf is more than ``COLLAPSE_FD_FACTOR``
+times the best class's or its MS-SSIM ratio exceeds ``COLLAPSE_MSSSIM`` (less diverse than
+real). Fewer than ``MIN_IMAGES`` synthetic or real images give "n too small", not a number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from medsynth.evaluation.fidelity import fidelity_diversity
+
+MIN_IMAGES = 10  # below this many images on either side, a per-class figure is noise
+COLLAPSE_FD_FACTOR = 1.5  # FD_clf above this multiple of the best class's = collapsed
+COLLAPSE_MSSSIM = 1.0  # MS-SSIM ratio above this = synthetic images more alike than real ones
+TOO_SMALL = "n too small"
+
+# (key in the metrics dict, column title): what tables and CSVs show, in order.
+COLUMNS = (
+    ("FD_clf", "FD_clf"),
+    ("precision_clf", "precision"),
+    ("recall_clf", "recall"),
+    ("coverage_clf", "coverage"),
+    ("msssim_ratio", "MS-SSIM ratio"),
+    ("mean_intensity_synthetic", "mean int. syn"),
+    ("mean_intensity_real", "mean int. real"),
+)
+
+
+def class_metrics(
+    real_feats: np.ndarray,
+    fake_feats: np.ndarray,
+    real_imgs: torch.Tensor,
+    fake_imgs: torch.Tensor,
+    seed: int = 0,
+) -> dict:
+    """:func:`fidelity_diversity` of one class, or only the counts and ``too_small`` when either
+    side has fewer than ``MIN_IMAGES`` images. Features ``(N, D)``; images ``(N, C, H, W)``
+    in [-1, 1]; intensities are reported in [0, 1]."""
+    n_real, n_syn = len(real_feats), len(fake_feats)
+    if min(n_real, n_syn) < MIN_IMAGES:
+        return {"n_real": n_real, "n_synthetic": n_syn, "too_small": True}
+    return fidelity_diversity(real_feats, fake_feats, real_imgs, fake_imgs, seed=seed)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def flag_collapsed(per: dict[str, dict], classes: list[str]) -> dict[str, dict]:
+    """Mark each class entry of ``per`` (class name -> metrics; ``all`` is left alone) in place.
+
+    Adds ``FD_clf_vs_best`` (FD over the lowest FD among measured classes), ``collapsed``
+    (bool) and ``collapse_reasons`` (list of str). A ``too_small`` class is neither flagged
+    nor counted as the best. Returns ``per``.
+    """
+    measured = [c for c in classes if c in per and not per[c].get("too_small")]
+    fds = [per[c]["FD_clf"] for c in measured if _finite(per[c].get("FD_clf"))]
+    # FD can be ~0 for a perfect class; a floor keeps the ratio finite without hiding collapse.
+    best = max(min(fds), 1e-6) if fds else None
+    for c in measured:
+        m, reasons = per[c], []
+        fd, ms = m.get("FD_clf"), m.get("msssim_ratio")
+        if best is not None and _finite(fd):
+            m["FD_clf_vs_best"] = fd / best
+            if len(fds) > 1 and fd > COLLAPSE_FD_FACTOR * best:
+                reasons.append(f"FD_clf {fd / best:.1f}x the best class's")
+        if _finite(ms) and ms > COLLAPSE_MSSSIM:
+            reasons.append(f"MS-SSIM ratio {ms:.2f} > {COLLAPSE_MSSSIM:g} (less diverse than real)")
+        m["collapsed"], m["collapse_reasons"] = bool(reasons), reasons
+    return per
+
+
+def cell(m: dict, key: str, digits: int = 3) -> str:
+    """One table cell: the number, "n too small", or "—" when not measured."""
+    if m.get("too_small"):
+        return TOO_SMALL
+    v = m.get(key)
+    return f"{v:.{digits}f}" if _finite(v) else "—"
+
+
+def flag_text(m: dict) -> str:
+    if m.get("too_small"):
+        return f"{TOO_SMALL} ({m.get('n_synthetic', 0)} synthetic, {m.get('n_real', 0)} real)"
+    return "COLLAPSED: " + "; ".join(m["collapse_reasons"]) if m.get("collapsed") else "ok"
+
+
+def per_class_rows(fidelity: dict[str, dict], classes: list[str]) -> list[dict]:
+    """Flat rows for ``per_class_quality.csv``: one per (synthetic set, class)."""
+    rows = []
+    for key, per in fidelity.items():
+        for c in classes:
+            if c not in per:
+                continue
+            m = per[c]
+            row = {"set": key, "class": c, "n_real": m["n_real"], "n_synthetic": m["n_synthetic"]}
+            row.update({k: TOO_SMALL if m.get("too_small") else m.get(k) for k, _ in COLUMNS})
+            row["collapsed"] = bool(m.get("collapsed"))
+            row["flag"] = flag_text(m)
+            rows.append(row)
+    return rows
+
+
+def per_class_lines(per: dict[str, dict], classes: list[str], indent: str = "  ") -> list[str]:
+    """A fixed-width text table of one synthetic set (for ``medsynth show`` and benchmarks)."""
+    head = f"{indent}{'class':<14}{'n syn/real':>11}" + "".join(f"{t:>15}" for _, t in COLUMNS)
+    lines = [head + "  flag"]
+    for c in classes:
+        if c not in per:
+            continue
+        m = per[c]
+        n = f"{m['n_synthetic']}/{m['n_real']}"
+        vals = "".join(f"{cell(m, k):>15}" for k, _ in COLUMNS)
+        lines.append(f"{indent}{c[:13]:<14}{n:>11}{vals}  {flag_text(m)}")
+    return lines
+
+
+def collapsed_classes(fidelity: dict[str, dict], classes: list[str]) -> dict[str, list[str]]:
+    """Synthetic set -> the classes flagged collapsed in it (sets without any left out)."""
+    out = {}
+    for key, per in fidelity.items():
+        bad = [c for c in classes if per.get(c, {}).get("collapsed")]
+        if bad:
+            out[key] = bad
+    return out

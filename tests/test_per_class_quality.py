@@ -1,0 +1,133 @@
+"""Per-class quality (issue 18): a collapsed class is flagged, a healthy one is not, small
+classes say "n too small", and the evaluation, report and ``medsynth show`` carry the table."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.evaluation.per_class import (
+    MIN_IMAGES,
+    TOO_SMALL,
+    class_metrics,
+    collapsed_classes,
+    flag_collapsed,
+    per_class_lines,
+    per_class_rows,
+)
+
+CLASSES = ["normal", "finding"]
+
+
+def _real(rng, n=40, d=8, mean=0.0):
+    feats = rng.normal(mean, 1.0, (n, d))
+    imgs = torch.from_numpy(rng.uniform(-1, 1, (n, 1, 16, 16))).float()
+    return feats, imgs
+
+
+def test_planted_collapsed_class_is_flagged_and_healthy_one_is_not():
+    rng = np.random.default_rng(0)
+    rf0, ri0 = _real(rng)
+    rf1, ri1 = _real(rng, mean=0.5)
+    # Healthy: fresh draws from the real distribution of class 0.
+    sf0, si0 = _real(rng)
+    # Collapsed: every synthetic image of class 1 is the same image (and the same features).
+    sf1 = np.repeat(rf1[:1], 40, axis=0)
+    si1 = ri1[:1].repeat(40, 1, 1, 1)
+    per = {
+        "normal": class_metrics(rf0, sf0, ri0, si0),
+        "finding": class_metrics(rf1, sf1, ri1, si1),
+    }
+    flag_collapsed(per, CLASSES)
+    assert per["normal"]["collapsed"] is False and per["normal"]["collapse_reasons"] == []
+    assert per["finding"]["collapsed"] is True
+    reasons = " ".join(per["finding"]["collapse_reasons"])
+    assert "MS-SSIM ratio" in reasons and "the best class's" in reasons
+    assert per["finding"]["msssim_ratio"] > 1.0
+    assert per["finding"]["FD_clf"] > 1.5 * per["normal"]["FD_clf"]
+    assert 0 <= per["normal"]["mean_intensity_synthetic"] <= 1
+    assert collapsed_classes({"pool": per}, CLASSES) == {"pool": ["finding"]}
+    text = "\n".join(per_class_lines(per, CLASSES))
+    assert "COLLAPSED" in text.splitlines()[2] and text.splitlines()[1].endswith("ok")
+
+
+def test_fd_alone_flags_a_class_far_from_its_real_images():
+    rng = np.random.default_rng(1)
+    rf0, ri0 = _real(rng)
+    rf1, ri1 = _real(rng)
+    sf0, si0 = _real(rng)
+    sf1, si1 = _real(rng, mean=2.0)  # diverse images, but features far from real class 1
+    per = {
+        "normal": class_metrics(rf0, sf0, ri0, si0),
+        "finding": class_metrics(rf1, sf1, ri1, si1),
+    }
+    flag_collapsed(per, CLASSES)
+    assert per["finding"]["collapsed"] and per["finding"]["msssim_ratio"] <= 1.05
+    assert per["finding"]["FD_clf_vs_best"] > 1.5 and not per["normal"]["collapsed"]
+
+
+def test_small_class_says_n_too_small_instead_of_a_number():
+    rng = np.random.default_rng(2)
+    rf, ri = _real(rng)
+    sf, si = _real(rng, n=MIN_IMAGES - 1)
+    per = {"normal": class_metrics(rf, rf, ri, ri), "finding": class_metrics(rf, sf, ri, si)}
+    flag_collapsed(per, CLASSES)
+    assert per["finding"] == {"n_real": 40, "n_synthetic": 9, "too_small": True}
+    rows = per_class_rows({"pool": per}, CLASSES)
+    assert rows[1]["FD_clf"] == TOO_SMALL and rows[1]["collapsed"] is False
+    assert rows[1]["flag"].startswith(TOO_SMALL)
+    assert TOO_SMALL in per_class_lines(per, CLASSES)[2]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from medsynth.experiment.runner import run_protocol
+    from medsynth.protocol import parse_protocol
+
+    run = tmp_path_factory.mktemp("study")
+    proto = parse_protocol(
+        """\
+name: perclass
+dataset:
+  kind: phantoms
+  spatial_size: 16
+  workers: 1
+  phantoms: {n_patients: 40, size_px: 32}
+model: {channels: [16, 32], attention_levels: [false, true], num_head_channels: 16}
+training: {max_steps: 10, batch_size: 8, checkpoint_every_steps: 10, warmup_steps: 2}
+generation: {per_class: 12, steps: 3}
+evaluation:
+  seeds: 1
+  arms: [real_only, synthetic]
+  ratios: [0.5]
+  bootstrap: 100
+  classifier: {epochs: 1}
+"""
+    )
+    run_protocol(proto, run_dir=run, log=lambda s: None, progress=False)
+    return run
+
+
+def test_evaluation_report_and_show_carry_per_class_quality(study):
+    from medsynth.experiment.runner import show
+
+    fid = json.loads((study / "evaluate/fidelity.json").read_text())
+    per = fid["synthetic:main:random@0.5"]
+    assert {"normal", "opacity"} <= set(per)
+    rows = list(csv.DictReader((study / "evaluate/per_class_quality.csv").open()))
+    assert [r["class"] for r in rows] == ["normal", "opacity"]
+    want = {"FD_clf", "precision_clf", "recall_clf", "coverage_clf", "msssim_ratio", "flag"}
+    assert want | {"mean_intensity_synthetic", "mean_intensity_real"} <= set(rows[0])
+    for r, c in zip(rows, ["normal", "opacity"], strict=True):
+        m = per[c]
+        if m.get("too_small"):
+            assert r["FD_clf"] == TOO_SMALL
+        else:
+            assert float(r["FD_clf"]) == pytest.approx(m["FD_clf"]) and "collapsed" in m
+    page = (study / "report/index.html").read_text()
+    assert "<h3>Per class</h3>" in page and "MS-SSIM ratio" in page and "mean int. syn" in page
+    text = show(study)
+    assert "per-class quality, synthetic:main:random@0.5" in text
+    assert "normal" in text and "opacity" in text and "flag" in text
