@@ -5,10 +5,14 @@ ceiling (fwd+bwd FLOPs from torch.utils.flop_counter), fp32 vs bf16; per-image s
 for DDPM-1000, DDIM-50/20, DPM-Solver++-20/10 with guidance 2; single-sample latency; and, given
 a trained snapshot and its ingest cache, a quality-vs-steps table: FD_clf (Fréchet distance in
 the features of a small CNN trained on the real train split) of each sampler's images to the
-real test images.
+real test images, overall and per class (synthetic of class c against real test images of
+class c, with the collapse flag of medsynth.evaluation.per_class).
 
     python benchmarks/diffusion.py [--snapshot RUN/train/snapshot-XXXXXXX --ingest RUN/ingest]
                                    [--quality-n 128] [--json out.json]
+    # small quality-only mode (a few minutes on 2 CPU cores), e.g. to compare guidance knobs:
+    python benchmarks/diffusion.py --only-quality --snapshot S --ingest I --quality-n 64 \
+        --samplers dpmpp:10 --clf-epochs 2 --guidance-rescale 0.7 --guidance-interval 0.2 0.8
 """
 
 from __future__ import annotations
@@ -130,33 +134,52 @@ def latency(model, cfg, dev, name: str, steps: int, bf16: bool) -> float:
     return timed(run, dev, min_seconds=2.0)
 
 
-def quality_table(snapshot: Path, ingest: Path, dev, n: int, bf16: bool) -> list[dict]:
-    """FD_clf of each sampler's images to the real test split, same seeds for every sampler."""
+def quality_table(
+    snapshot: Path,
+    ingest: Path,
+    dev,
+    n: int,
+    bf16: bool,
+    samplers=SAMPLERS,
+    clf_epochs: int = 8,
+    guidance: dict | None = None,
+) -> list[dict]:
+    """FD_clf of each sampler's images to the real test split, same seeds for every sampler,
+    overall and per class (``per_class``: class -> metrics with ``collapsed``).
+
+    ``guidance``: ``guidance_scale`` (default 2), ``guidance_rescale``, ``guidance_interval``.
+    """
     from medsynth.data.datasets import load_split
     from medsynth.evaluation.classifier import Classifier, ClassifierConfig
     from medsynth.evaluation.fidelity import fd
+    from medsynth.evaluation.per_class import per_class_lines
     from medsynth.training.checkpoint import load_snapshot
 
+    guidance = {"guidance_scale": 2.0} | (guidance or {})
     model, cfg, conf = load_snapshot(snapshot, dev)
-    k = len(conf["classes"])
+    classes = conf["classes"]
+    k = len(classes)
     train, val, test = (load_split(ingest, s) for s in ("train", "val", "test"))
-    clf = Classifier(k, 1, ClassifierConfig(epochs=8, device=str(dev)), seed=0)
+    clf = Classifier(k, 1, ClassifierConfig(epochs=clf_epochs, device=str(dev)), seed=0)
     clf.fit(train.images, train.labels, val.images, val.labels)
     real_feats = clf.features(test.images)
-    ref_train = clf.features(
-        train.images[
-            torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:n]
-        ]
-    )
+    ref_idx = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:n]
+    ref_train = clf.features(train.images[ref_idx])
     rows = [
         {
             "sampler": "real train (reference)",
             "FD_clf": fd(real_feats, ref_train),
             "s_per_image": None,
+            "per_class": _per_class(
+                real_feats, ref_train, test, train.images[ref_idx], train.labels[ref_idx], classes
+            ),
         }
     ]
+    print(f"  quality {_headline(rows[-1])}", flush=True)
+    for line in per_class_lines(rows[-1]["per_class"], classes, indent="    "):
+        print(line)
     labels = [i % k for i in range(n)]
-    for name, steps in SAMPLERS:
+    for name, steps in samplers:
         t0 = time.perf_counter()
         imgs = sample(
             model,
@@ -167,22 +190,28 @@ def quality_table(snapshot: Path, ingest: Path, dev, n: int, bf16: bool) -> list
             null_label=k,
             sampler=name,
             steps=steps,
-            guidance_scale=2.0,
             device=dev,
             bf16=bf16,
             net_batch=min(n, 256),
-        )
+            **guidance,
+        ).cpu()
         sync(dev)
         dt = (time.perf_counter() - t0) / n
+        feats = clf.features(imgs)
         rows.append(
             {
                 "sampler": f"{name}-{steps}",
-                "FD_clf": fd(real_feats, clf.features(imgs.cpu())),
+                "FD_clf": fd(real_feats, feats),
                 "mean_intensity": float((imgs.mean() + 1) / 2),
                 "s_per_image": dt,
+                "per_class": _per_class(
+                    real_feats, feats, test, imgs, torch.tensor(labels), classes
+                ),
             }
         )
-        print(f"  quality {rows[-1]}", flush=True)
+        print(f"  quality {_headline(rows[-1])}", flush=True)
+        for line in per_class_lines(rows[-1]["per_class"], classes, indent="    "):
+            print(line)
     rows.append(
         {
             "sampler": "real test mean intensity",
@@ -190,6 +219,25 @@ def quality_table(snapshot: Path, ingest: Path, dev, n: int, bf16: bool) -> list
         }
     )
     return rows
+
+
+def _per_class(real_feats, feats, test, imgs, labels, classes) -> dict:
+    """Class -> per-class metrics of ``imgs`` (labels ``labels``) against real test images."""
+    from medsynth.evaluation.per_class import class_metrics, flag_collapsed
+
+    per = {}
+    for c, name in enumerate(classes):
+        r, f = (test.labels == c).numpy(), (labels == c).numpy()
+        per[name] = class_metrics(real_feats[r], feats[f], test.images[r], imgs[f])
+    return flag_collapsed(per, classes)
+
+
+def _headline(row: dict) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in row.items()
+        if k != "per_class" and v is not None
+    )
 
 
 def main() -> None:
@@ -203,7 +251,33 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only-quality", action="store_true", help="skip the speed sections")
+    ap.add_argument(
+        "--samplers",
+        nargs="+",
+        default=None,
+        help="quality samplers as name:steps (default: "
+        + " ".join(f"{a}:{b}" for a, b in SAMPLERS)
+        + ")",
+    )
+    ap.add_argument("--clf-epochs", type=int, default=8, help="feature classifier epochs")
+    ap.add_argument("--guidance-scale", type=float, default=2.0)
+    ap.add_argument("--guidance-rescale", type=float, default=0.0)
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0))
     args = ap.parse_args()
+    samplers = (
+        [(s.split(":")[0], int(s.split(":")[1])) for s in args.samplers]
+        if args.samplers
+        else SAMPLERS
+    )
+    qkw = dict(
+        samplers=samplers,
+        clf_epochs=args.clf_epochs,
+        guidance={
+            "guidance_scale": args.guidance_scale,
+            "guidance_rescale": args.guidance_rescale,
+            "guidance_interval": tuple(args.guidance_interval),
+        },
+    )
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev.type == "cuda"
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -217,7 +291,12 @@ def main() -> None:
 
     if args.only_quality:
         res["quality"] = quality_table(
-            args.snapshot, args.ingest, dev, args.quality_n or (1000 if on_gpu else 128), False
+            args.snapshot,
+            args.ingest,
+            dev,
+            args.quality_n or (1000 if on_gpu else 128),
+            False,
+            **qkw,
         )
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
@@ -269,7 +348,7 @@ def main() -> None:
     if args.snapshot and args.ingest:
         n = args.quality_n or (1000 if on_gpu else 128)
         print(f"quality vs steps: {n} images per sampler, FD_clf to the real test split")
-        res["quality"] = quality_table(args.snapshot, args.ingest, dev, n, bf16=False)
+        res["quality"] = quality_table(args.snapshot, args.ingest, dev, n, bf16=False, **qkw)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

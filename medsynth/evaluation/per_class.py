@@ -117,7 +117,8 @@ def per_class_lines(per: dict[str, dict], classes: list[str], indent: str = "  "
             continue
         m = per[c]
         n = f"{m['n_synthetic']}/{m['n_real']}"
-        vals = "".join(f"{cell(m, k):>15}" for k, _ in COLUMNS)
+        # A too-small class gets one "n too small" in the flag column, not one per metric.
+        vals = "".join(f"{'' if m.get('too_small') else cell(m, k):>15}" for k, _ in COLUMNS)
         lines.append(f"{indent}{c[:13]:<14}{n:>11}{vals}  {flag_text(m)}")
     return lines
 
