@@ -131,3 +131,26 @@ def test_evaluation_report_and_show_carry_per_class_quality(study):
     text = show(study)
     assert "per-class quality, synthetic:main:random@0.5" in text
     assert "normal" in text and "opacity" in text and "flag" in text
+
+
+def test_report_and_sweep_table_mark_collapsed_classes_in_red():
+    from medsynth.experiment.report import _per_class_section
+    from medsynth.experiment.sweep_report import _collapsed
+
+    rng = np.random.default_rng(3)
+    rf, ri = _real(rng)
+    sf, si = _real(rng)
+    per = {
+        "normal": class_metrics(rf, sf, ri, si),
+        "finding": class_metrics(rf, np.repeat(rf[:1], 40, 0), ri, ri[:1].repeat(40, 1, 1, 1)),
+    }
+    page = "".join(
+        _per_class_section({"synthetic:main:random@1": flag_collapsed(per, CLASSES)}, CLASSES)
+    )
+    finding_row = page.split("synthetic:main:random@1 / finding")[1].split("</tr>")[0]
+    normal_row = page.split("synthetic:main:random@1 / normal")[1].split("</tr>")[0]
+    assert '<span class="neg">COLLAPSED' in finding_row and ">ok<" in normal_row
+    assert _collapsed({"collapsed_classes": "finding;other"}) == (
+        "<span class='neg'>finding, other</span>"
+    )
+    assert _collapsed({"collapsed_classes": ""}) == "—" and _collapsed({}) == "—"

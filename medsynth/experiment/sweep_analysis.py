@@ -86,6 +86,11 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
             row.update(
                 {m: fid.get(arm, {}).get("all", {}).get(m, np.nan) for m in DIVERSITY + FIDELITY}
             )
+            # An average hides a collapsed class: name the flagged ones (evaluation.per_class).
+            per = fid.get(arm, {})
+            row["collapsed_classes"] = ";".join(
+                c for c, m in per.items() if c != "all" and m.get("collapsed")
+            )
             rows.append(row)
             probas_of[(u.fraction, cid)] = (y, pa)
     return rows, probas_of

@@ -107,6 +107,7 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
                 _fmt(r["auc_vs_dup_p_holm"]),
                 _fmt(r["auc_vs_dup_p_bh"]),
                 html.escape(r["auc_vs_dup_verdict"]),
+                _collapsed(r),
             ]
             for r in mine
         ]
@@ -121,6 +122,7 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
                     "Holm p",
                     "BH p",
                     "verdict vs control",
+                    "collapsed classes",
                 ],
             )
         )
@@ -152,6 +154,14 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     )
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def _collapsed(r: dict) -> str:
+    """Classes flagged collapsed in this configuration (per-class FD_clf / MS-SSIM), in red."""
+    names = r.get("collapsed_classes")
+    if names in (None, ""):
+        return "—"
+    return f"<span class='neg'>{html.escape(str(names).replace(';', ', '))}</span>"
 
 
 def _num(v: str):
