@@ -324,3 +324,13 @@ def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):
     generate_pool(snap, tmp_path / "plain", {"a": 1}, **kw)
     request = (tmp_path / "plain" / "request.json").read_text()
     assert "rescale" not in request and "interval" not in request  # older pools still match
+
+
+def test_report_names_the_guidance_knobs_only_when_set():
+    from medsynth.experiment.report import _guidance
+
+    assert _guidance(parse_protocol(BASE).generation) == "guidance 2"
+    g = parse_protocol(
+        BASE, ["generation.guidance_rescale=0.7", "generation.guidance_interval=[0.2, 0.8]"]
+    ).generation
+    assert _guidance(g) == "guidance 2 (rescaled, φ 0.7) within t/T ∈ [0.2, 0.8]"
