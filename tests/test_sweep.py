@@ -111,6 +111,10 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
     assert set(stats["fractions"]) == {"0.5", "1"}
     assert stats["low_data_curve"]["fractions"] == [0.5, 1.0]
     assert set(stats["low_data_curve"]["lines"]) == {"best", "worst"}
+    # Choices are made on validation figures, which every configuration now carries.
+    assert stats["low_data_curve"]["selected_on"] == "validation"
+    assert all(r["val_auc_vs_dup"] not in ("", "nan") for r in rows)
+    assert "val_auc_vs_dup" in stats["fractions"]["0.5"]["best"]
     page = (run / "report/index.html").read_text()
     for text in (
         "Recommendation",

@@ -97,6 +97,7 @@ def run_study(
     y_test = test.labels.numpy()
 
     rows, probas = [], {}
+    val_probas = {}  # per arm, per seed: validation probabilities (sweeps choose on these)
     bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
 
     def fit_arm(
@@ -116,6 +117,7 @@ def run_study(
         for seed, clf in enumerate(clfs):
             p = clf.predict_proba(test.images)
             probas.setdefault(arm, []).append(p)
+            val_probas.setdefault(arm, []).append(clf.predict_proba(val.images))
             rows.append(
                 {
                     "arm": arm,
@@ -302,12 +304,15 @@ def run_study(
         "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    # Test probabilities per arm (seeds stacked) for statistics across studies (sweeps).
+    # Test and validation probabilities per arm (seeds stacked) for statistics across studies:
+    # a sweep chooses configurations on validation and reports them on test.
     np.savez_compressed(
         out / "probas.npz",
         y_test=y_test,
+        y_val=val.labels.numpy(),
         arms=np.array(list(probas)),
         **{f"arm_{i}": np.stack(ps) for i, ps in enumerate(probas.values())},
+        **{f"val_arm_{i}": np.stack(val_probas[a]) for i, a in enumerate(probas)},
     )
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "uplift.csv", uplift)

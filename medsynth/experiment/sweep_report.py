@@ -142,8 +142,8 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     if len(curve["fractions"]) >= 2 and curve["lines"]:
         parts.append("<h2>Low-data curve</h2>")
         parts.append(
-            "<p class='muted'>Best and worst configuration by mean uplift over the "
-            "duplicate control across fractions (chosen on test: descriptive).</p>"
+            "<p class='muted'>Best and worst configuration by mean <em>validation</em> uplift "
+            "over the duplicate control across fractions; the points are test uplift.</p>"
         )
         parts.append(_curve(curve, out / "sweep_low_data_curve.png"))
     page = (
