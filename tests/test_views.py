@@ -129,3 +129,36 @@ def test_view_stratify_errors_name_the_problem():
     rows = [dict(r, table_split="train") for r in _rows(10)]
     with pytest.raises(IngestError, match="applies to computed splits"):
         assign_splits(rows, stratify=["ViewPosition"])
+
+
+def test_sweep_rows_and_reports_carry_the_within_view_figures(tmp_path):
+    import json
+
+    from medsynth.experiment.report import _views_section
+    from medsynth.experiment.sweep_analysis import view_fields
+    from medsynth.experiment.sweep_report import _views_table
+
+    y, views, rng = _shortcut_data(300, seed=4)
+
+    def arm(signal_pa):
+        return np.stack(
+            [
+                _probas(np.where(views == "PA", signal_pa, 1.0) * y + rng.normal(0, 1, len(y)))
+                for _ in range(3)
+            ]
+        )
+
+    real, dup, syn = arm(1.0), arm(1.0), arm(3.0)
+    f = view_fields(y, views, syn, dup, real, n_boot=200)
+    assert f["auc_PA"] > f["real_auc_PA"] and f["view_gap"] < 0 < f["auc_PA_vs_dup_ci_low"]
+    assert f["auc_AP_vs_dup_ci_low"] < 0 < f["auc_AP_vs_dup_ci_high"]
+    assert view_fields(y, np.array([""] * len(y)), syn, dup, real) == {}
+    page = "".join(_views_table([dict(f, config="g1|random|x1|proportional")]))
+    assert "AUC PA" in page and "gap AP − PA" in page and "vs control in PA" in page
+    # The single-study report reads evaluate/views.json.
+    probas = {"real_only": list(real), "duplicate_control@1": list(dup)}
+    probas["synthetic:p:random@1"] = list(syn)
+    (tmp_path / "views.json").write_text(json.dumps(within_view_report(y, probas, views, 100)))
+    html = "".join(_views_section(tmp_path))
+    assert "Within ViewPosition" in html and "AUC AP" in html and "ΔAUC vs control in PA" in html
+    assert _views_section(tmp_path / "absent") == []

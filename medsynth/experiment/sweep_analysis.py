@@ -23,22 +23,49 @@ from medsynth.evaluation.sweep_stats import (
     paired_bootstrap_test,
     verdict,
 )
+from medsynth.evaluation.views import usable_views, view_aucs, within_view_uplift
 from medsynth.utils.csvsafe import write_rows
 
 DIVERSITY = ("recall_clf", "coverage_clf", "msssim_ratio", "vendi_clf", "vendi_pixels")
 FIDELITY = ("FD_clf", "precision_clf")
 
 
-def _load_unit(folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict, tuple]:
-    """``(y_test, test probas per arm, fidelity, (y_val, val probas per arm))``; the validation
-    pair is ``(None, {})`` for units evaluated before validation probabilities were saved."""
+def _load_unit(folder: Path) -> tuple:
+    """``(y_test, test probas per arm, fidelity, (y_val, val probas per arm), test views)``; the
+    validation pair is ``(None, {})`` and the views ``None`` for units evaluated before those
+    were saved."""
     z = np.load(folder / "probas.npz")
+    views = z["test_views"].astype(str) if "test_views" in z.files else None
     arms = [str(a) for a in z["arms"]]
     probas = {a: z[f"arm_{i}"] for i, a in enumerate(arms)}
     val = (None, {})
     if "y_val" in z.files:
         val = (z["y_val"], {a: z[f"val_arm_{i}"] for i, a in enumerate(arms)})
-    return z["y_test"], probas, json.loads((folder / "fidelity.json").read_text()), val
+    return z["y_test"], probas, json.loads((folder / "fidelity.json").read_text()), val, views
+
+
+def view_fields(y, views, proba_arm, proba_dup, proba_real, n_boot: int = 1000) -> dict:
+    """Within-view columns of one configuration: ``auc_<view>`` (mean over seeds), ``view_gap``
+    (first - second view, e.g. AP - PA), ``auc_<view>_vs_dup`` with its paired bootstrap CI,
+    and real-only's ``real_auc_<view>``. ``{}`` without two views that hold both classes.
+    ``(S, N, K)`` probabilities."""
+    vl = usable_views(y, views) if views is not None else []
+    if not vl:
+        return {}
+    rec = view_aucs(y, proba_arm, views, vl)
+    real = view_aucs(y, proba_real, views, vl)
+    out = {f"auc_{v}": rec["views"][v]["auc_mean"] for v in vl}
+    out |= {f"real_auc_{v}": real["views"][v]["auc_mean"] for v in vl}
+    out["real_view_gap"] = real["gap"]["mean"]
+    out["view_gap"] = rec["gap"]["mean"]
+    for v in vl:
+        t = within_view_uplift(y, proba_arm, proba_dup, views, v, n_boot)
+        out |= {
+            f"auc_{v}_vs_dup": t["diff"],
+            f"auc_{v}_vs_dup_ci_low": t["ci_low"],
+            f"auc_{v}_vs_dup_ci_high": t["ci_high"],
+        }
+    return out
 
 
 def validation_uplift(y_val, proba_arm, proba_base) -> float:
@@ -69,8 +96,8 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
 
     rows, probas_of = [], {}
     for u in plan.units:
-        y, probas, fid, (yv, vprobas) = _load_unit(run / u.folder)
-        yb, base, _, (yvb, vbase) = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
+        y, probas, fid, (yv, vprobas), views = _load_unit(run / u.folder)
+        yb, base, _, (yvb, vbase), _ = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
         if not np.array_equal(y, yb):
             raise ValueError(f"{u.folder} and its baselines were tested on different cases")
         if yv is None or yvb is None or not np.array_equal(yv, yvb):
@@ -116,6 +143,8 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
             row.update(
                 {m: fid.get(arm, {}).get("all", {}).get(m, np.nan) for m in DIVERSITY + FIDELITY}
             )
+            dup = probas[f"duplicate_control@{ratio}"]
+            row.update(view_fields(y, views, pa, dup, probas["real_only"], n_boot=n_boot))
             rows.append(row)
             probas_of[(u.fraction, cid)] = (y, pa)
     return rows, probas_of
