@@ -176,3 +176,15 @@ def test_adding_a_value_plans_only_the_new_units(resumed_sweep):
     assert len(lines) == 2 * (1 + 6) and len(new) == 6
     assert all("run/run (train/generate/evaluate)" in ln and "skip/" in ln for ln in new)
     assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
+
+
+def test_rsna_and_fundus_sweeps_validate_with_their_controls(tmp_path):
+    from medsynth.experiment.sweep import estimate
+
+    rsna = load_protocol(ROOT / "protocols" / "rsna_sweep.yaml")
+    assert rsna.dataset.spatial_size == 64 and rsna.dataset.split_stratify == ["ViewPosition"]
+    assert expand(rsna).n_configs >= 20 and rsna.evaluation.seeds >= 5
+    fundus = load_protocol(ROOT / "protocols" / "fundus_sweep.yaml")
+    plan = expand(fundus)
+    assert fundus.dataset.phantoms.body_part == "fundus" and plan.n_configs >= 20
+    assert estimate(fundus, plan, tmp_path)["total"] <= 15 * 60  # sized for <= 15 min
