@@ -188,3 +188,14 @@ def test_rsna_and_fundus_sweeps_validate_with_their_controls(tmp_path):
     plan = expand(fundus)
     assert fundus.dataset.phantoms.body_part == "fundus" and plan.n_configs >= 20
     assert estimate(fundus, plan, tmp_path)["total"] <= 15 * 60  # sized for <= 15 min
+
+
+def test_pneumoniamnist_one_hour_sweep_fits_the_hour(tmp_path):
+    from medsynth.experiment.sweep import estimate
+
+    proto = load_protocol(ROOT / "protocols" / "pneumoniamnist_sweep_1h.yaml")
+    plan = expand(proto)
+    assert plan.n_configs >= 20 and proto.evaluation.seeds >= 5
+    if not Path(proto.dataset.labels_csv).exists():
+        pytest.skip("shared PneumoniaMNIST data absent")
+    assert estimate(proto, plan, tmp_path / "r")["total"] <= 60 * 60
