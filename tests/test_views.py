@@ -162,3 +162,49 @@ def test_sweep_rows_and_reports_carry_the_within_view_figures(tmp_path):
     html = "".join(_views_section(tmp_path))
     assert "Within ViewPosition" in html and "AUC AP" in html and "ΔAUC vs control in PA" in html
     assert _views_section(tmp_path / "absent") == []
+
+
+def test_config_rows_read_views_and_validation_from_the_unit_files(tmp_path):
+    import json
+
+    from medsynth.experiment.sweep import PoolSpec, SweepPlan, Unit, baseline_dir
+    from medsynth.experiment.sweep_analysis import config_rows
+
+    y, views, rng = _shortcut_data(200, seed=5)
+    yv = rng.integers(0, 2, 80)
+
+    def arm(n_seeds=3, signal=1.0):
+        t = np.stack([_probas(signal * y + rng.normal(0, 1, len(y))) for _ in range(n_seeds)])
+        v = np.stack([_probas(signal * yv + rng.normal(0, 1, len(yv))) for _ in range(n_seeds)])
+        return t, v
+
+    def write(folder, arms):
+        folder.mkdir(parents=True)
+        names = list(arms)
+        np.savez(
+            folder / "probas.npz",
+            y_test=y,
+            y_val=yv,
+            test_views=views,
+            arms=np.array(names),
+            **{f"arm_{i}": arms[a][0] for i, a in enumerate(names)},
+            **{f"val_arm_{i}": arms[a][1] for i, a in enumerate(names)},
+        )
+        (folder / "fidelity.json").write_text(json.dumps({}))
+
+    pool = PoolSpec(1.0, "ddim", 10, 0.0, 2.0)
+    unit = Unit(0.5, "proportional", pool, ("random",))
+    plan = SweepPlan([0.5], [pool], ["proportional"], ["random"], [1.0])
+    real = arm()
+    write(
+        tmp_path / baseline_dir(0.5, "proportional"),
+        {"real_only": real, "duplicate_control@1": arm()},
+    )
+    write(
+        tmp_path / unit.folder,
+        {"real_only": real, f"synthetic:{pool.name}:random@1": arm(signal=3.0)},
+    )
+    rows, _ = config_rows(tmp_path, plan, n_boot=100)
+    (row,) = rows
+    assert row["val_auc_vs_dup"] > 0.1 and row["auc_vs_dup"] > 0.1
+    assert {"auc_AP", "auc_PA", "view_gap", "auc_PA_vs_dup_ci_low", "real_auc_AP"} <= set(row)
