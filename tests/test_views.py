@@ -208,3 +208,14 @@ def test_config_rows_read_views_and_validation_from_the_unit_files(tmp_path):
     (row,) = rows
     assert row["val_auc_vs_dup"] > 0.1 and row["auc_vs_dup"] > 0.1
     assert {"auc_AP", "auc_PA", "view_gap", "auc_PA_vs_dup_ci_low", "real_auc_AP"} <= set(row)
+
+
+def test_split_stratify_default_keeps_older_hashes():
+    from medsynth.protocol import parse_protocol
+    from medsynth.runfolder import stage_inputs
+
+    plain = parse_protocol("dataset: {kind: phantoms}\n")
+    assert "split_stratify" not in plain.dump()["dataset"]
+    strat = parse_protocol("dataset: {kind: phantoms, split_stratify: [ViewPosition]}\n")
+    assert strat.sha256() != plain.sha256()
+    assert stage_inputs(strat)["ingest"] != stage_inputs(plain)["ingest"]
