@@ -101,6 +101,11 @@ class DatasetSection(_Section):
         default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}
     )
     split_seed: int = 0
+    split_stratify: list[str] = Field(
+        default_factory=list,
+        description="header keywords recorded in ingest/index.csv (e.g. ViewPosition) that "
+        "computed splits are stratified by, besides the label",
+    )
     train_fraction: float = Field(1.0, gt=0, le=1, description="patient-level share of train used")
     fraction_seed: int = 0
     spatial_size: int = Field(32, ge=8, le=1024, description="cached image side in pixels")
@@ -505,10 +510,13 @@ class Protocol(_Section):
         return self
 
     def dump(self) -> dict:
-        """Plain data; an absent sweep is left out so protocols without one keep their hash."""
+        """Plain data; an absent sweep (and an empty ``dataset.split_stratify``) is left out so
+        protocols without one keep their hash."""
         data = self.model_dump(mode="json")
         if data.get("sweep") is None:
             data.pop("sweep", None)
+        if not data["dataset"].get("split_stratify"):
+            data["dataset"].pop("split_stratify", None)  # added later: keep older hashes
         return data
 
     def identity(self) -> dict:

@@ -39,9 +39,10 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     p = drop_later_defaults(protocol.model_dump(mode="json"))
     ds = p["dataset"]
     out: dict[str, str] = {}
-    out["ingest"] = _sha(
-        {k: v for k, v in ds.items() if k not in ("train_fraction", "fraction_seed", "workers")}
-    )
+    skip = ("train_fraction", "fraction_seed", "workers")
+    if not ds.get("split_stratify"):
+        skip += ("split_stratify",)  # added later; the default must not invalidate older ingests
+    out["ingest"] = _sha({k: v for k, v in ds.items() if k not in skip})
     out["train"] = _sha(
         [
             out["ingest"],

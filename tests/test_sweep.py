@@ -111,6 +111,10 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
     assert set(stats["fractions"]) == {"0.5", "1"}
     assert stats["low_data_curve"]["fractions"] == [0.5, 1.0]
     assert set(stats["low_data_curve"]["lines"]) == {"best", "worst"}
+    # Choices are made on validation figures, which every configuration now carries.
+    assert stats["low_data_curve"]["selected_on"] == "validation"
+    assert all(r["val_auc_vs_dup"] not in ("", "nan") for r in rows)
+    assert "val_auc_vs_dup" in stats["fractions"]["0.5"]["best"]
     page = (run / "report/index.html").read_text()
     for text in (
         "Recommendation",
@@ -172,3 +176,26 @@ def test_adding_a_value_plans_only_the_new_units(resumed_sweep):
     assert len(lines) == 2 * (1 + 6) and len(new) == 6
     assert all("run/run (train/generate/evaluate)" in ln and "skip/" in ln for ln in new)
     assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
+
+
+def test_rsna_and_fundus_sweeps_validate_with_their_controls(tmp_path):
+    from medsynth.experiment.sweep import estimate
+
+    rsna = load_protocol(ROOT / "protocols" / "rsna_sweep.yaml")
+    assert rsna.dataset.spatial_size == 64 and rsna.dataset.split_stratify == ["ViewPosition"]
+    assert expand(rsna).n_configs >= 20 and rsna.evaluation.seeds >= 5
+    fundus = load_protocol(ROOT / "protocols" / "fundus_sweep.yaml")
+    plan = expand(fundus)
+    assert fundus.dataset.phantoms.body_part == "fundus" and plan.n_configs >= 20
+    assert estimate(fundus, plan, tmp_path)["total"] <= 15 * 60  # sized for <= 15 min
+
+
+def test_pneumoniamnist_one_hour_sweep_fits_the_hour(tmp_path):
+    from medsynth.experiment.sweep import estimate
+
+    proto = load_protocol(ROOT / "protocols" / "pneumoniamnist_sweep_1h.yaml")
+    plan = expand(proto)
+    assert plan.n_configs >= 20 and proto.evaluation.seeds >= 5
+    if not Path(proto.dataset.labels_csv).exists():
+        pytest.skip("shared PneumoniaMNIST data absent")
+    assert estimate(proto, plan, tmp_path / "r")["total"] <= 60 * 60

@@ -96,3 +96,42 @@ def test_verdict_names_the_adjustment_and_the_mde():
         verdict(0.0, -0.03, 0.03, 1.0, 0.042)
         == "no effect detected (MDE 0.042; CI [-0.030, +0.030])"
     )
+
+
+def _curve_row(config, fraction, test_dup, val_dup):
+    keys = ("auc_vs_real", "auc_vs_dup")
+    row = {"config": config, "fraction": fraction, "val_auc_vs_dup": val_dup}
+    for k in keys:
+        d = test_dup if k == "auc_vs_dup" else test_dup + 0.01
+        row |= {k: d, f"{k}_ci_low": d - 0.02, f"{k}_ci_high": d + 0.02}
+    return row | {"auc_vs_dup_mde": 0.03}
+
+
+def test_low_data_curve_picks_best_and_worst_on_validation_not_test():
+    from medsynth.experiment.sweep_analysis import low_data_curve
+
+    # "a" looks best on test but worst on validation; "c" the reverse. Test must not choose.
+    rows = [
+        _curve_row(c, f, test, val)
+        for f in (0.1, 1.0)
+        for c, test, val in (("a", 0.05, -0.04), ("b", 0.0, 0.0), ("c", -0.05, 0.04))
+    ]
+    curve = low_data_curve(rows)
+    assert curve["lines"]["best"]["config"] == "c"
+    assert curve["lines"]["worst"]["config"] == "a"
+    assert curve["selected_on"] == "validation"
+    # Without validation figures nothing is chosen (never silently fall back to test).
+    blind = [{k: v for k, v in r.items() if k != "val_auc_vs_dup"} for r in rows]
+    assert low_data_curve(blind)["lines"] == {}
+
+
+def test_validation_uplift_is_the_mean_paired_seed_difference():
+    from medsynth.experiment.sweep_analysis import validation_uplift
+
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 100)
+    base = _probas(y, 1.0, 5, rng)
+    better = _probas(y, 2.5, 5, rng)
+    assert validation_uplift(y, better, base) > 0.1
+    assert abs(validation_uplift(y, _probas(y, 1.0, 5, rng), base)) < 0.05
+    assert np.isnan(validation_uplift(None, better, base))

@@ -139,15 +139,32 @@ def assign_splits(
     fractions: dict[str, float] | None = None,
     seed: int = 0,
     groups: dict[str, str] | None = None,
+    stratify: list[str] | None = None,
 ) -> None:
     """Set ``row["split"]`` in place: from ``row["table_split"]`` or computed by patient.
 
     Computed splits are stratified by each patient's majority label and grouped by PatientID,
     seeded, so a patient's images never straddle splits. ``groups`` (patient key -> group key)
     merges patients further, e.g. patients sharing a near-duplicate image, so a group never
-    straddles splits either. Raises if a table split puts one patient in two splits.
+    straddles splits either. ``stratify``: header keywords (e.g. ``ViewPosition``) whose value
+    (a patient's most common one) joins the label in the stratum, so each split holds about the
+    same share of every (label, value) cell. Raises if a table split puts one patient in two
+    splits, or if ``stratify`` is asked of table splits or names a keyword the rows lack.
     """
+    stratify = list(stratify or [])
+    if stratify and rows:
+        missing = [a for a in stratify if a not in rows[0]]
+        if missing:
+            raise IngestError(
+                f"dataset.split_stratify names {missing}, which the ingest does not record; "
+                f"recorded header keywords: {', '.join(k for k in rows[0] if k[:1].isupper())}"
+            )
     if rows and "table_split" in rows[0]:
+        if stratify:
+            raise IngestError(
+                "dataset.split_stratify applies to computed splits, but the label table gives "
+                "the splits (dataset.split_column); drop one of the two"
+            )
         inverse = {v: k for k, v in (split_values or {s: s for s in SPLITS}).items()}
         bad = sorted({r["table_split"] for r in rows} - set(inverse))
         if bad:
@@ -163,12 +180,19 @@ def assign_splits(
         def key(r: dict) -> str:
             return groups.get(_patient_key(r), _patient_key(r))
 
-        labels_by_patient: dict[str, Counter] = defaultdict(Counter)
+        # A patient's stratum: its majority label and, per stratify keyword, its majority value.
+        # Without stratify the strata are (label,) in label order: the same draws as before.
+        cells: dict[str, list[Counter]] = defaultdict(
+            lambda: [Counter() for _ in range(1 + len(stratify))]
+        )
         for r in rows:
-            labels_by_patient[key(r)][r["label_index"]] += 1
-        by_class: dict[int, list[str]] = defaultdict(list)
-        for pid in sorted(labels_by_patient):
-            by_class[labels_by_patient[pid].most_common(1)[0][0]].append(pid)
+            mine = cells[key(r)]
+            mine[0][r["label_index"]] += 1
+            for c, a in zip(mine[1:], stratify, strict=True):
+                c[str(r.get(a) or "")] += 1
+        by_class: dict[tuple, list[str]] = defaultdict(list)
+        for pid in sorted(cells):
+            by_class[tuple(c.most_common(1)[0][0] for c in cells[pid])].append(pid)
         rng = np.random.default_rng(seed)
         split_of: dict[str, str] = {}
         for cls in sorted(by_class):

@@ -135,7 +135,9 @@ def _check_grouped_splits(rows: list[dict], ds, out: Path) -> None:
     if not empty:
         return
     plain = [dict(r) for r in rows]
-    assign_splits(plain, fractions=ds.split_fractions, seed=ds.split_seed)
+    assign_splits(
+        plain, fractions=ds.split_fractions, seed=ds.split_seed, stratify=ds.split_stratify
+    )
     if not set(empty) - {r["split"] for r in plain}:  # grouping emptied them
         raise IngestError(
             f"the computed {'/'.join(empty)} split is empty: patients sharing a near-duplicate "
@@ -164,6 +166,7 @@ def split_with_duplicates(out_dir: str | Path, rows: list[dict], ds) -> dict:
         fractions=ds.split_fractions,
         seed=ds.split_seed,
         groups=_merged_patients(rows, pairs) if computed else None,
+        stratify=ds.split_stratify,
     )
     _write(out, rows, pairs)
     if computed:

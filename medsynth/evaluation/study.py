@@ -25,6 +25,7 @@ from medsynth.evaluation.memorization import audit
 from medsynth.evaluation.per_class import class_metrics, flag_collapsed, per_class_rows
 from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
+from medsynth.evaluation.views import VIEW_ATTRIBUTE, usable_views, view_aucs, within_view_uplift
 from medsynth.generation.dataset import load_pool
 from medsynth.protocol import EvaluationSection
 from medsynth.utils.csvsafe import write_rows
@@ -98,6 +99,7 @@ def run_study(
     y_test = test.labels.numpy()
 
     rows, probas = [], {}
+    val_probas = {}  # per arm, per seed: validation probabilities (sweeps choose on these)
     bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
 
     def fit_arm(
@@ -117,6 +119,7 @@ def run_study(
         for seed, clf in enumerate(clfs):
             p = clf.predict_proba(test.images)
             probas.setdefault(arm, []).append(p)
+            val_probas.setdefault(arm, []).append(clf.predict_proba(val.images))
             rows.append(
                 {
                     "arm": arm,
@@ -240,6 +243,11 @@ def run_study(
                 )
         uplift.append(rec)
 
+    # 2b. Within-view AUC (e.g. AP vs PA) where the test split records a view: a shortcut
+    # through the view cannot raise an AUC computed among cases of one view.
+    test_views = np.array([str(r.get(VIEW_ATTRIBUTE) or "") for r in test.rows])
+    views = within_view_report(y_test, probas, test_views, ev.bootstrap)
+
     # 3. Fidelity / diversity of each selected set (per class and overall), memorization per pool.
     rng = np.random.default_rng(0)
     cap = ev.metric_samples
@@ -308,12 +316,16 @@ def run_study(
         "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    # Test probabilities per arm (seeds stacked) for statistics across studies (sweeps).
+    # Test and validation probabilities per arm (seeds stacked) for statistics across studies:
+    # a sweep chooses configurations on validation and reports them on test.
     np.savez_compressed(
         out / "probas.npz",
         y_test=y_test,
+        y_val=val.labels.numpy(),
+        test_views=test_views,
         arms=np.array(list(probas)),
         **{f"arm_{i}": np.stack(ps) for i, ps in enumerate(probas.values())},
+        **{f"val_arm_{i}": np.stack(val_probas[a]) for i, a in enumerate(probas)},
     )
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "uplift.csv", uplift)
@@ -322,6 +334,7 @@ def run_study(
         ("fidelity.json", fidelity),
         ("memorization.json", memo),
         ("diversity_uplift.json", div_up),
+        ("views.json", views),
         ("summary.json", summary),
     ):
         (out / fname).write_text(json.dumps(obj, indent=2, default=float))
@@ -330,6 +343,7 @@ def run_study(
         "uplift": uplift,
         "fidelity": fidelity,
         "diversity_uplift": div_up,
+        "views": views,
         "memorization": {
             n: {
                 k_: v
@@ -339,6 +353,31 @@ def run_study(
             for n, m in memo.items()
         },
     }
+
+
+def within_view_report(
+    y: np.ndarray, probas: dict[str, list], views: np.ndarray, n_boot: int
+) -> dict:
+    """Per arm: AUC within each view and the gap of the first two views (e.g. AP - PA); per
+    synthetic or control arm: AUC uplift within each view vs real-only and vs its duplicate
+    control (paired bootstrap CIs). ``{}`` when fewer than two views hold both classes."""
+    vl = usable_views(y, views)
+    if not vl:
+        return {}
+    out: dict = {"attribute": VIEW_ATTRIBUTE, "views": vl, "arms": {}}
+    for arm, ps in probas.items():
+        rec = view_aucs(y, np.stack(ps), views, vl)
+        bases = [("real", "real_only")]
+        if arm.startswith("synthetic:"):
+            bases.append(("dup", f"duplicate_control@{arm.rsplit('@', 1)[1]}"))
+        for tag, base in bases:
+            if arm != base and base in probas:
+                for v in vl:
+                    rec["views"][v][f"auc_vs_{tag}"] = within_view_uplift(
+                        y, np.stack(ps), np.stack(probas[base]), views, v, n_boot
+                    )
+        out["arms"][arm] = rec
+    return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -241,6 +241,7 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
             ],
         ),
     ]
+    parts += _views_section(ev)
     arms = [r for r in uplift if r.get("auc_vs_real")]
     if arms:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(arms) + 1))
@@ -366,6 +367,49 @@ def _per_class_section(fid: dict, classes: list[str]) -> list[str]:
         "more alike than real ones). Below 10 synthetic or real images: <i>n too small</i>. "
         "Mean intensity in [0, 1].</p>",
         _table(rows, ["set / class", "n syn / real"] + [t for _, t in COLUMNS] + ["flag"]),
+    ]
+
+
+def _views_section(ev: Path) -> list[str]:
+    """Within-view AUC and the view gap per arm (``evaluate/views.json``), if views were found."""
+    path = ev / "views.json"
+    rep = json.loads(path.read_text()) if path.exists() else {}
+    if not rep:
+        return []
+    vl = rep["views"]
+
+    def up(d: dict | None) -> str:
+        if not d:
+            return "—"
+        r = {"x": d["diff"], "x_ci_low": d["ci_low"], "x_ci_high": d["ci_high"]}
+        return _ci(r, "x")
+
+    rows = []
+    for arm, rec in rep["arms"].items():
+        per = rec["views"]
+        rows.append(
+            [html.escape(arm)]
+            + [_fmt(per[v]["auc_mean"]) for v in vl]
+            + [_fmt(rec.get("gap", {}).get("mean"))]
+            + [up(per[v].get("auc_vs_dup")) for v in vl]
+        )
+    counts = ", ".join(
+        f"{v}: {c['n']} cases, {c['positives']} positive"
+        for v, c in next(iter(rep["arms"].values()))["views"].items()
+    )
+    return [
+        f"<h3>Within {html.escape(rep['attribute'])} (shortcut control)</h3>",
+        f"<p>AUC among the test cases of one view only ({html.escape(counts)}): a classifier "
+        "that recognises the view instead of the disease scores 0.5 here. Gap = "
+        f"{html.escape(vl[0])} − {html.escape(vl[1])} AUC (mean over seeds); uplift within a "
+        "view is paired-bootstrapped over seeds and that view's cases.</p>",
+        _table(
+            rows,
+            ["arm"]
+            + [f"AUC {v}" for v in vl]
+            + [f"gap {vl[0]} − {vl[1]}"]
+            + [f"ΔAUC vs control in {v}" for v in vl],
+        ),
     ]
 
 

@@ -4,6 +4,8 @@ diversity <-> uplift correlations, the low-data curve and a recommendation (``RU
 A configuration is (pool, selector, ratio, class mix); its id does not contain the train
 fraction, so the same configuration can be followed across fractions (the low-data curve).
 Multiplicity is handled per train fraction: the family is every configuration of that fraction.
+Choices (the best configuration, the low-data curve's best and worst lines) are made on the
+validation split (mean paired-seed AUC difference); the test split only reports them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsynth.evaluation.stats import auc_score
 from medsynth.evaluation.sweep_stats import (
     adjust_table,
     diversity_vs_uplift,
@@ -20,17 +23,69 @@ from medsynth.evaluation.sweep_stats import (
     paired_bootstrap_test,
     verdict,
 )
+from medsynth.evaluation.views import usable_views, view_aucs, within_view_uplift
 from medsynth.utils.csvsafe import write_rows
 
 DIVERSITY = ("recall_clf", "coverage_clf", "msssim_ratio", "vendi_clf", "vendi_pixels")
 FIDELITY = ("FD_clf", "precision_clf")
 
 
-def _load_unit(folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+def _load_unit(folder: Path) -> tuple:
+    """``(y_test, test probas per arm, fidelity, (y_val, val probas per arm), test views)``; the
+    validation pair is ``(None, {})`` and the views ``None`` for units evaluated before those
+    were saved."""
     z = np.load(folder / "probas.npz")
+    views = z["test_views"].astype(str) if "test_views" in z.files else None
     arms = [str(a) for a in z["arms"]]
     probas = {a: z[f"arm_{i}"] for i, a in enumerate(arms)}
-    return z["y_test"], probas, json.loads((folder / "fidelity.json").read_text())
+    val = (None, {})
+    if "y_val" in z.files:
+        val = (z["y_val"], {a: z[f"val_arm_{i}"] for i, a in enumerate(arms)})
+    return z["y_test"], probas, json.loads((folder / "fidelity.json").read_text()), val, views
+
+
+def view_fields(y, views, proba_arm, proba_dup, proba_real, n_boot: int = 1000) -> dict:
+    """Within-view columns of one configuration: ``auc_<view>`` (mean over seeds), ``view_gap``
+    (first - second view, e.g. AP - PA), ``auc_<view>_vs_dup`` with its paired bootstrap CI,
+    and real-only's ``real_auc_<view>``. ``{}`` without two views that hold both classes.
+    ``(S, N, K)`` probabilities."""
+    vl = usable_views(y, views) if views is not None else []
+    if not vl:
+        return {}
+    rec = view_aucs(y, proba_arm, views, vl)
+    real = view_aucs(y, proba_real, views, vl)
+    out = {f"auc_{v}": rec["views"][v]["auc_mean"] for v in vl}
+    out |= {f"real_auc_{v}": real["views"][v]["auc_mean"] for v in vl}
+    out["real_view_gap"] = real["gap"]["mean"]
+    out["view_gap"] = rec["gap"]["mean"]
+    for v in vl:
+        t = within_view_uplift(y, proba_arm, proba_dup, views, v, n_boot)
+        out |= {
+            f"auc_{v}_vs_dup": t["diff"],
+            f"auc_{v}_vs_dup_ci_low": t["ci_low"],
+            f"auc_{v}_vs_dup_ci_high": t["ci_high"],
+        }
+    return out
+
+
+def validation_uplift(y_val, proba_arm, proba_base) -> float:
+    """Mean over classifier seeds of validation AUC(arm, seed s) - AUC(base, seed s).
+
+    ``proba_*``: ``(S, N, K)``; ``y_val``: ``(N,)`` or None (then NaN: no validation figures).
+    The criterion configurations are chosen by; a point estimate, no test case involved. Both
+    arms picked their epoch on this split, so the level is optimistic, the difference fair.
+    """
+    if y_val is None or proba_arm is None or proba_base is None:
+        return float("nan")
+    k = np.asarray(proba_arm).shape[2]
+    return float(
+        np.mean(
+            [
+                auc_score(y_val, a, k) - auc_score(y_val, b, k)
+                for a, b in zip(proba_arm, proba_base, strict=True)
+            ]
+        )
+    )
 
 
 def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
@@ -41,11 +96,14 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
 
     rows, probas_of = [], {}
     for u in plan.units:
-        y, probas, fid = _load_unit(run / u.folder)
-        yb, base, _ = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
+        y, probas, fid, (yv, vprobas), views = _load_unit(run / u.folder)
+        yb, base, _, (yvb, vbase), _ = _load_unit(run / baseline_dir(u.fraction, u.class_mix))
         if not np.array_equal(y, yb):
             raise ValueError(f"{u.folder} and its baselines were tested on different cases")
+        if yv is None or yvb is None or not np.array_equal(yv, yvb):
+            yv = None  # no (comparable) validation figures: nothing can be chosen on them
         probas = base | probas  # the pool unit's own real-only (identical) pairs with its arms
+        vprobas = vbase | vprobas
         for arm, pa in probas.items():
             if not arm.startswith("synthetic:"):
                 continue
@@ -73,6 +131,7 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
                 ("real_only", "auc_vs_real"),
                 (f"duplicate_control@{ratio}", "auc_vs_dup"),
             ):
+                row[f"val_{key}"] = validation_uplift(yv, vprobas.get(arm), vprobas.get(base))
                 t = paired_bootstrap_test(y, pa, probas[base], "auc", n_boot)
                 row.update(
                     {
@@ -91,6 +150,8 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
             row["collapsed_classes"] = ";".join(
                 c for c, m in per.items() if c != "all" and m.get("collapsed")
             )
+            dup = probas[f"duplicate_control@{ratio}"]
+            row.update(view_fields(y, views, pa, dup, probas["real_only"], n_boot=n_boot))
             rows.append(row)
             probas_of[(u.fraction, cid)] = (y, pa)
     return rows, probas_of
@@ -118,13 +179,18 @@ def analyse_fraction(rows: list[dict], probas_of: dict, fraction: float, n_boot:
             mine, DIVERSITY, FIDELITY, "auc_vs_real", n_boot
         ),
     }
-    ranked = sorted(mine, key=lambda r: -r["auc_vs_dup"])
+    # Ranked on validation uplift over the control; configurations without it are not ranked.
+    ranked = sorted(
+        (r for r in mine if np.isfinite(r.get("val_auc_vs_dup", np.nan))),
+        key=lambda r: -r["val_auc_vs_dup"],
+    )
     if ranked:
         best = ranked[0]
         out["best"] = {
             k: best[k]
             for k in (
                 "config",
+                "val_auc_vs_dup",
                 "auc_vs_dup",
                 "auc_vs_dup_ci_low",
                 "auc_vs_dup_ci_high",
@@ -147,11 +213,16 @@ def analyse_fraction(rows: list[dict], probas_of: dict, fraction: float, n_boot:
 def recommendation(fr: dict) -> str:
     """A short, honest sentence: which setting helped most and whether it is distinguishable."""
     if "best" not in fr:
-        return "No synthetic configuration was evaluated."
+        return (
+            "No synthetic configuration has validation figures to be chosen on (evaluated "
+            "before they were saved, or none evaluated): no recommendation."
+        )
     b = fr["best"]
     head = (
-        f"At train fraction {fr['fraction']:g}, the largest uplift over the count-matched "
-        f"duplicate control came from {b['config']} ({b['auc_vs_dup']:+.3f} AUC, 95 % CI "
+        f"At train fraction {fr['fraction']:g}, the largest validation uplift over the "
+        f"count-matched duplicate control came from {b['config']} "
+        f"({b['val_auc_vs_dup']:+.3f} validation AUC); on test it is {b['auc_vs_dup']:+.3f} AUC "
+        f"(95 % CI "
         f"[{b['auc_vs_dup_ci_low']:+.3f}, {b['auc_vs_dup_ci_high']:+.3f}], Holm-adjusted "
         f"p={b['auc_vs_dup_p_holm']:.3g} over {fr['configurations']} configurations)"
     )
@@ -169,21 +240,25 @@ def recommendation(fr: dict) -> str:
             + ("not distinguishable" if same else "distinguishable")
         )
     return (
-        head + ". Configurations were ranked on the test split: treat the ranking as descriptive."
+        head + ". Configurations were ranked on the validation split; the test figures only "
+        "report the choice."
     )
 
 
 def low_data_curve(rows: list[dict]) -> dict:
-    """Uplift against train fraction for the best and the worst configuration (mean uplift over
-    the duplicate control across fractions; configurations present at every fraction only)."""
+    """Test uplift against train fraction for the best and the worst configuration, chosen by
+    mean VALIDATION uplift over the duplicate control across fractions (``val_auc_vs_dup``;
+    configurations present, with validation figures, at every fraction only). Without
+    validation figures no line is chosen: test figures never pick what they then report."""
     fractions = sorted({r["fraction"] for r in rows})
     by = {}
     for r in rows:
-        by.setdefault(r["config"], {})[r["fraction"]] = r
+        if np.isfinite(r.get("val_auc_vs_dup", np.nan)):
+            by.setdefault(r["config"], {})[r["fraction"]] = r
     full = {c: v for c, v in by.items() if len(v) == len(fractions)}
     if not full:
-        return {"fractions": fractions, "lines": {}}
-    mean = {c: float(np.mean([v[f]["auc_vs_dup"] for f in fractions])) for c, v in full.items()}
+        return {"fractions": fractions, "lines": {}, "selected_on": "validation"}
+    mean = {c: float(np.mean([v[f]["val_auc_vs_dup"] for f in fractions])) for c, v in full.items()}
     picks = {"best": max(mean, key=mean.get), "worst": min(mean, key=mean.get)}
     keys = (
         "auc_vs_real",
@@ -197,11 +272,12 @@ def low_data_curve(rows: list[dict]) -> dict:
     lines = {
         tag: {
             "config": c,
+            "mean_val_auc_vs_dup": mean[c],
             "points": [{"fraction": f, **{k: full[c][f][k] for k in keys}} for f in fractions],
         }
         for tag, c in picks.items()
     }
-    return {"fractions": fractions, "lines": lines}
+    return {"fractions": fractions, "lines": lines, "selected_on": "validation"}
 
 
 def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
@@ -214,7 +290,8 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
         "low_data_curve": low_data_curve(rows),
         "note": "uplift = test AUC difference (paired bootstrap over seeds and test cases); "
         "p-values adjusted per train fraction across its configurations; MDE at "
-        "80 % power and alpha 0.05 / configurations",
+        "80 % power and alpha 0.05 / configurations; best configuration and curve lines "
+        "chosen on validation AUC uplift over the duplicate control (val_auc_vs_dup)",
     }
     out = run / "sweep"
     out.mkdir(parents=True, exist_ok=True)
