@@ -154,3 +154,33 @@ def test_report_and_sweep_table_mark_collapsed_classes_in_red():
         "<span class='neg'>finding, other</span>"
     )
     assert _collapsed({"collapsed_classes": ""}) == "—" and _collapsed({}) == "—"
+
+
+def test_real_images_of_unequal_and_differently_spread_classes_are_not_flagged():
+    """Real held-out images as the 'synthetic' set: a small, widely spread class has a far larger
+    raw FD_clf than a large, tight one (measured on PneumoniaMNIST: normal 10.7 vs pneumonia 0.08
+    for real train vs real test), yet nothing collapsed. The rule compares each class's FD to
+    its own real floor at the same n, so real data is never flagged."""
+    rng = np.random.default_rng(3)
+    template = np.linspace(-0.5, 0.5, 16)[None, None, :, None] * np.ones((1, 1, 16, 16))
+
+    def draws(n, scale):
+        # Structured images (a shared gradient plus noise): pairwise MS-SSIM well above 0,
+        # so its ratio is stable; pure noise would divide two near-zero means.
+        f = rng.normal(0.0, scale, (n, 16))
+        x = template + 0.3 * rng.standard_normal((n, 1, 16, 16))
+        return f, torch.from_numpy(x.clip(-1, 1)).float()
+
+    rf0, ri0 = draws(80, 3.0)  # small, spread class
+    sf0, si0 = draws(40, 3.0)
+    rf1, ri1 = draws(400, 0.3)  # large, tight class
+    sf1, si1 = draws(200, 0.3)
+    per = {
+        "normal": class_metrics(rf0, sf0, ri0, si0),
+        "finding": class_metrics(rf1, sf1, ri1, si1),
+    }
+    assert per["normal"]["FD_clf"] > 10 * per["finding"]["FD_clf"]
+    flag_collapsed(per, CLASSES)
+    assert not per["normal"]["collapsed"] and not per["finding"]["collapsed"]
+    assert 0.5 < per["normal"]["FD_clf_over_real"] < 1.6
+    assert 0.5 < per["finding"]["FD_clf_over_real"] < 1.6
