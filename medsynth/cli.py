@@ -215,6 +215,31 @@ def train(
 
 
 @app.command()
+def distill(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest state in RUN/distill")
+    ] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Distil the trained model into a 1-4 step student (RUN/distill; resumable). Sample from it
+    with --set generation.sampler=distilled generation.steps=4."""
+    from medsynth.runtime import apply_threads
+    from medsynth.training.distill import distill_from_protocol
+
+    proto = _load(protocol, set_, threads)
+    run = Path(run_dir or _run_dir_for(proto))
+    apply_threads(proto.runtime.threads)
+    try:
+        snap = distill_from_protocol(proto, run, resume=resume)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"student snapshot: {snap}")
+
+
+@app.command()
 def generate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
