@@ -208,3 +208,19 @@ def test_protocol_without_distill_keeps_its_hash():
     with_section = parse_protocol("dataset: {kind: phantoms}\ndistill: {max_steps: 10}\n", [])
     assert with_section.distill.max_steps == 10
     assert with_section.sha256() != plain.sha256()
+
+
+def test_sampling_an_eval_model_does_not_switch_modes(models, monkeypatch):
+    m, sc, cfg = load_snapshot(models["student"])
+    assert not m.training
+
+    def no_switch(mode=True):
+        raise AssertionError("train()/eval() walked the module tree on the latency path")
+
+    monkeypatch.setattr(m, "train", no_switch)
+    kw = dict(image_shape=(1, PX, PX), null_label=2, sampler="distilled", steps=1)
+    sample(m, sc, [0], [0], guidance_scale=2.0, distilled=cfg["distill"], **kw)
+    monkeypatch.undo()
+    m.train()
+    sample(m, sc, [0], [0], guidance_scale=2.0, distilled=cfg["distill"], **kw)
+    assert m.training  # a model in training mode is put back
