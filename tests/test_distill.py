@@ -224,3 +224,18 @@ def test_sampling_an_eval_model_does_not_switch_modes(models, monkeypatch):
     m.train()
     sample(m, sc, [0], [0], guidance_scale=2.0, distilled=cfg["distill"], **kw)
     assert m.training  # a model in training mode is put back
+
+
+def test_a_distilled_pool_depends_on_the_distill_settings():
+    from medsynth.protocol import parse_protocol
+    from medsynth.runfolder import stage_inputs
+
+    def gen_hash(*sets):
+        return stage_inputs(parse_protocol("dataset: {kind: phantoms}\n", list(sets)))["generate"]
+
+    plain = gen_hash()
+    assert gen_hash("distill.max_steps=7") == plain  # a dpmpp pool does not use the student
+    fast = gen_hash("generation.sampler=distilled")
+    assert fast != plain
+    assert gen_hash("generation.sampler=distilled", "distill.max_steps=2000") == fast  # default
+    assert gen_hash("generation.sampler=distilled", "distill.max_steps=7") != fast
