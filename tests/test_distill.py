@@ -239,3 +239,45 @@ def test_a_distilled_pool_depends_on_the_distill_settings():
     assert fast != plain
     assert gen_hash("generation.sampler=distilled", "distill.max_steps=2000") == fast  # default
     assert gen_hash("generation.sampler=distilled", "distill.max_steps=7") != fast
+
+
+CLI_YAML = """\
+name: fast
+dataset:
+  kind: phantoms
+  spatial_size: 16
+  workers: 1
+  phantoms: {n_patients: 12, size_px: 32}
+model: {channels: [16, 32], attention_levels: [false, false], num_head_channels: 16}
+training: {max_steps: 4, batch_size: 4, checkpoint_every_steps: 4, warmup_steps: 1}
+distill: {max_steps: 3, batch_size: 4, checkpoint_every_steps: 2}
+generation: {per_class: 2, sampler: distilled, steps: 2}
+"""
+
+
+def test_cli_distill_then_generate(tmp_path):
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+    from medsynth.data.ingest import ingest_dataset
+    from medsynth.protocol import parse_protocol
+    from medsynth.training.api import train_from_sections
+
+    run, p = tmp_path / "run", tmp_path / "p.yaml"
+    p.write_text(CLI_YAML)
+    proto = parse_protocol(CLI_YAML)
+    ingest_dataset(proto.dataset, run)
+    cli, base = CliRunner(), [str(p), "--run-dir", str(run)]
+    res = cli.invoke(app, ["distill", *base])
+    assert res.exit_code == 2 and "run `medsynth train` first" in res.output
+    train_from_sections(
+        run / "ingest", run / "train", proto.model, proto.schedule, proto.training, progress=False
+    )
+    res = cli.invoke(app, ["generate", *base])
+    assert res.exit_code == 2 and "run `medsynth distill` first" in res.output
+    res = cli.invoke(app, ["distill", *base])
+    assert res.exit_code == 0 and "snapshot-0000003" in res.output, res.output
+    res = cli.invoke(app, ["generate", *base])
+    assert res.exit_code == 0, res.output
+    rows = (run / "generate" / "main" / "manifest.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(",distilled,2," in r for r in rows[1:])
