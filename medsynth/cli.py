@@ -215,6 +215,31 @@ def train(
 
 
 @app.command()
+def distill(
+    protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest state in RUN/distill")
+    ] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Distil the trained model into a 1-4 step student (RUN/distill; resumable). Sample from it
+    with --set generation.sampler=distilled generation.steps=4."""
+    from medsynth.runtime import apply_threads
+    from medsynth.training.distill import distill_from_protocol
+
+    proto = _load(protocol, set_, threads)
+    run = Path(run_dir or _run_dir_for(proto))
+    apply_threads(proto.runtime.threads)
+    try:
+        snap = distill_from_protocol(proto, run, resume=resume)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"student snapshot: {snap}")
+
+
+@app.command()
 def generate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
@@ -266,31 +291,93 @@ def evaluate(
     protocol: Annotated[Path, typer.Argument(help="Protocol YAML file")],
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="i/n: fit only the arms k with k % n == i (then run --merge n)"),
+    ] = None,
+    merge: Annotated[
+        int | None, typer.Option(min=1, help="Merge n finished shards into RUN/evaluate")
+    ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Uplift study (arms x seeds, CIs), fidelity/diversity, memorization -> RUN/evaluate."""
+    """Uplift study (arms x seeds, CIs), fidelity/diversity, memorization -> RUN/evaluate.
+
+    Under torchrun (WORLD_SIZE > 1) each rank fits its shard and rank 0 merges."""
+    import os
+
     from medsynth.evaluation.study import run_study
 
     proto = _load(protocol, set_, threads)
     run = Path(run_dir or _run_dir_for(proto))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard and merge:
+        _fail("give --shard i/n (fit one shard) or --merge n (combine them), not both")
+    study_args = dict(
+        train_fraction=proto.dataset.train_fraction, fraction_seed=proto.dataset.fraction_seed
+    )
     try:
-        res = _stage(
-            proto,
-            "evaluate",
-            run,
-            lambda: run_study(
-                run / "ingest",
-                run / "generate",
-                run / "evaluate",
-                proto.evaluation,
-                train_fraction=proto.dataset.train_fraction,
-                fraction_seed=proto.dataset.fraction_seed,
-            ),
-        )
+        if shard or merge or world > 1:
+            res = _evaluate_sharded(proto, run, shard, merge, world, study_args)
+            if res is None:
+                return
+        else:
+            res = _stage(
+                proto,
+                "evaluate",
+                run,
+                lambda: run_study(
+                    run / "ingest",
+                    run / "generate",
+                    run / "evaluate",
+                    proto.evaluation,
+                    **study_args,
+                ),
+            )
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(format_uplift(res["uplift"]))
     typer.echo(f"results: {run / 'evaluate'}")
+
+
+def _evaluate_sharded(proto, run: Path, shard, merge, world: int, study_args: dict):
+    """``--shard i/n``: fit one shard (returns None); ``--merge n`` or rank 0 under torchrun
+    after a barrier: merge into RUN/evaluate as the evaluate stage (returns the study result)."""
+    import os
+
+    from medsynth.evaluation.shards import merge_shards, parse_shard, run_shard
+    from medsynth.runtime import apply_threads
+
+    key = _stage_hash(proto, "evaluate")
+    shard_dir = run / "evaluate-shards" / key[:16]
+    args = (run / "ingest", run / "generate")
+    if merge is None:
+        i, n = parse_shard(shard) if shard else (int(os.environ.get("RANK", "0")), world)
+        apply_threads(proto.runtime.threads)
+        path = run_shard(*args, shard_dir, proto.evaluation, (i, n), key=key, **study_args)
+        typer.echo(f"evaluation shard {i}/{n}: {path}")
+        if shard or not _barrier():
+            return None  # a job runner's shard: `--merge n` combines them
+        merge = n
+    return _stage(
+        proto,
+        "evaluate",
+        run,
+        lambda: merge_shards(
+            *args, shard_dir, run / "evaluate", proto.evaluation, merge, key=key, **study_args
+        ),
+    )
+
+
+def _barrier() -> bool:
+    """Wait for every torchrun rank (gloo; no time limit worth hitting); True on rank 0."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    dist.barrier()
+    return dist.get_rank() == 0
 
 
 @app.command()
@@ -446,6 +533,12 @@ def _run_dir_for(proto):
     from medsynth.runfolder import run_dir_for
 
     return run_dir_for(proto)
+
+
+def _stage_hash(proto, stage: str) -> str:
+    from medsynth.experiment.runner import stage_hashes
+
+    return stage_hashes(proto)[stage]
 
 
 def _stage_action(proto, run: Path, stage: str) -> str:

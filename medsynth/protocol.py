@@ -253,6 +253,24 @@ class TrainingSection(_Section):
     )
 
 
+class DistillSection(_Section):
+    """``medsynth distill``: consistency distillation of the trained model (1-4 step sampler)."""
+
+    max_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    grad_clip_norm: float = Field(1.0, gt=0)
+    guidance_scale: float = Field(2.0, ge=0, description="teacher guidance distilled in")
+    solver_steps: int = Field(50, ge=2, description="teacher DDIM grid (divides T)")
+    target_ema_halflife_steps: float = Field(13.5, gt=0, description="target network EMA")
+    huber_c: float = Field(0.001, gt=0, description="pseudo-Huber loss constant")
+    checkpoint_every_steps: int = Field(500, ge=1)
+    keep_states: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 class CountMode(str, Enum):
     per_class = "per_class"  # per_class images of every class (counts overrides single classes)
     ratio = "ratio"  # ratio x the real training images of each class
@@ -265,7 +283,9 @@ class GenerationSection(_Section):
     per_class: int = Field(100, ge=0)
     counts: dict[str, int] = Field(default_factory=dict, description="class name -> count")
     ratio: float = Field(1.0, ge=0)
-    sampler: Literal["ddpm", "ddim", "dpmpp", "euler"] = "dpmpp"
+    sampler: Literal["ddpm", "ddim", "dpmpp", "euler", "distilled"] = Field(
+        "dpmpp", description="distilled: the student of `medsynth distill` (RUN/distill)"
+    )
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
     ddim_eta: float = Field(
@@ -499,6 +519,7 @@ class Protocol(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
+    distill: DistillSection | None = Field(None, description="`medsynth distill` settings")
 
     @model_validator(mode="after")
     def _min_snr_needs_ddpm(self) -> Protocol:
@@ -510,11 +531,12 @@ class Protocol(_Section):
         return self
 
     def dump(self) -> dict:
-        """Plain data; an absent sweep (and an empty ``dataset.split_stratify``) is left out so
-        protocols without one keep their hash."""
+        """Plain data; an absent sweep or distill section (and an empty
+        ``dataset.split_stratify``) is left out so protocols without one keep their hash."""
         data = self.model_dump(mode="json")
-        if data.get("sweep") is None:
-            data.pop("sweep", None)
+        for key in ("sweep", "distill"):
+            if data.get(key) is None:
+                data.pop(key, None)
         if not data["dataset"].get("split_stratify"):
             data["dataset"].pop("split_stratify", None)  # added later: keep older hashes
         return data

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from medsynth import __version__
-from medsynth.protocol import Protocol, canonical_json, drop_later_defaults
+from medsynth.protocol import DistillSection, Protocol, canonical_json, drop_later_defaults
 
 STAGES = ("ingest", "train", "generate", "evaluate", "report")
 
@@ -58,7 +58,9 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
-    out["generate"] = _sha([out["train"], gen])
+    # A distilled pool also depends on how the student was distilled (defaults if unset).
+    distill = [p.get("distill") or DistillSection().model_dump(mode="json")]
+    out["generate"] = _sha([out["train"], gen] + (distill if gen["sampler"] == "distilled" else []))
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
     out["report"] = _sha([out["evaluate"], p["name"], p["description"]])
     return out

@@ -63,13 +63,13 @@ def test_guidance_changes_output_and_scale_one_is_single_pass(perturbed_unet):
 
 def test_unknown_sampler_and_rflow_pairing(perturbed_unet):
     kw = dict(image_shape=(1, 16, 16), null_label=2, steps=2)
-    with pytest.raises(KeyError, match="valid choices: ddim, ddpm, dpmpp, euler"):
+    with pytest.raises(KeyError, match="valid choices: ddim, ddpm, distilled, dpmpp, euler"):
         sample(perturbed_unet, ScheduleConfig(), [0], [0], sampler="heun", **kw)
     with pytest.raises(ValueError, match="euler"):
         sample(perturbed_unet, ScheduleConfig(kind="rflow"), [0], [0], sampler="ddim", **kw)
     out = sample(perturbed_unet, ScheduleConfig(kind="rflow"), [0], [0], sampler="euler", **kw)
     assert torch.isfinite(out).all()
-    assert SAMPLERS.names() == ["ddim", "ddpm", "dpmpp", "euler"]
+    assert SAMPLERS.names() == ["ddim", "ddpm", "distilled", "dpmpp", "euler"]
 
 
 def test_stacked_noise_is_per_sample():

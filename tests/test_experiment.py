@@ -126,7 +126,10 @@ def test_dry_run_and_errors(tmp_path):
     sampler = CliRunner().invoke(
         app, ["run", str(SMOKE), "--set", "generation.sampler=heun", "--dry-run"]
     )
-    assert sampler.exit_code == 2 and "'ddpm', 'ddim', 'dpmpp' or 'euler'" in sampler.output
+    assert (
+        sampler.exit_code == 2
+        and "'ddpm', 'ddim', 'dpmpp', 'euler' or 'distilled'" in sampler.output
+    )
 
 
 def test_disk_full_is_one_paragraph(tmp_path, monkeypatch):

@@ -17,20 +17,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medsynth.data.datasets import load_split
-from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
 from medsynth.evaluation.fidelity import fidelity_diversity
-from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.memorization import audit
 from medsynth.evaluation.per_class import class_metrics, flag_collapsed, per_class_rows
-from medsynth.evaluation.selection import select
-from medsynth.evaluation.stats import metrics, paired_bootstrap_diff, spearman_with_ci
+from medsynth.evaluation.stats import paired_bootstrap_diff, spearman_with_ci
+from medsynth.evaluation.units import (
+    StudyData,
+    Unit,
+    class_counts,
+    extract_features,
+    fit_unit,
+    load_study,
+    plan_units,
+    real_only_unit,
+)
 from medsynth.evaluation.views import VIEW_ATTRIBUTE, usable_views, view_aucs, within_view_uplift
-from medsynth.generation.dataset import load_pool
 from medsynth.protocol import EvaluationSection
 from medsynth.utils.csvsafe import write_rows
 
 UPLIFT_METRICS = ("auc", "balanced_accuracy")
+__all__ = ["DIVERSITY_KEYS", "UPLIFT_METRICS", "analyse", "class_counts", "run_study"]
 DIVERSITY_KEYS = (
     "FD_clf",
     "KID_clf",
@@ -44,35 +50,6 @@ DIVERSITY_KEYS = (
 )
 
 
-def class_counts(labels: torch.Tensor, k: int, ratio: float, mix: str) -> list[int]:
-    """Extra images per class for ``ratio`` extra per real image, ``round(ratio * N)`` in all.
-
-    ``proportional``: as the real classes; ``balanced``: the same number for every class;
-    ``minority_topup``: one at a time to the class with the fewest images so far (water filling),
-    so the smaller classes are topped up first and the result is as balanced as ``ratio`` allows.
-    """
-    n = torch.bincount(labels, minlength=k).tolist()
-    if mix == "balanced":
-        return [round(ratio * sum(n) / k)] * k
-    if mix == "minority_topup":
-        extra, have = [0] * k, list(n)
-        for _ in range(round(ratio * sum(n))):
-            c = int(np.argmin(have))
-            extra[c] += 1
-            have[c] += 1
-        return extra
-    return [round(ratio * c) for c in n]
-
-
-def _pick_per_class(labels: torch.Tensor, counts: list[int], chooser) -> np.ndarray:
-    out = []
-    for c, m in enumerate(counts):
-        idx = np.flatnonzero(labels.numpy() == c)
-        if m and len(idx):
-            out.append(idx[chooser(idx, m, c)])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
 def run_study(
     ingest_dir: str | Path,
     generate_dir: str | Path,
@@ -83,130 +60,56 @@ def run_study(
     fraction_seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run every arm x seed, the statistics and the audits; write tidy files into ``out_dir``."""
+    """Run every arm x seed, the statistics and the audits; write tidy files into ``out_dir``.
+
+    A pipeline: load -> fit real-only (seed 0 is the extractor) -> features -> plan the arms ->
+    fit each arm -> analyse. :mod:`medsynth.evaluation.shards` runs the fits as shards.
+    """
     t0 = time.perf_counter()
+    d = load_study(
+        ingest_dir, generate_dir, ev, train_fraction=train_fraction, fraction_seed=fraction_seed
+    )
+    bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
+    first = fit_unit(d, real_only_unit(d))
+    bar.update(ev.seeds)
+    feats, conf = extract_features(d, first[2][0])
+    units, variants = plan_units(d, feats, conf)
+    results = {"real_only": (first[0], first[1], first[3])}
+    for unit in units[1:]:
+        rows, probas, _, val_probas = fit_unit(d, unit)
+        results[unit.arm] = (rows, probas, val_probas)
+        bar.update(ev.seeds)
+    bar.close()
+    return analyse(d, out_dir, feats, units, results, variants, t0)
+
+
+def analyse(
+    data: StudyData,
+    out_dir: str | Path,
+    feats: dict,
+    units: list[Unit],
+    results: dict[str, tuple[list[dict], list[np.ndarray], list[np.ndarray]]],
+    variants: list[tuple],
+    t0: float,
+) -> dict:
+    """Last step: uplift statistics, fidelity/diversity, memorization; write ``out_dir``.
+
+    ``results``: arm -> (rows, test probabilities per seed, validation probabilities per seed),
+    taken in ``units`` order.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    real = load_split(ingest_dir, "train", train_fraction, fraction_seed)
-    val, test = load_split(ingest_dir, "val"), load_split(ingest_dir, "test")
-    classes, k = real.classes, len(real.classes)
-    size, channels = real.images.shape[-1], real.images.shape[1]
-    cfg = ClassifierConfig(**ev.classifier.model_dump())
-    cfg.precision = resolve_precision(cfg.precision, cfg.device)  # summary names what ran
-    pools = {
-        p: load_pool(Path(generate_dir) / p, classes, size, channels=channels) for p in ev.pools
-    }
+    ev, real, val, test, classes = data.ev, data.real, data.val, data.test, data.classes
+    cfg, pools = data.cfg, data.pools
     y_test = test.labels.numpy()
-
-    rows, probas = [], {}
-    val_probas = {}  # per arm, per seed: validation probabilities (sweeps choose on these)
-    bar = tqdm(desc="classifiers", unit="fit", disable=not progress)
-
-    def fit_arm(
-        arm: str, x: torch.Tensor, y: torch.Tensor, n_extra: int = 0, augment=False, **tags
-    ):
-        """Every seed of one arm, fitted together (grouped where that pays: see fit_seeds)."""
-        clfs = fit_seeds(
-            k,
-            x.shape[1],
-            ClassifierConfig(**dict(cfg.to_dict(), augment=augment)),
-            list(range(ev.seeds)),
-            x,
-            y,
-            val.images,
-            val.labels,
-        )
-        for seed, clf in enumerate(clfs):
-            p = clf.predict_proba(test.images)
-            probas.setdefault(arm, []).append(p)
-            val_probas.setdefault(arm, []).append(clf.predict_proba(val.images))
-            rows.append(
-                {
-                    "arm": arm,
-                    "seed": seed,
-                    "n_train": len(x),
-                    "n_extra": n_extra,
-                    "best_epoch": clf.best_epoch,
-                    **tags,
-                    **metrics(y_test, p, classes),
-                }
-            )
-        bar.update(len(clfs))
-        return clfs
-
-    # 1. Real-only; seed 0 is the feature extractor.
-    extractor = fit_arm("real_only", real.images, real.labels)[0]
-    feats = {
-        "real_train": extractor.features(real.images),
-        "real_holdout": extractor.features(torch.cat([val.images, test.images])),
-    }
-    conf = {}  # the real-only classifier's probability of each sample's own label
-    for name, pool in pools.items():
-        feats[f"pool:{name}"] = extractor.features(pool.images)
-        idx = np.arange(len(pool.labels))
-        conf[name] = extractor.predict_proba(pool.images)[idx, pool.labels.numpy()]
     np.savez_compressed(
         out / "features.npz", **{k_.replace(":", "_"): v for k_, v in feats.items()}
     )
-
-    arms = set(ev.arms)
-    if "classical_aug" in arms:
-        fit_arm("classical_aug", real.images, real.labels, augment=True)
-
-    variants = []  # (arm key, pool, selector, ratio, selected indices)
-    for ratio in ev.ratios:
-        counts = class_counts(real.labels, k, ratio, ev.class_mix)
-        if "duplicate_control" in arms:
-            dup_rng = np.random.default_rng(1000 + int(ratio * 1000))
-            dup = _pick_per_class(
-                real.labels, counts, lambda idx, m, c, r=dup_rng: r.integers(0, len(idx), m)
-            )
-            fit_arm(
-                f"duplicate_control@{ratio:g}",
-                torch.cat([real.images, real.images[dup]]),
-                torch.cat([real.labels, real.labels[dup]]),
-                len(dup),
-                ratio=ratio,
-            )
-        if "synthetic" not in arms:
-            continue
-        for name, pool in pools.items():
-            pf = feats[f"pool:{name}"]
-            for sel in ev.selectors:
-                chosen = _pick_per_class(
-                    pool.labels,
-                    counts,
-                    lambda idx, m, c, sel=sel, pf=pf, pc=conf[name]: select(
-                        sel, m, pf[idx], pc[idx], seed=c
-                    ),
-                )
-                key = f"synthetic:{name}:{sel}@{ratio:g}"
-                variants.append((key, name, sel, ratio, chosen))
-                fit_arm(
-                    key,
-                    torch.cat([real.images, pool.images[chosen]]),
-                    torch.cat([real.labels, pool.labels[chosen]]),
-                    len(chosen),
-                    pool=name,
-                    selector=sel,
-                    ratio=ratio,
-                )
-    if "synthetic_only" in arms:
-        counts = class_counts(real.labels, k, 1.0, ev.class_mix)
-        for name, pool in pools.items():
-            chosen = _pick_per_class(
-                pool.labels,
-                counts,
-                lambda idx, m, c: np.random.default_rng(c).permutation(len(idx))[:m],
-            )
-            fit_arm(
-                f"synthetic_only:{name}",
-                pool.images[chosen],
-                pool.labels[chosen],
-                len(chosen),
-                pool=name,
-            )
-    bar.close()
+    rows, probas, val_probas = [], {}, {}
+    for unit in units:
+        r, ps, vps = results[unit.arm]
+        rows.extend(r)
+        probas[unit.arm], val_probas[unit.arm] = list(ps), list(vps)
 
     # 2. Uplift against real-only and against the duplicate control of the same ratio.
     uplift = []
@@ -279,7 +182,7 @@ def run_study(
     memo = {}
     holdout_px = torch.cat([val.images, test.images]).numpy()
     # Held-out near-copies of train images are left out of calibration, at the ingest threshold.
-    ingest_summary = json.loads((Path(ingest_dir) / "summary.json").read_text())
+    ingest_summary = json.loads((data.ingest_dir / "summary.json").read_text())
     exclude = (ingest_summary.get("duplicates") or {}).get("threshold", 0.99)
     for name, pool in pools.items():
         memo[name] = audit(
@@ -307,7 +210,7 @@ def run_study(
 
     summary = {
         "classes": classes,
-        "train_fraction": train_fraction,
+        "train_fraction": data.train_fraction,
         "n_real_train": len(real.labels),
         "n_val": len(val.labels),
         "n_test": len(test.labels),

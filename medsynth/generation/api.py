@@ -19,9 +19,14 @@ def generate_from_protocol(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict:
-    """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot."""
+    """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot.
+
+    Sampler ``distilled`` samples from the newest student in ``RUN/distill`` (see
+    ``medsynth distill``); every other sampler from the newest snapshot in ``RUN/train``.
+    """
     run = Path(run_dir)
-    snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
+    stage = "distill" if proto.generation.sampler == "distilled" else "train"
+    snap = Path(snapshot) if snapshot else latest_snapshot(run / stage)
     summary = json.loads((run / "ingest" / "summary.json").read_text())
     rows = split_rows(
         run / "ingest", "train", proto.dataset.train_fraction, proto.dataset.fraction_seed

@@ -191,6 +191,13 @@ def generate_pool(
     unknown = sorted(set(plan) - set(classes))
     if unknown:
         raise ValueError(f"plan names unknown classes {unknown}; the snapshot knows {classes}")
+    if (sampler == "distilled") != ("distill" in cfg):
+        raise ValueError(
+            f"snapshot {snapshot_dir} is a distilled student: use sampler 'distilled'"
+            if "distill" in cfg
+            else f"sampler 'distilled' needs a student made by `medsynth distill`; "
+            f"{snapshot_dir} is a plain diffusion snapshot"
+        )
     snap_sha = snapshot_sha256(snapshot_dir)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
@@ -258,6 +265,7 @@ def generate_pool(
                 device=dev,
                 bf16=precision == "bf16",
                 net_batch=net_batch,
+                distilled=cfg.get("distill") if sampler == "distilled" else None,
             )
             .cpu()
             .numpy()

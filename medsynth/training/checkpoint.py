@@ -187,7 +187,8 @@ def clean_orphans(train_dir: str | Path) -> list[str]:
 def latest_snapshot(train_dir: str | Path) -> Path:
     snaps = list_snapshots(Path(train_dir))
     if not snaps:
-        raise FileNotFoundError(f"no complete snapshot in {train_dir}; run `medsynth train` first")
+        cmd = "distill" if Path(train_dir).name == "distill" else "train"
+        raise FileNotFoundError(f"no complete snapshot in {train_dir}; run `medsynth {cmd}` first")
     return snaps[-1]
 
 
