@@ -35,7 +35,7 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     ``base_sha256``: the snapshot hash ``training.init_from`` resolves to, so a retrained base
     reruns the adaptation (None leaves every hash as it was without adaptation).
     """
-    p = protocol.model_dump(mode="json")
+    p = protocol.dump()
     ds = p["dataset"]
     out: dict[str, str] = {}
     out["ingest"] = _sha(
@@ -51,6 +51,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
             p["training"],
         ]
         + ([base_sha256] if base_sha256 else [])
+        # An upsampler is trained in the train stage too; absent, hashes stay as they were.
+        + ([p["upscaler"]] if p.get("upscaler") else [])
     )
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}

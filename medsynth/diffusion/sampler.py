@@ -45,14 +45,25 @@ class _Denoiser:
     """
 
     def __init__(
-        self, model, labels, null_label: int, guidance_scale: float, autocast, net_batch: int
+        self,
+        model,
+        labels,
+        null_label: int,
+        guidance_scale: float,
+        autocast,
+        net_batch: int,
+        cond: torch.Tensor | None = None,
     ):
         self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
         self.null = torch.full_like(labels, null_label)
         self.net_batch = net_batch
+        self.cond = cond  # (B, Cc, H, W) concatenated to the input channels (SR3), or None
 
     def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
         outs, n = [], self.net_batch
+        if self.cond is not None:
+            cond = self.cond if x.shape[0] == self.cond.shape[0] else torch.cat([self.cond] * 2)
+            x = torch.cat([x, cond], dim=1)
         for i in range(0, x.shape[0], n):
             xc, yc = x[i : i + n], labels[i : i + n]
             pad = n - xc.shape[0]
@@ -173,6 +184,9 @@ def sample(
     bf16: bool = False,
     net_batch: int = 16,
     progress=None,
+    clip: bool = True,
+    cond: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per (label, seed): ``(B, C, H, W)`` float32 clamped to [-1, 1].
 
@@ -180,6 +194,12 @@ def sample(
     pass; ``guidance_scale`` 0 = unconditional, 1 = conditional only, > 1 = guided.
     ``net_batch``: rows per network call (padded); bit-identity holds for a fixed value.
     ``ddim_eta``: DDIM stochasticity in [0, 1] (0 = deterministic DDIM; only for ``ddim``).
+    ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
+    ``cond``: ``(B, Cc, H, W)`` concatenated to the noisy input at every call (SR3-style
+    conditioning; the network takes ``C + Cc`` channels and predicts ``C``).
+    ``x_init``: ``(B, C, H, W)`` starting noise instead of the seeds' first draw (tiled
+    upscaling crops it from one full-size draw, so overlapping tiles start alike); later
+    stochastic draws still come from ``seeds``.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -195,16 +215,18 @@ def sample(
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = StackedNoise(seeds)
-    x = noise.randn(image_shape, device)
+    x = noise.randn(image_shape, device) if x_init is None else x_init.to(device).float()
+    if cond is not None:
+        cond = cond.to(device).float()
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    denoise = _Denoiser(model, labels, null_label, float(guidance_scale), autocast, net_batch)
+    denoise = _Denoiser(model, labels, null_label, float(guidance_scale), autocast, net_batch, cond)
     was_training = model.training
     model.eval()
     try:
         x = fn(denoise, x, noise, cfg, steps, progress or (lambda it: it))
     finally:
         model.train(was_training)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x

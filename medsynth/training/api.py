@@ -16,8 +16,98 @@ from medsynth.training.provenance import check_no_leak, ingest_fingerprint
 
 def unet_config(model: ModelSection, num_classes: int, in_channels: int) -> UNetConfig:
     return UNetConfig(
-        num_classes=num_classes, in_channels=in_channels, **model.model_dump(exclude={"kind"})
+        num_classes=num_classes,
+        in_channels=in_channels,
+        **model.model_dump(exclude={"kind", "autoencoder"}),
     )
+
+
+def _folder_for(folder: Path, inputs: dict) -> Path:
+    """Clear ``folder`` if it was made from other inputs (a stage of its own inside train)."""
+    import hashlib
+    import json
+    import shutil
+
+    want = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    mark = folder / ".inputs"
+    if mark.exists() and mark.read_text().strip() != want:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(want + "\n")
+    return folder
+
+
+def train_autoencoder_stage(
+    ingest_dir: str | Path,
+    out_dir: str | Path,
+    model: ModelSection,
+    *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+    images=None,
+) -> Path:
+    """Train (or resume, or reuse) the AutoencoderKL of a latent model; return its snapshot.
+
+    Trained on the train split only; writes ``recon.json`` (PSNR/SSIM of encode -> decode on
+    the validation split, which it never trained on). ``out_dir`` is cleared when the
+    autoencoder settings or the data changed (its own ``.inputs`` hash).
+    """
+    from medsynth.diffusion.autoencoder import AutoencoderConfig
+    from medsynth.training.autoencoder import reconstruction_metrics, train_autoencoder
+
+    ae = model.autoencoder
+    inputs = {
+        "ingest": ingest_fingerprint(ingest_dir),
+        "train_fraction": train_fraction,
+        "fraction_seed": fraction_seed,
+        "autoencoder": ae.model_dump(mode="json"),
+    }
+    out = _folder_for(Path(out_dir), inputs)
+    if images is None:
+        images = load_split(ingest_dir, "train", train_fraction, fraction_seed).images
+    snap = train_autoencoder(
+        images,
+        out,
+        config=AutoencoderConfig(
+            channels=list(ae.channels),
+            latent_channels=ae.latent_channels,
+            num_res_blocks=ae.num_res_blocks,
+            norm_num_groups=ae.norm_num_groups,
+            attention=ae.attention,
+        ),
+        max_steps=ae.max_steps,
+        batch_size=ae.batch_size,
+        lr=ae.lr,
+        warmup_steps=ae.warmup_steps,
+        ssim_weight=ae.ssim_weight,
+        kl_weight=ae.kl_weight,
+        checkpoint_every_steps=ae.checkpoint_every_steps,
+        seed=ae.seed,
+        device=device,
+        resume=resume,
+        progress=progress,
+    )
+    recon = out / "recon.json"
+    if not recon.exists() or json_step(recon) != snap.name:
+        import json
+
+        val = load_split(ingest_dir, "val").images
+        metrics = reconstruction_metrics(snap, val) if len(val) else {"images": 0}
+        metrics |= {"split": "val", "snapshot": snap.name}
+        recon.write_text(json.dumps(metrics, indent=2))
+    return snap
+
+
+def json_step(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("snapshot")
+    except (OSError, ValueError):
+        return None
 
 
 def schedule_config(schedule: ScheduleSection) -> ScheduleConfig:
@@ -68,12 +158,30 @@ def train_from_sections(
             "images": len(data.images),
         }
     ]
+    images, latent = data.images, None
+    if model.kind == "monai_ldm":
+        from medsynth.training.latent import encode_training_set
+
+        ae_snap = train_autoencoder_stage(
+            ingest_dir,
+            Path(out_dir).parent / "autoencoder",
+            model,
+            train_fraction=train_fraction,
+            fraction_seed=fraction_seed,
+            device=training.device,
+            resume=resume,
+            progress=progress,
+            images=data.images,
+        )
+        images, _ = encode_training_set(ae_snap, data.images)
+        latent = {"autoencoder_dir": str(ae_snap)}
     return train(
-        data.images,
+        images,
         data.labels,
         data.classes,
         out_dir,
-        unet=unet_config(model, len(data.classes), int(data.images.shape[1])),
+        latent=latent,
+        unet=unet_config(model, len(data.classes), int(images.shape[1])),
         schedule=schedule_config(schedule),
         resume=resume,
         progress=progress,
