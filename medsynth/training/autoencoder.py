@@ -142,7 +142,7 @@ def train_autoencoder(
         torch.nn.utils.clip_grad_norm_(ae.parameters(), grad_clip_norm)
         opt.step()
         sched.step()
-        parts.append(dict(part, loss=float(loss)))
+        parts.append(dict(part, loss=loss.item()))
         bar.update(1)
         if step % log_every_steps == 0 or step == max_steps:
             now = time.perf_counter()
