@@ -182,3 +182,44 @@ def test_pixel_protocols_keep_their_hash():
     c = parse_protocol("dataset: {kind: phantoms}\n", ["model.kind=monai_ldm"])
     assert a.sha256() == b.sha256() != c.sha256()
     assert "autoencoder" not in a.dump()["model"] and "upscaler" not in a.dump()
+
+
+def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
+    """monai_ldm + upscaler chain through the runner (ingest, train, generate) on phantoms."""
+    from medsynth.experiment.runner import run_protocol
+    from medsynth.protocol import load_protocol
+    from tests.conftest import REPO
+
+    proto = load_protocol(
+        REPO / "protocols" / "smoke.yaml",
+        [
+            "model.kind=monai_ldm",
+            "model.autoencoder={channels: [8, 16], latent_channels: 2, max_steps: 4, "
+            "batch_size: 4, checkpoint_every_steps: 2}",
+            "model.attention_levels=[false, false]",
+            "training.max_steps=2",
+            "generation.per_class=2",
+            "upscaler={factor: 2, channels: [8, 16], patch_px: 8, tile_px: 16, overlap_px: 4, "
+            "max_steps: 2, batch_size: 4, steps: 2, chain: true}",
+        ],
+    )
+    log = []
+    run_protocol(
+        proto,
+        stages=["ingest", "train", "generate"],
+        run_dir=tmp_path,
+        log=log.append,
+        progress=False,
+    )
+    recon = json.loads((tmp_path / "autoencoder" / "recon.json").read_text())
+    assert recon["split"] == "val" and recon["images"] > 0 and "psnr_db_mean" in recon
+    snap = sorted((tmp_path / "train").glob("snapshot-*"))[-1]
+    assert (snap / "autoencoder.safetensors").exists()
+    low = pydicom.dcmread(tmp_path / "generate" / "main" / "dicom" / "normal" / "000000.dcm")
+    high = pydicom.dcmread(tmp_path / "generate" / "main_x2" / "dicom" / "normal" / "000000.dcm")
+    assert (low.Rows, high.Rows) == (16, 32)
+    assert low.SOPInstanceUID != high.SOPInstanceUID
+    assert "upscaled x2" in high.DerivationDescription
+    manifest = (tmp_path / "generate" / "main_x2" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 4
+    assert any("upsampler" in line for line in log)

@@ -19,7 +19,11 @@ def generate_from_protocol(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict:
-    """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot."""
+    """Generate ``generation.pool`` into ``RUN/generate/<pool>`` from the newest snapshot.
+
+    With ``upscaler.chain`` the finished pool is also upscaled into
+    ``RUN/generate/<pool>_x<factor>`` (result under ``"upscaled"``).
+    """
     run = Path(run_dir)
     snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
     summary = json.loads((run / "ingest" / "summary.json").read_text())
@@ -36,7 +40,7 @@ def generate_from_protocol(
         counts=g.counts,
         ratio=g.ratio,
     )
-    return generate_pool(
+    res = generate_pool(
         snap,
         run / "generate" / g.pool,
         plan,
@@ -54,3 +58,19 @@ def generate_from_protocol(
         protocol_sha256=proto.sha256(),
         progress=progress,
     )
+    up = proto.upscaler
+    if up is not None and up.chain and res["pool_complete"]:
+        from medsynth.generation.upscale import upscale_pool
+
+        res["upscaled"] = upscale_pool(
+            run / "generate" / g.pool,
+            latest_snapshot(run / "upscaler"),
+            run / "generate" / f"{g.pool}_x{up.factor}",
+            tile_px=up.tile_px,
+            overlap_px=up.overlap_px,
+            sampler=up.sampler,
+            steps=up.steps,
+            device=g.device,
+            progress=progress,
+        )
+    return res

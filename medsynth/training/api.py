@@ -188,3 +188,58 @@ def train_from_sections(
         datasets=datasets,
         **training.model_dump(),
     )
+
+
+def train_upscaler_stage(
+    ingest_dir: str | Path,
+    out_dir: str | Path,
+    upscaler,
+    schedule: ScheduleSection,
+    *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume, or reuse) the x``factor`` upsampler on the train split's images.
+
+    ``upscaler``: the protocol's :class:`~medsynth.protocol.UpscalerSection`. Pairs are made
+    from the training images at the ingest size (area-downsampled as the condition), so
+    validation and test images never reach it. ``out_dir`` has its own ``.inputs`` hash.
+    """
+    from medsynth.diffusion.upsampler import UpsamplerConfig
+    from medsynth.training.upscaler import train_upsampler
+
+    up = upscaler
+    inputs = {
+        "ingest": ingest_fingerprint(ingest_dir),
+        "train_fraction": train_fraction,
+        "fraction_seed": fraction_seed,
+        "upscaler": up.model_dump(mode="json"),
+        "schedule": schedule.model_dump(mode="json"),
+    }
+    out = _folder_for(Path(out_dir), inputs)
+    images = load_split(ingest_dir, "train", train_fraction, fraction_seed).images
+    return train_upsampler(
+        images,
+        out,
+        config=UpsamplerConfig(
+            factor=up.factor,
+            channels=list(up.channels),
+            num_res_blocks=up.num_res_blocks,
+            norm_num_groups=up.norm_num_groups,
+        ),
+        schedule=schedule_config(schedule),
+        patch_px=up.patch_px,
+        max_steps=up.max_steps,
+        batch_size=up.batch_size,
+        lr=up.lr,
+        warmup_steps=up.warmup_steps,
+        ema_halflife_steps=up.ema_halflife_steps,
+        checkpoint_every_steps=up.checkpoint_every_steps,
+        seed=up.seed,
+        device=device,
+        resume=resume,
+        progress=progress,
+    )
