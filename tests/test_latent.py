@@ -223,3 +223,12 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
     manifest = (tmp_path / "generate" / "main_x2" / "manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + 4
     assert any("upsampler" in line for line in log)
+    compare = json.loads((tmp_path / "upscaler" / "compare.json").read_text())
+    assert compare["images"] > 0 and compare["high_px"] == 16 and compare["low_px"] == 8
+    for name in ("bicubic", "upsampler"):
+        assert set(compare[name]) == {"psnr_db", "ssim", "fd_clf"}
+    assert any("vs bicubic" in line for line in log)
+    from medsynth.experiment.report import write_report
+
+    page = write_report(tmp_path, proto).read_text()
+    assert "Latent autoencoder" in page and "Diffusion upsampler" in page

@@ -241,6 +241,9 @@ def run_protocol(
                     progress=progress,
                 )
                 log(f"  upsampler {up.relative_to(run)}")
+                from medsynth.experiment.upscale_eval import compare_line, compare_upscaler
+
+                log("  " + compare_line(compare_upscaler(run, protocol)))
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
 
