@@ -232,3 +232,18 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
 
     page = write_report(tmp_path, proto).read_text()
     assert "Latent autoencoder" in page and "Diffusion upsampler" in page
+
+    # The stand-alone command upscales the same pool into the same bytes (seed from the row).
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    pool, other = tmp_path / "generate" / "main", tmp_path / "again"
+    args = ["upscale", str(pool), "--snapshot", str(tmp_path), "--out", str(other)]
+    res = CliRunner().invoke(app, [*args, "--tile-px", "16", "--overlap-px", "4", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert "upscaled 4" in res.output
+    a = (tmp_path / "generate" / "main_x2" / "dicom" / "normal" / "000000.dcm").read_bytes()
+    assert (other / "dicom" / "normal" / "000000.dcm").read_bytes() == a
+    bad = CliRunner().invoke(app, [*args, "--tile-px", "16", "--overlap-px", "12"])
+    assert bad.exit_code == 2 and "at most half" in bad.output
