@@ -474,6 +474,9 @@ class UpscalerSection(_Section):
     chain: bool = Field(
         False, description="generation also writes the pool upscaled (pool name + '_x<factor>')"
     )
+    compare_images: int = Field(
+        32, ge=0, description="test images for the comparison with bicubic (0 = skip it)"
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> UpscalerSection:
@@ -514,6 +517,11 @@ class Protocol(_Section):
     def _latent_sizes(self) -> Protocol:
         if self.model.kind != ModelKind.monai_ldm.value:
             return self
+        if self.training.init_from:
+            raise ValueError(
+                "model.kind 'monai_ldm' cannot adapt a base yet (training.init_from): a base "
+                "and its adaptation would need the same autoencoder; train from scratch"
+            )
         size, f = self.dataset.spatial_size, self.model.autoencoder.downsample
         if size % f:
             raise ValueError(

@@ -167,6 +167,7 @@ def test_latent_sampling_is_deterministic_per_seed(latent_snapshot, tmp_path):
             "latent side 8",
         ),
         (["model.kind=latent"], "monai_ldm"),
+        (["model.kind=monai_ldm", "training.init_from=/tmp/x"], "cannot adapt a base"),
         (["model.autoencoder.channels=[12,16]"], "divisible by norm_num_groups"),
     ],
 )

@@ -243,7 +243,9 @@ def run_protocol(
                 log(f"  upsampler {up.relative_to(run)}")
                 from medsynth.experiment.upscale_eval import compare_line, compare_upscaler
 
-                log("  " + compare_line(compare_upscaler(run, protocol)))
+                if protocol.upscaler.compare_images:
+                    n = protocol.upscaler.compare_images
+                    log("  " + compare_line(compare_upscaler(run, protocol, max_images=n)))
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
 
