@@ -91,7 +91,7 @@ def train_autoencoder_stage(
         progress=progress,
     )
     recon = out / "recon.json"
-    if not recon.exists() or json_step(recon) != snap.name:
+    if not recon.exists() or _recorded_snapshot(recon) != snap.name:
         import json
 
         val = load_split(ingest_dir, "val").images
@@ -101,7 +101,7 @@ def train_autoencoder_stage(
     return snap
 
 
-def json_step(path: Path) -> str | None:
+def _recorded_snapshot(path: Path) -> str | None:
     import json
 
     try:
