@@ -183,14 +183,21 @@ def main() -> None:
 
     print(f"cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}")
     t0 = time.perf_counter()
-    rows = [_child("step_autoencoder", {"size": 64, "steps": args.ae_steps, "out": args.out})]
-    for size in (64, 256) + ((1024,) if args.full else ()):
-        rows.append(_child("step_latent_sample", {"size": size, "n": 1}))
-    rows.append(_child("step_upscale", {"size": 256, "tile": 64, "overlap": 16, "steps": 2}))
+    steps = [("step_autoencoder", {"size": 64, "steps": args.ae_steps, "out": args.out})]
+    steps += [
+        ("step_latent_sample", {"size": size, "n": 1})
+        for size in (64, 256) + ((1024,) if args.full else ())
+    ]
+    steps.append(("step_upscale", {"size": 256, "tile": 64, "overlap": 16, "steps": 2}))
     if args.full:
-        rows.append(_child("step_upscale", {"size": 1024, "tile": 128, "overlap": 32, "steps": 10}))
-    for r in rows:
+        steps.append(("step_upscale", {"size": 1024, "tile": 128, "overlap": 32, "steps": 10}))
+    rows = []
+    for fn, kwargs in steps:
+        # Printed as each step ends: on a shared machine a long run may not reach the end.
+        rows.append(_child(fn, kwargs))
+        r = rows[-1]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
+        sys.stdout.flush()
     up = next(r for r in rows if r["what"].startswith("tiled"))
     for size, tile, overlap in ((1024, 64, 16), (2560, 64, 16)):
         from medsynth.diffusion.upsampler import tile_starts
