@@ -191,7 +191,7 @@ def train(
         _fail("give a protocol file or --ingest INGEST_DIR")
 
     def work():
-        return train_from_sections(
+        snap = train_from_sections(
             ingest_dir,
             run / "train",
             proto.model,
@@ -201,6 +201,21 @@ def train(
             train_fraction=proto.dataset.train_fraction,
             fraction_seed=proto.dataset.fraction_seed,
         )
+        if proto.upscaler is not None and main_rank:
+            from medsynth.training.api import train_upscaler_stage
+
+            up = train_upscaler_stage(
+                ingest_dir,
+                run / "upscaler",
+                proto.upscaler,
+                proto.schedule,
+                train_fraction=proto.dataset.train_fraction,
+                fraction_seed=proto.dataset.fraction_seed,
+                device=proto.training.device,
+                resume=resume,
+            )
+            typer.echo(f"upsampler snapshot: {up}")
+        return snap
 
     try:
         if record:
@@ -397,6 +412,61 @@ def report(
     except Exception as exc:  # noqa: BLE001 - known user errors become one paragraph
         _fail(_explain(exc))
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def upscale(
+    pool_dir: Annotated[Path, typer.Argument(help="Generated pool folder (with manifest.csv)")],
+    snapshot: Annotated[
+        Path, typer.Option(help="Upsampler snapshot, or a run folder (newest in RUN/upscaler)")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output pool folder (default: <pool>_x<factor> beside it)")
+    ] = None,
+    tile_px: Annotated[int, typer.Option(min=8, help="Tile side at the high resolution")] = 64,
+    overlap_px: Annotated[int, typer.Option(min=0, help="Blended overlap of tiles")] = 16,
+    sampler: Annotated[str, typer.Option(help="ddim | dpmpp | ddpm")] = "dpmpp",
+    steps: Annotated[int, typer.Option(min=1, help="Sampler steps per tile")] = 10,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Upscale a generated pool x4 with the in-run diffusion upsampler (tiled, resumable)."""
+    import json
+
+    from medsynth.generation.upscale import upscale_pool
+    from medsynth.runtime import apply_threads
+    from medsynth.training.checkpoint import latest_snapshot
+
+    apply_threads(threads)
+    if overlap_px * 2 > tile_px:
+        _fail(f"--overlap-px {overlap_px} must be at most half of --tile-px {tile_px}")
+    if sampler not in ("ddim", "dpmpp", "ddpm"):
+        _fail(f"unknown --sampler {sampler!r}; valid choices: ddim, dpmpp, ddpm")
+    try:
+        snap = snapshot
+        if (snapshot / "upscaler").is_dir():
+            snap = latest_snapshot(snapshot / "upscaler")
+        elif not (snapshot / "config.json").exists():
+            snap = latest_snapshot(snapshot)
+        factor = json.loads((snap / "config.json").read_text()).get("upsampler", {}).get("factor")
+        res = upscale_pool(
+            pool_dir,
+            snap,
+            out or pool_dir.parent / f"{pool_dir.name}_x{factor}",
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            sampler=sampler,
+            steps=steps,
+            device=device,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    per = res["seconds_per_image"]
+    typer.echo(
+        f"pool {res['pool']}: upscaled {res['upscaled']}"
+        + (f" ({per:.2f} s/img)" if per else "")
+        + f", {res['already_present']} already present, {res['pool_missing']} missing"
+    )
 
 
 @app.command("run")

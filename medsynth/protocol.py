@@ -157,13 +157,55 @@ class DatasetSection(_Section):
 # --- model / schedule / training / generation / evaluation ------------------------------------
 
 
+class ModelKind(str, Enum):
+    monai_unet = "monai_unet"  # the UNet denoises pixels at dataset.spatial_size
+    monai_ldm = "monai_ldm"  # an AutoencoderKL trained in-run first; the UNet denoises latents
+
+
+class AutoencoderSection(_Section):
+    """The in-run AutoencoderKL of ``model.kind: monai_ldm`` (architecture and its training)."""
+
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 64],
+        min_length=2,
+        description="one level each; the image shrinks 2 ** (levels - 1) into the latent",
+    )
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    attention: bool = Field(False, description="bottleneck self-attention (memory ~ (H*W)^2)")
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    ssim_weight: float = Field(0.5, ge=0, description="weight of 1 - SSIM next to L1")
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term")
+    checkpoint_every_steps: int = Field(250, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _groups(self) -> AutoencoderSection:
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError(
+                "every model.autoencoder.channels entry must be divisible by norm_num_groups"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
 class ModelSection(_Section):
-    kind: Literal["monai_unet"] = "monai_unet"
+    kind: ModelKind = ModelKind.monai_unet
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
     norm_num_groups: int = Field(8, ge=1)
+    autoencoder: AutoencoderSection = Field(
+        default_factory=AutoencoderSection, description="only for kind monai_ldm"
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> ModelSection:
@@ -507,6 +549,56 @@ class SweepSection(_Section):
         return self
 
 
+class UpscalerSection(_Section):
+    """An SR3-style x``factor`` diffusion upsampler trained in-run from downsampled train images.
+
+    The low-resolution image is upsampled (bicubic) and concatenated to the noisy input; the
+    network learns on random ``patch_px`` crops, and sampling runs tile by tile
+    (``tile_px`` with ``overlap_px`` blended), so memory is bounded by the tile, not the image.
+    """
+
+    factor: int = Field(4, ge=2, le=8, description="upscaling factor per side")
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    patch_px: int = Field(64, ge=8, description="training crop side at the high resolution")
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    ema_halflife_steps: float = Field(100.0, gt=0)
+    checkpoint_every_steps: int = Field(250, ge=1)
+    seed: int = 0
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "dpmpp"
+    steps: int = Field(10, ge=1)
+    tile_px: int = Field(64, ge=8, description="sampling tile side at the high resolution")
+    overlap_px: int = Field(16, ge=0, description="overlap of neighbouring tiles (blended)")
+    chain: bool = Field(
+        False, description="generation also writes the pool upscaled (pool name + '_x<factor>')"
+    )
+    compare_images: int = Field(
+        32, ge=0, description="test images for the comparison with bicubic (0 = skip it)"
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> UpscalerSection:
+        f = 2 ** (len(self.channels) - 1)
+        for name in ("patch_px", "tile_px"):
+            if getattr(self, name) % f:
+                raise ValueError(
+                    f"upscaler.{name} {getattr(self, name)} must be divisible by "
+                    f"{f} (2 ** (len(channels) - 1))"
+                )
+        if self.overlap_px * 2 > self.tile_px:
+            raise ValueError(
+                f"upscaler.overlap_px {self.overlap_px} must be at most half of tile_px "
+                f"{self.tile_px}"
+            )
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError("every upscaler.channels entry must be divisible by norm_num_groups")
+        return self
+
+
 class Protocol(_Section):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -520,6 +612,9 @@ class Protocol(_Section):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
     distill: DistillSection | None = Field(None, description="`medsynth distill` settings")
+    upscaler: UpscalerSection | None = Field(
+        None, description="train a diffusion upsampler in-run (medsynth upscale, chain)"
+    )
 
     @model_validator(mode="after")
     def _min_snr_needs_ddpm(self) -> Protocol:
@@ -530,16 +625,34 @@ class Protocol(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _latent_sizes(self) -> Protocol:
+        if self.model.kind != ModelKind.monai_ldm.value:
+            return self
+        if self.training.init_from:
+            raise ValueError(
+                "model.kind 'monai_ldm' cannot adapt a base yet (training.init_from): a base "
+                "and its adaptation would need the same autoencoder; train from scratch"
+            )
+        size, f = self.dataset.spatial_size, self.model.autoencoder.downsample
+        if size % f:
+            raise ValueError(
+                f"model.kind 'monai_ldm': dataset.spatial_size {size} must be divisible by the "
+                f"autoencoder's downsampling {f} (2 ** (len(model.autoencoder.channels) - 1))"
+            )
+        g = 2 ** (len(self.model.channels) - 1)
+        if (size // f) % g:
+            raise ValueError(
+                f"model.kind 'monai_ldm': the latent side {size // f} (spatial_size {size} / {f}) "
+                f"must be divisible by the UNet's downsampling {g} (2 ** (len(model.channels) - 1))"
+            )
+        return self
+
     def dump(self) -> dict:
-        """Plain data; an absent sweep or distill section (and an empty
-        ``dataset.split_stratify``) is left out so protocols without one keep their hash."""
-        data = self.model_dump(mode="json")
-        for key in ("sweep", "distill"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        if not data["dataset"].get("split_stratify"):
-            data["dataset"].pop("split_stratify", None)  # added later: keep older hashes
-        return data
+        """Plain data; an absent sweep, upscaler or distill section, an empty
+        ``dataset.split_stratify`` and the autoencoder settings of a pixel model are left out so
+        protocols without them keep their hash."""
+        return _plain(self.model_dump(mode="json"))
 
     def identity(self) -> dict:
         """:meth:`dump` less ``runtime`` and the ``PERFORMANCE_ONLY`` knobs."""
@@ -560,6 +673,18 @@ class Protocol(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.dump(), sort_keys=False)
+
+
+def _plain(data: dict) -> dict:
+    """A protocol's dump less the sections it does not use (see :meth:`Protocol.dump`)."""
+    for key in ("sweep", "upscaler", "distill"):
+        if data.get(key) is None:
+            data.pop(key, None)
+    if data["model"]["kind"] != ModelKind.monai_ldm.value:
+        data["model"].pop("autoencoder", None)
+    if not data["dataset"].get("split_stratify"):
+        data["dataset"].pop("split_stratify", None)  # added later: keep older hashes
+    return data
 
 
 def canonical_json(obj: Any) -> str:

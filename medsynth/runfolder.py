@@ -36,7 +36,7 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     reruns the adaptation (None leaves every hash as it was without adaptation).
     """
     # Knobs added later, at their old-behaviour value, leave every hash as it was.
-    p = drop_later_defaults(protocol.model_dump(mode="json"))
+    p = drop_later_defaults(protocol.dump())
     ds = p["dataset"]
     out: dict[str, str] = {}
     skip = ("train_fraction", "fraction_seed", "workers")
@@ -53,6 +53,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
             p["training"],
         ]
         + ([base_sha256] if base_sha256 else [])
+        # An upsampler is trained in the train stage too; absent, hashes stay as they were.
+        + ([p["upscaler"]] if p.get("upscaler") else [])
     )
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}

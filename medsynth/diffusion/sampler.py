@@ -62,6 +62,7 @@ class _Denoiser:
         cfg: ScheduleConfig | None = None,
         rescale: float = 0.0,
         interval: tuple[float, float] = (0.0, 1.0),
+        cond: torch.Tensor | None = None,
     ):
         self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
         self.null = torch.full_like(labels, null_label)
@@ -70,9 +71,13 @@ class _Denoiser:
         self._acp = None
         if self.rescale and self.cfg.kind != "rflow":
             self._acp = training_scheduler(self.cfg).alphas_cumprod.to(torch.float64)
+        self.cond = cond  # (B, Cc, H, W) concatenated to the input channels (SR3), or None
 
     def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
         outs, n = [], self.net_batch
+        if self.cond is not None:
+            cond = self.cond if x.shape[0] == self.cond.shape[0] else torch.cat([self.cond] * 2)
+            x = torch.cat([x, cond], dim=1)
         for i in range(0, x.shape[0], n):
             xc, yc = x[i : i + n], labels[i : i + n]
             pad = n - xc.shape[0]
@@ -245,6 +250,9 @@ def sample(
     net_batch: int = 16,
     distilled: dict | None = None,
     progress=None,
+    clip: bool = True,
+    cond: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per (label, seed): ``(B, C, H, W)`` float32 clamped to [-1, 1].
 
@@ -257,6 +265,12 @@ def sample(
     (``[0, 1]`` = every step); other steps take one conditional pass.
     ``distilled``: the student's :class:`ConsistencyConfig` as a dict (its snapshot's
     ``distill``); only with sampler ``distilled``, whose guidance is the distilled-in scale.
+    ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
+    ``cond``: ``(B, Cc, H, W)`` concatenated to the noisy input at every call (SR3-style
+    conditioning; the network takes ``C + Cc`` channels and predicts ``C``).
+    ``x_init``: ``(B, C, H, W)`` starting noise instead of the seeds' first draw (tiled
+    upscaling crops it from one full-size draw, so overlapping tiles start alike); later
+    stochastic draws still come from ``seeds``.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
@@ -293,7 +307,9 @@ def sample(
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = StackedNoise(seeds)
-    x = noise.randn(image_shape, device)
+    x = noise.randn(image_shape, device) if x_init is None else x_init.to(device).float()
+    if cond is not None:
+        cond = cond.to(device).float()
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -308,6 +324,7 @@ def sample(
         cfg=cfg,
         rescale=float(guidance_rescale),
         interval=(lo, hi),
+        cond=cond,
     )
     # Switching modes walks every submodule (~30 % of a 1-step single-sample request on a CPU):
     # only a model in training mode is switched, and switched back.
@@ -319,4 +336,4 @@ def sample(
     finally:
         if was_training:
             model.train()
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x

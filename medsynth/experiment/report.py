@@ -95,7 +95,6 @@ def _small_class_card(run: Path, protocol, classes: list[str]) -> str:
 
 def write_report(run: Path, protocol) -> Path:
     """Render the report of a run folder; returns the path of ``index.html``."""
-    from medsynth.data.datasets import load_split
     from medsynth.generation.dataset import load_pool, read_manifest
 
     out = run / "report"
@@ -149,10 +148,8 @@ def write_report(run: Path, protocol) -> Path:
     pool_dir = run / "generate" / pool_name
     if (pool_dir / "manifest.csv").exists():
         manifest = read_manifest(pool_dir)
-        real = load_split(
-            run / "ingest", "train", protocol.dataset.train_fraction, protocol.dataset.fraction_seed
-        )
         per = 8
+        real = _real_examples(run, protocol, classes, per)
         rows_syn = [r for c in classes for r in [m for m in manifest if m["class_name"] == c][:per]]
         pool = load_pool(
             pool_dir, classes, real.images.shape[-1], rows=rows_syn, channels=real.images.shape[1]
@@ -191,6 +188,7 @@ def write_report(run: Path, protocol) -> Path:
             f"{_guidance(protocol.generation)}. Left: real training images; right: synthetic.</p>",
             _png(fig, out / "samples.png"),
         ]
+    parts += _latent_sections(run)
     parts += _evaluation_sections(run, out, classes)
     parts += _cards(run, protocol, ingest)
     parts += [
@@ -423,6 +421,51 @@ def _leak_box(ingest: dict) -> str:
     leaks = sum(d["heldout_with_train_duplicate"].values())
     cls = "card warn" if leaks else "muted"
     return f"<div class='{cls}'>{'<b>Split leak.</b> ' if leaks else ''}{html.escape(leak_line(d))}.</div>"
+
+
+def _real_examples(run: Path, protocol, classes: list[str], per: int):
+    """``per`` training images of each class, read alone from the memory-mapped cache.
+
+    At 1024 px a whole split is gigabytes: only the rows shown are decoded.
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from medsynth.data.datasets import split_rows
+
+    rows = split_rows(
+        run / "ingest", "train", protocol.dataset.train_fraction, protocol.dataset.fraction_seed
+    )
+    picked = [r for c in classes for r in [r for r in rows if r["label"] == c][:per]]
+    cache = np.load(run / "ingest" / "images.npy", mmap_mode="r")
+    idx = np.array([int(r["row"]) for r in picked], dtype=np.int64)
+    images = torch.from_numpy(np.asarray(cache[idx], dtype=np.float32))
+    labels = torch.tensor([classes.index(r["label"]) for r in picked], dtype=torch.long)
+    return SimpleNamespace(images=images, labels=labels)
+
+
+def _latent_sections(run: Path) -> list[str]:
+    """Autoencoder reconstruction and upsampler-vs-bicubic figures, when the run has them."""
+    parts = []
+    recon = run / "autoencoder" / "recon.json"
+    if recon.exists():
+        r = json.loads(recon.read_text())
+        line = (
+            f"Reconstruction (encode -> decode) on {r['images']} validation images: PSNR "
+            f"{r['psnr_db_mean']:.2f} dB (worst {r['psnr_db_min']:.2f}), SSIM "
+            f"{r['ssim_mean']:.3f} (worst {r['ssim_min']:.3f}); snapshot {r['snapshot']}."
+            if r.get("images")
+            else "Reconstruction: no validation images to measure on."
+        )
+        parts += ["<h2>Latent autoencoder</h2>", f"<p>{html.escape(line)}</p>"]
+    compare = run / "upscaler" / "compare.json"
+    if compare.exists():
+        from medsynth.experiment.upscale_eval import compare_line
+
+        line = compare_line(json.loads(compare.read_text()))
+        parts += ["<h2>Diffusion upsampler</h2>", f"<p>{html.escape(line)}</p>"]
+    return parts
 
 
 def _pairs_png(run: Path, out: Path, name: str, m: dict) -> str:

@@ -227,6 +227,25 @@ def run_protocol(
                 progress=progress,
             )
             log(f"  snapshot {snap.relative_to(run)}")
+            if protocol.upscaler is not None:
+                from medsynth.training.api import train_upscaler_stage
+
+                up = train_upscaler_stage(
+                    run / "ingest",
+                    run / "upscaler",
+                    protocol.upscaler,
+                    protocol.schedule,
+                    train_fraction=ds.train_fraction,
+                    fraction_seed=ds.fraction_seed,
+                    device=protocol.training.device,
+                    progress=progress,
+                )
+                log(f"  upsampler {up.relative_to(run)}")
+                from medsynth.experiment.upscale_eval import compare_line, compare_upscaler
+
+                if protocol.upscaler.compare_images:
+                    n = protocol.upscaler.compare_images
+                    log("  " + compare_line(compare_upscaler(run, protocol, max_images=n)))
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
 
@@ -237,6 +256,9 @@ def run_protocol(
                     f"pool {protocol.generation.pool} is incomplete ({res['pool_missing']} missing)"
                 )
             log(f"  pool {protocol.generation.pool}: {res['pool_images']} images")
+            if "upscaled" in res:
+                up = res["upscaled"]
+                log(f"  pool {up['pool']}: {up['pool_images']} images upscaled")
         elif p.stage == "evaluate":
             from medsynth.evaluation.study import run_study
 

@@ -23,6 +23,8 @@ def generate_from_protocol(
 
     Sampler ``distilled`` samples from the newest student in ``RUN/distill`` (see
     ``medsynth distill``); every other sampler from the newest snapshot in ``RUN/train``.
+    With ``upscaler.chain`` the finished pool is also upscaled into
+    ``RUN/generate/<pool>_x<factor>`` (result under ``"upscaled"``).
     """
     run = Path(run_dir)
     stage = "distill" if proto.generation.sampler == "distilled" else "train"
@@ -41,7 +43,7 @@ def generate_from_protocol(
         counts=g.counts,
         ratio=g.ratio,
     )
-    return generate_pool(
+    res = generate_pool(
         snap,
         run / "generate" / g.pool,
         plan,
@@ -61,3 +63,19 @@ def generate_from_protocol(
         protocol_sha256=proto.sha256(),
         progress=progress,
     )
+    up = proto.upscaler
+    if up is not None and up.chain and res["pool_complete"]:
+        from medsynth.generation.upscale import upscale_pool
+
+        res["upscaled"] = upscale_pool(
+            run / "generate" / g.pool,
+            latest_snapshot(run / "upscaler"),
+            run / "generate" / f"{g.pool}_x{up.factor}",
+            tile_px=up.tile_px,
+            overlap_px=up.overlap_px,
+            sampler=up.sampler,
+            steps=up.steps,
+            device=g.device,
+            progress=progress,
+        )
+    return res

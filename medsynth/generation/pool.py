@@ -26,6 +26,7 @@ from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.sampler import sample
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
+from medsynth.training.latent import snapshot_decoder
 from medsynth.training.loop import pick_device
 from medsynth.utils.csvsafe import neutralise_row, restore_row
 
@@ -187,6 +188,8 @@ def generate_pool(
     (out / "parts").mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     model, sched_cfg, cfg = load_snapshot(snapshot_dir, dev)
+    # A latent model samples latents and decodes them to the full-resolution image.
+    decoder = snapshot_decoder(snapshot_dir, cfg, dev)
     classes = cfg["classes"]
     unknown = sorted(set(plan) - set(classes))
     if unknown:
@@ -248,28 +251,28 @@ def generate_pool(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         seeds = [sample_seed(pool, it.class_index, it.index) for it in batch]
-        images = (
-            sample(
-                model,
-                sched_cfg,
-                [it.class_index for it in batch],
-                seeds,
-                image_shape=tuple(cfg["image_shape"]),
-                null_label=len(classes),
-                sampler=sampler,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                ddim_eta=ddim_eta,
-                guidance_rescale=guidance_rescale,
-                guidance_interval=interval,
-                device=dev,
-                bf16=precision == "bf16",
-                net_batch=net_batch,
-                distilled=cfg.get("distill") if sampler == "distilled" else None,
-            )
-            .cpu()
-            .numpy()
+        images = sample(
+            model,
+            sched_cfg,
+            [it.class_index for it in batch],
+            seeds,
+            image_shape=tuple(cfg["image_shape"]),
+            null_label=len(classes),
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            ddim_eta=ddim_eta,
+            guidance_rescale=guidance_rescale,
+            guidance_interval=interval,
+            device=dev,
+            bf16=precision == "bf16",
+            net_batch=net_batch,
+            distilled=cfg.get("distill") if sampler == "distilled" else None,
+            clip=decoder is None,
         )
+        if decoder is not None:
+            images = decoder(images)
+        images = images.cpu().numpy()
         tw = time.perf_counter()
         for it, seed, img in zip(batch, seeds, images, strict=True):
             name = classes[it.class_index]

@@ -16,8 +16,98 @@ from medsynth.training.provenance import check_no_leak, ingest_fingerprint
 
 def unet_config(model: ModelSection, num_classes: int, in_channels: int) -> UNetConfig:
     return UNetConfig(
-        num_classes=num_classes, in_channels=in_channels, **model.model_dump(exclude={"kind"})
+        num_classes=num_classes,
+        in_channels=in_channels,
+        **model.model_dump(exclude={"kind", "autoencoder"}),
     )
+
+
+def _folder_for(folder: Path, inputs: dict) -> Path:
+    """Clear ``folder`` if it was made from other inputs (a stage of its own inside train)."""
+    import hashlib
+    import json
+    import shutil
+
+    want = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    mark = folder / ".inputs"
+    if mark.exists() and mark.read_text().strip() != want:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(want + "\n")
+    return folder
+
+
+def train_autoencoder_stage(
+    ingest_dir: str | Path,
+    out_dir: str | Path,
+    model: ModelSection,
+    *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+    images=None,
+) -> Path:
+    """Train (or resume, or reuse) the AutoencoderKL of a latent model; return its snapshot.
+
+    Trained on the train split only; writes ``recon.json`` (PSNR/SSIM of encode -> decode on
+    the validation split, which it never trained on). ``out_dir`` is cleared when the
+    autoencoder settings or the data changed (its own ``.inputs`` hash).
+    """
+    from medsynth.diffusion.autoencoder import AutoencoderConfig
+    from medsynth.training.autoencoder import reconstruction_metrics, train_autoencoder
+
+    ae = model.autoencoder
+    inputs = {
+        "ingest": ingest_fingerprint(ingest_dir),
+        "train_fraction": train_fraction,
+        "fraction_seed": fraction_seed,
+        "autoencoder": ae.model_dump(mode="json"),
+    }
+    out = _folder_for(Path(out_dir), inputs)
+    if images is None:
+        images = load_split(ingest_dir, "train", train_fraction, fraction_seed).images
+    snap = train_autoencoder(
+        images,
+        out,
+        config=AutoencoderConfig(
+            channels=list(ae.channels),
+            latent_channels=ae.latent_channels,
+            num_res_blocks=ae.num_res_blocks,
+            norm_num_groups=ae.norm_num_groups,
+            attention=ae.attention,
+        ),
+        max_steps=ae.max_steps,
+        batch_size=ae.batch_size,
+        lr=ae.lr,
+        warmup_steps=ae.warmup_steps,
+        ssim_weight=ae.ssim_weight,
+        kl_weight=ae.kl_weight,
+        checkpoint_every_steps=ae.checkpoint_every_steps,
+        seed=ae.seed,
+        device=device,
+        resume=resume,
+        progress=progress,
+    )
+    recon = out / "recon.json"
+    if not recon.exists() or _recorded_snapshot(recon) != snap.name:
+        import json
+
+        val = load_split(ingest_dir, "val").images
+        metrics = reconstruction_metrics(snap, val) if len(val) else {"images": 0}
+        metrics |= {"split": "val", "snapshot": snap.name}
+        recon.write_text(json.dumps(metrics, indent=2))
+    return snap
+
+
+def _recorded_snapshot(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("snapshot")
+    except (OSError, ValueError):
+        return None
 
 
 def schedule_config(schedule: ScheduleSection) -> ScheduleConfig:
@@ -68,15 +158,88 @@ def train_from_sections(
             "images": len(data.images),
         }
     ]
+    images, latent = data.images, None
+    if model.kind == "monai_ldm":
+        from medsynth.training.latent import encode_training_set
+
+        ae_snap = train_autoencoder_stage(
+            ingest_dir,
+            Path(out_dir).parent / "autoencoder",
+            model,
+            train_fraction=train_fraction,
+            fraction_seed=fraction_seed,
+            device=training.device,
+            resume=resume,
+            progress=progress,
+            images=data.images,
+        )
+        images, _ = encode_training_set(ae_snap, data.images)
+        latent = {"autoencoder_dir": str(ae_snap)}
     return train(
-        data.images,
+        images,
         data.labels,
         data.classes,
         out_dir,
-        unet=unet_config(model, len(data.classes), int(data.images.shape[1])),
+        latent=latent,
+        unet=unet_config(model, len(data.classes), int(images.shape[1])),
         schedule=schedule_config(schedule),
         resume=resume,
         progress=progress,
         datasets=datasets,
         **training.model_dump(),
+    )
+
+
+def train_upscaler_stage(
+    ingest_dir: str | Path,
+    out_dir: str | Path,
+    upscaler,
+    schedule: ScheduleSection,
+    *,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume, or reuse) the x``factor`` upsampler on the train split's images.
+
+    ``upscaler``: the protocol's :class:`~medsynth.protocol.UpscalerSection`. Pairs are made
+    from the training images at the ingest size (area-downsampled as the condition), so
+    validation and test images never reach it. ``out_dir`` has its own ``.inputs`` hash.
+    """
+    from medsynth.diffusion.upsampler import UpsamplerConfig
+    from medsynth.training.upscaler import train_upsampler
+
+    up = upscaler
+    inputs = {
+        "ingest": ingest_fingerprint(ingest_dir),
+        "train_fraction": train_fraction,
+        "fraction_seed": fraction_seed,
+        "upscaler": up.model_dump(mode="json"),
+        "schedule": schedule.model_dump(mode="json"),
+    }
+    out = _folder_for(Path(out_dir), inputs)
+    images = load_split(ingest_dir, "train", train_fraction, fraction_seed).images
+    return train_upsampler(
+        images,
+        out,
+        config=UpsamplerConfig(
+            factor=up.factor,
+            channels=list(up.channels),
+            num_res_blocks=up.num_res_blocks,
+            norm_num_groups=up.norm_num_groups,
+        ),
+        schedule=schedule_config(schedule),
+        patch_px=up.patch_px,
+        max_steps=up.max_steps,
+        batch_size=up.batch_size,
+        lr=up.lr,
+        warmup_steps=up.warmup_steps,
+        ema_halflife_steps=up.ema_halflife_steps,
+        checkpoint_every_steps=up.checkpoint_every_steps,
+        seed=up.seed,
+        device=device,
+        resume=resume,
+        progress=progress,
     )

@@ -118,11 +118,13 @@ def save_snapshot(
     *,
     weights_file: str = "ema.safetensors",
     key_filter=None,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write ``snapshot-{step:07d}/`` (config.json + ema.safetensors + marker) atomically.
 
     An adapter snapshot passes ``weights_file="adapter.safetensors"`` and a ``key_filter`` that
-    keeps only the tensors that differ from its base.
+    keeps only the tensors that differ from its base. ``extra_files`` (name -> source path) are
+    copied in too: a latent model carries its autoencoder, so the snapshot alone decodes.
     """
     final = train_dir / f"snapshot-{step:07d}"
     tmp = train_dir / f"snapshot-{step:07d}.tmp"
@@ -135,7 +137,9 @@ def save_snapshot(
     }
     save_file(weights, tmp / weights_file)
     (tmp / "config.json").write_text(json.dumps(dict(config, step=step), indent=2))
-    for f in (weights_file, "config.json"):
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    for f in (weights_file, "config.json", *(extra_files or {})):
         _fsync_file(tmp / f)
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_file(tmp / COMPLETE)
@@ -198,7 +202,12 @@ def snapshot_sha256(snapshot_dir: str | Path) -> str:
     An adapter snapshot's config names its base by hash, so its own hash covers the base too.
     """
     h = hashlib.sha256()
-    for name in ("config.json", "ema.safetensors", "adapter.safetensors"):
+    for name in (
+        "config.json",
+        "ema.safetensors",
+        "adapter.safetensors",
+        "autoencoder.safetensors",
+    ):
         if name == "config.json" or (Path(snapshot_dir) / name).exists():
             h.update((Path(snapshot_dir) / name).read_bytes())
     return h.hexdigest()

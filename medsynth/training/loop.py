@@ -139,10 +139,12 @@ def save_preview(
     image_shape: tuple[int, int, int],
     device,
     per_class: int = 8,
+    decode=None,
 ) -> None:
     """A PNG grid: one row per class, ``per_class`` samples (DPM-Solver++ 20, guidance 2).
 
-    ``image_shape``: ``(C, H, W)``; C = 1 gives a grey PNG, C = 3 an RGB one.
+    ``image_shape``: ``(C, H, W)``; C = 1 gives a grey PNG, C = 3 an RGB one. ``decode``: a
+    latent model's latents ``(B, L, h, w)`` -> images ``(B, C, H, W)`` in [-1, 1].
     """
     from PIL import Image
 
@@ -159,8 +161,11 @@ def save_preview(
         steps=20,
         guidance_scale=2.0,
         device=device,
+        clip=decode is None,
     )
-    c, h, w = image_shape
+    if decode is not None:
+        imgs = decode(imgs)
+    c, h, w = imgs.shape[1:]
     # (K*per, C, H, W) -> (K, H, per, W, C) -> (K*H, per*W, C): rows of classes, channels last.
     grid = imgs.reshape(rows, per_class, c, h, w).permute(0, 3, 1, 4, 2)
     grid = grid.reshape(rows * h, per_class * w, c)
@@ -201,6 +206,7 @@ def train(
     min_snr_gamma: float = 5.0,  # SNR clip of min_snr
     class_balance: str = "none",  # none | balanced | sqrt: class probabilities per batch draw
     datasets: list[dict] | None = None,  # provenance of ``images`` (dataset hashes), recorded
+    latent: dict | None = None,  # a latent model: {autoencoder_dir, scale_factor, ...} (see below)
     resume: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -211,6 +217,11 @@ def train(
     ``preview-*.png`` into ``out_dir``; with ``resume`` it continues from the newest state.
     With ``init_from`` it adapts that base (see :mod:`medsynth.training.adapt`); every snapshot
     records the training images' pixel hashes (and its base's) under ``provenance``.
+
+    A latent model passes latents as ``images`` (already multiplied by ``scale_factor``) and
+    ``latent``: ``autoencoder_dir`` (its snapshot, copied into every snapshot of this model so it
+    decodes alone), ``scale_factor``, ``image_shape`` (decoded ``(C, H, W)``), recorded in
+    ``config.json`` under ``latent``.
     """
     dev = pick_device(device)
     info = init_distributed(dev)
@@ -247,6 +258,15 @@ def train(
         check_compatible(base_cfg, base_dir, image_shape, unet, schedule)
         config.update(base=base_reference(base_dir, out), adapter=adapter)
     config["provenance"] = build_provenance(images, datasets, base_cfg)
+    snapshot_files, decode = None, None
+    if latent is not None:
+        from medsynth.training.latent import latent_decoder, latent_record
+
+        config["latent"] = latent_record(latent)
+        snapshot_files = {
+            "autoencoder.safetensors": Path(latent["autoencoder_dir"]) / "autoencoder.safetensors"
+        }
+        decode = latent_decoder(Path(latent["autoencoder_dir"]), config["latent"])
 
     torch.manual_seed(seed)
     if base_dir is None:
@@ -382,7 +402,15 @@ def train(
             t_last, n_last, losses = now, step, []
         if step % checkpoint_every_steps == 0 or step == max_steps:
             if info.main:
-                save_snapshot(out, step, ema.module, config, keep_states, **snapshot_format(config))
+                save_snapshot(
+                    out,
+                    step,
+                    ema.module,
+                    config,
+                    keep_states,
+                    extra_files=snapshot_files,
+                    **snapshot_format(config),
+                )
                 save_state(out, step, payload(), keep_states)
             if info.world > 1:
                 dist.barrier()
@@ -393,12 +421,24 @@ def train(
             and step != max_steps
         ):
             save_preview(
-                out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
+                out / f"preview-{step:07d}.png",
+                ema.module,
+                schedule,
+                classes,
+                image_shape,
+                dev,
+                decode=decode,
             )
     bar.close()
     if info.main:
         save_preview(
-            out / f"preview-{step:07d}.png", ema.module, schedule, classes, image_shape, dev
+            out / f"preview-{step:07d}.png",
+            ema.module,
+            schedule,
+            classes,
+            image_shape,
+            dev,
+            decode=decode,
         )
     return out / f"snapshot-{step:07d}"
 
