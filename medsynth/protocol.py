@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medsynth.protocol_edit import MASK_PATTERN, EditSection
+
 
 class ProtocolError(ValueError):
     """A protocol that cannot be loaded; the message says where and what is valid."""
@@ -417,12 +419,15 @@ class Protocol(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     sweep: SweepSection | None = Field(None, description="values to sweep (medsynth run expands)")
+    edit: EditSection | None = Field(None, description="editing real images (medsynth edit)")
 
     def dump(self) -> dict:
-        """Plain data; an absent sweep is left out so protocols without one keep their hash."""
+        """Plain data; an absent sweep (or edit) section is left out so protocols without one
+        keep their hash."""
         data = self.model_dump(mode="json")
-        if data.get("sweep") is None:
-            data.pop("sweep", None)
+        for key in ("sweep", "edit"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     def identity(self) -> dict:
@@ -573,4 +578,14 @@ def parse_protocol(
             ds.root = str((base_dir / ds.root).resolve())
         if ds.labels_csv and not Path(ds.labels_csv).expanduser().is_absolute():
             ds.labels_csv = str((Path(ds.root) if ds.root else base_dir) / ds.labels_csv)
+        _resolve_mask_path(proto, base_dir)
     return proto
+
+
+def _resolve_mask_path(proto: Protocol, base_dir: Path) -> None:
+    """A relative ``boxes:``/``png:`` mask path resolves from the protocol file's folder."""
+    if proto.edit is None or not proto.edit.inpaint.mask:
+        return
+    kind, arg = MASK_PATTERN.match(proto.edit.inpaint.mask).groups()
+    if kind != "rect" and not Path(arg).expanduser().is_absolute():
+        proto.edit.inpaint.mask = f"{kind}:{(base_dir / arg).resolve()}"

@@ -6,6 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "medsynth"
 LEVEL = {
     "protocol": 0,
+    "protocol_edit": 0,
     "registry": 0,
     "dicom": 0,
     "utils": 0,
