@@ -263,6 +263,13 @@ class Arm(str, Enum):
     classical_aug = "classical_aug"  # real with shifts, rotations, contrast
     synthetic = "synthetic"  # real + synthetic at each ratio, pool and selector
     synthetic_only = "synthetic_only"  # train on synthetic, test on real
+    variations = "variations"  # real + same-class edits of an edited pool (medsynth edit)
+    counterfactual = "counterfactual"  # real + class-changing edits of an edited pool
+
+
+# The arms a study runs unless it names some; the edit arms need an edited pool, so they are
+# opt-in (and leaving them out keeps the hash of every protocol written before they existed).
+DEFAULT_ARMS = ["real_only", "duplicate_control", "classical_aug", "synthetic", "synthetic_only"]
 
 
 class ClassifierSection(_Section):
@@ -281,7 +288,7 @@ class ClassifierSection(_Section):
 class EvaluationSection(_Section):
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     seeds: int = Field(5, ge=1, description="classifier seeds per arm")
-    arms: list[Arm] = Field(default_factory=lambda: [a for a in Arm])
+    arms: list[Arm] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     ratios: list[float] = Field(
         default_factory=lambda: [0.5, 1.0], description="synthetic per real"
     )

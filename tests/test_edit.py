@@ -167,6 +167,48 @@ def test_inpaint_cli_mask_errors_name_the_file(run, tmp_path):
     assert not (run / "generate/x/manifest.csv").exists()
 
 
+def test_study_arms_variations_and_counterfactual_count_matched(run):
+    from medsynth.evaluation.study import run_study
+
+    proto = parse_protocol(
+        YAML,
+        [
+            "evaluation.seeds=2",
+            "evaluation.classifier.epochs=2",
+            "evaluation.bootstrap=100",
+            "evaluation.ratios=[0.5]",
+            "evaluation.arms=[real_only,duplicate_control,variations,counterfactual]",
+            "evaluation.pools=[var,cf]",
+        ],
+    )
+    res = run_study(
+        run / "ingest", run / "generate", run / "evaluate", proto.evaluation, progress=False
+    )
+    arms = [u["arm"] for u in res["uplift"]]
+    # var (s=0.3, same class) fills both classes: compared with the ratio's duplicate control.
+    # cf (s=0.6, all -> opacity) has counterfactuals of one class only: its own control.
+    assert "variations@0.3:var@0.5" in arms and "counterfactual@0.6:cf@0.5" in arms
+    runs = list(csv.DictReader(open(run / "evaluate/runs.csv")))
+    n_extra = {r["arm"]: r["n_extra"] for r in runs}
+    up = {u["arm"]: u for u in res["uplift"]}
+    cf, var = "counterfactual@0.6:cf@0.5", "variations@0.3:var@0.5"
+    assert up[cf]["control"] == f"duplicate_control:{cf}" and "auc_vs_dup" in up[cf]
+    for arm in (cf, var):
+        assert n_extra[arm] == n_extra[up[arm]["control"]] != "0"
+    # The ratio's own control is used when the pool fills its counts (8 here; var holds 5).
+    assert n_extra["duplicate_control@0.5"] == "8" and up[var]["control"] != "duplicate_control@0.5"
+    memo = res["memorization"]["var"]
+    assert memo["derived_from_patient"] and 0 <= memo["share_nearest_is_source"] <= 1
+    assert memo["share_flagged_edits"] == memo["share_flagged"]
+    # The audit's nearest neighbour of each edit is compared with the edit's own source row.
+    from medsynth.evaluation.edit_arms import edit_audit_fields
+
+    rows = [{"source_row": "7"}, {"source_row": "3"}]
+    train = [{"row": "3"}, {"row": "5"}, {"row": "7"}]
+    fake = {"share_flagged": 0.5, "per_sample": {"pixel_nn": [2, 1]}}
+    assert edit_audit_fields(fake, rows, train)["share_nearest_is_source"] == 0.5
+
+
 def test_canary_scan_of_edited_outputs_finds_nothing(run):
     # Runs after the edit tests above: every edited pool of this run is scanned.
     assert list((run / "generate").glob("*/manifest.csv"))

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from medsynth.data.datasets import load_split
 from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
+from medsynth.evaluation.edit_arms import edit_audit_fields, edit_groups, is_edit_pool
 from medsynth.evaluation.fidelity import fidelity_diversity
 from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.memorization import audit
@@ -150,6 +151,8 @@ def run_study(
         fit_arm("classical_aug", real.images, real.labels, augment=True)
 
     variants = []  # (arm key, pool, selector, ratio, selected indices)
+    edited = {n for n, p in pools.items() if is_edit_pool(p.rows)}
+    edit_variants, dup_of = [], {}  # edit arms; edit arm -> its duplicate control
     for ratio in ev.ratios:
         counts = class_counts(real.labels, k, ratio, ev.class_mix)
         if "duplicate_control" in arms:
@@ -164,9 +167,50 @@ def run_study(
                 len(dup),
                 ratio=ratio,
             )
+        for name in sorted(edited):
+            pool = pools[name]
+            for kind, label, idx in edit_groups(pool.rows):
+                if kind not in arms:
+                    continue
+                local = _pick_per_class(
+                    pool.labels[idx],
+                    counts,
+                    lambda ii, m, c: np.random.default_rng(c).permutation(len(ii))[:m],
+                )
+                chosen = idx[local]
+                got = torch.bincount(pool.labels[chosen], minlength=k).tolist()
+                key = f"{kind}@{label}:{name}@{ratio:g}"
+                dup_key = f"duplicate_control@{ratio:g}"
+                if got != counts or "duplicate_control" not in arms:
+                    # The pool cannot fill every class: a control with the very same counts.
+                    dup_key = f"duplicate_control:{key}"
+                    dup_rng = np.random.default_rng(2000 + int(ratio * 1000))
+                    dup = _pick_per_class(
+                        real.labels, got, lambda ii, m, c, r=dup_rng: r.integers(0, len(ii), m)
+                    )
+                    fit_arm(
+                        dup_key,
+                        torch.cat([real.images, real.images[dup]]),
+                        torch.cat([real.labels, real.labels[dup]]),
+                        len(dup),
+                        ratio=ratio,
+                    )
+                dup_of[key] = dup_key
+                edit_variants.append((key, name, "random", ratio, chosen))
+                fit_arm(
+                    key,
+                    torch.cat([real.images, pool.images[chosen]]),
+                    torch.cat([real.labels, pool.labels[chosen]]),
+                    len(chosen),
+                    pool=name,
+                    selector="random",
+                    ratio=ratio,
+                )
         if "synthetic" not in arms:
             continue
         for name, pool in pools.items():
+            if name in edited:
+                continue  # edited pools are tested by the variations / counterfactual arms
             pf = feats[f"pool:{name}"]
             for sel in ev.selectors:
                 chosen = _pick_per_class(
@@ -190,6 +234,8 @@ def run_study(
     if "synthetic_only" in arms:
         counts = class_counts(real.labels, k, 1.0, ev.class_mix)
         for name, pool in pools.items():
+            if name in edited:
+                continue
             chosen = _pick_per_class(
                 pool.labels,
                 counts,
@@ -223,12 +269,13 @@ def run_study(
                         f"{m}_vs_real_ci_high": d["ci_high"],
                     }
                 )
-            dup = (
+            dup = dup_of.get(arm) or (
                 f"duplicate_control@{arm.rsplit('@', 1)[1]}"
                 if arm.startswith("synthetic:")
                 else None
             )
             if dup in probas:
+                rec["control"] = dup
                 d = paired_bootstrap_diff(y_test, ps, probas[dup], m, classes, ev.bootstrap)
                 rec.update(
                     {
@@ -247,7 +294,7 @@ def run_study(
         return idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)
 
     fidelity = {}
-    for key, name, _sel, _ratio, chosen in variants:
+    for key, name, _sel, _ratio, chosen in variants + edit_variants:
         pool, pf = pools[name], feats[f"pool:{name}"]
         per = {}
         for c, cname in [(None, "all")] + list(enumerate(classes)):
@@ -278,6 +325,8 @@ def run_study(
             quantile=ev.memorization_quantile,
             exclude_threshold=exclude,
         )
+        if name in edited:
+            memo[name] |= edit_audit_fields(memo[name], pool.rows, real.rows)
         memo[name]["synthetic_paths"] = [r["path"] for r in pool.rows]
         # Cache rows, not file paths: source paths often embed patient identifiers.
         memo[name]["train_cache_rows"] = [int(r["row"]) for r in real.rows]
