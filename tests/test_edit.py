@@ -209,6 +209,24 @@ def test_study_arms_variations_and_counterfactual_count_matched(run):
     assert edit_audit_fields(fake, rows, train)["share_nearest_is_source"] == 0.5
 
 
+def test_dataset_card_and_audit_line_say_patient_derived(run):
+    import json
+
+    from medsynth.evaluation.memorization import audit_line
+    from medsynth.experiment.report import _edited_cards
+
+    memo = json.loads((run / "evaluate/memorization.json").read_text())
+    line = audit_line(memo["var"])
+    assert line.startswith("EDITED pool, derived from training patients' images")
+    assert "nearest to their own source" in line
+    cards = "".join(_edited_cards(run, memo))
+    for pool in ("inpaint", "var", "cf"):
+        assert f"edited pool <code>{pool}</code>" in cards
+    assert cards.count("Derived from patient images") == 3
+    assert "DERIVED\\SECONDARY\\SYNTHETIC\\EDITED" in cards
+    assert "not run (add the pool to evaluation)" in cards  # inpaint was not evaluated
+
+
 def test_canary_scan_of_edited_outputs_finds_nothing(run):
     # Runs after the edit tests above: every edited pool of this run is scanned.
     assert list((run / "generate").glob("*/manifest.csv"))
