@@ -227,6 +227,41 @@ def test_dataset_card_and_audit_line_say_patient_derived(run):
     assert "not run (add the pool to evaluation)" in cards  # inpaint was not evaluated
 
 
+def test_review_shows_source_edit_difference_mask(run):
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    from medsynth.review.edits import edit_panels
+
+    pool = run / "generate/inpaint"
+    row = _manifest(pool)[0]
+    p = edit_panels(run, pool, row)
+    assert set(p) == {"source", "edit", "difference", "difference_max", "mask"}
+    outside = p["mask"] == 0
+    assert float(p["difference_max"]) > 0.01
+    assert p["difference"][outside].max() * float(p["difference_max"]) < 1e-3
+
+    app = Path(__file__).resolve().parents[1] / "dashboards/review.py"
+    os.environ["MEDSYNTH_RUN"] = str(run)
+    try:
+        at = AppTest.from_file(str(app), default_timeout=60)
+        at.query_params["reviewer"] = "me"
+        at.run()
+        at.sidebar.selectbox[0].set_value("inpaint").run()
+        at.radio(key="view").set_value("Review").run()
+        assert not at.exception
+        text = " ".join(m.value for m in at.markdown)
+        assert "EDITED (derived from a patient image)" in text
+        captions = [c for img in at.get("image") for c in img.captions]
+        assert len(captions) == 4
+        assert any(c.startswith("REAL source · cache row") for c in captions)
+        assert any(c.startswith("|edit − source|") for c in captions)
+        assert any(c.startswith("mask · rect:") for c in captions)
+    finally:
+        del os.environ["MEDSYNTH_RUN"]
+
+
 def test_canary_scan_of_edited_outputs_finds_nothing(run):
     # Runs after the edit tests above: every edited pool of this run is scanned.
     assert list((run / "generate").glob("*/manifest.csv"))
