@@ -118,6 +118,21 @@ def test_same_edits_any_batch_size_and_resume(run, tmp_path):
     res = go(tmp_path / "a", 5)
     assert res["edited"] == 2 and res["already_present"] == 3
     assert _tree(tmp_path / "a") == before
+    # The vary settings do not shape inpainting: changing them keeps the pool resumable.
+    other = proto.edit.model_copy(
+        update={"vary": proto.edit.vary.model_copy(update={"strength": 0.9})}
+    )
+    res = edit_pool(
+        run / SNAP,
+        cache,
+        sources,
+        tmp_path / "a",
+        other,
+        kind="inpaint",
+        masks=masks,
+        progress=False,
+    )
+    assert res["edited"] == 0 and res["pool_complete"]
     # Another request into the same folder is refused rather than mixed.
     with pytest.raises(ValueError, match="another request"):
         edit_pool(

@@ -153,7 +153,11 @@ def edit_pool(
         "snapshot_sha256": snap_sha,
         "pool": sub.pool,
         "sources": [int(r["row"]) for r in sources],
-        "settings": section.model_dump(mode="json", exclude={"batch_size", "device"}),
+        # Only what shapes these edits: the other command's subsection may change freely.
+        "settings": section.model_dump(
+            mode="json", exclude={"batch_size", "device", "inpaint", "vary"}
+        )
+        | {kind: sub.model_dump(mode="json")},
     }
     with open(out / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
