@@ -105,7 +105,7 @@ def repaint(
     taus = [i * ratio + ratio - 1 for i in range(steps)]  # level i -> training timestep
 
     def a(level: int) -> torch.Tensor:
-        return acp[taus[level]] if level >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        return acp[taus[level]] if level >= 0 else acp.new_tensor(1.0)
 
     noise = StackedNoise(seeds)
     shape = tuple(sources.shape[1:])
@@ -184,7 +184,7 @@ def sdedit(
     try:
         for i, t in enumerate(ts):
             a_t = acp[t]
-            a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else acp.new_tensor(1.0)
             x0 = _x0_from(denoise(x.float(), t).double(), x, a_t, cfg.prediction_type)
             x0 = x0.clamp(-1, 1)
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
