@@ -19,6 +19,7 @@ LEVEL = {
     "experiment": 4,
     "review": 4,
     "cli": 5,
+    "cli_edit": 5,
 }
 FORBIDDEN = {
     "diffusion": {"data", "dicom"},

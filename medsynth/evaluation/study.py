@@ -178,6 +178,8 @@ def run_study(
                     lambda ii, m, c: np.random.default_rng(c).permutation(len(ii))[:m],
                 )
                 chosen = idx[local]
+                if len(chosen) == 0:
+                    continue  # the pool holds none of the classes the ratio asks for
                 got = torch.bincount(pool.labels[chosen], minlength=k).tolist()
                 key = f"{kind}@{label}:{name}@{ratio:g}"
                 dup_key = f"duplicate_control@{ratio:g}"
