@@ -171,6 +171,7 @@ def small(args) -> None:
         "total": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(out, indent=2, default=float))
+    canary_scan(run, Path(proto.dataset.root))
     if args.grid:
         _grid(grid, Path(args.grid), real.classes)
         print(f"grid: {args.grid}")
@@ -222,6 +223,39 @@ def _grid(grid: dict, path: Path, classes: list[str], n: int = 6) -> None:
     fig.savefig(path, dpi=110)
 
 
+IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
+
+
+def canary_scan(run: Path, source_root: Path) -> int:
+    """Identifying header values (>= 6 characters) of every source file found in any file of
+    ``run/generate``; prints and returns the number of hits (0 = nothing leaked)."""
+    from medsynth.dicom.read import read_header
+
+    values = set()
+    for f in sorted(source_root.rglob("*.dcm")):
+        h = read_header(f, IDENTIFYING)
+        values |= {h[k].encode() for k in IDENTIFYING if len(h.get(k, "")) >= 6}
+    hits = []
+    for f in (run / "generate").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            hits += [f"{f}: {v!r}" for v in values if v in data]
+    print(f"canary scan: {len(values)} identifying values of {source_root}, {len(hits)} hits")
+    for h in hits[:10]:
+        print("  ", h)
+    return len(hits)
+
+
 def appa(run: Path) -> None:
     """AUC on AP and on PA test images for every arm of an evaluated run, and the gap."""
     from sklearn.metrics import roc_auc_score
@@ -255,9 +289,13 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/medsynth-edit-bench")
     ap.add_argument("--grid", default=None, help="write a PNG grid of edits here")
     ap.add_argument("--appa", type=Path, default=None, help="evaluated run folder: AP/PA AUCs")
+    ap.add_argument("--scan", action="store_true", help="only the canary scan of --workdir")
     args = ap.parse_args()
     if args.appa:
         appa(args.appa)
+    elif args.scan:
+        proto = load_protocol(REPO / "protocols/rsna_edit.yaml")
+        canary_scan(Path(args.workdir), Path(proto.dataset.root))
     else:
         small(args)
 
