@@ -205,7 +205,8 @@ elif view == "Review":
         r = by_key[current]
         left, right = st.columns([3, 2])
         with left:
-            png = views.full_png_cached(str(pool_dir / r["path"]), center, width)
+            marker = "EDITED" if r.get("edit") else "SYNTHETIC"
+            png = views.full_png_cached(str(pool_dir / r["path"]), center, width, marker)
             st.iframe(zoom_pan_html(png, 620), height=660)
             st.button(
                 "Auto window for this image (1–99 %)",
@@ -214,11 +215,18 @@ elif view == "Review":
                 args=auto_window(str(pool_dir / r["path"])),
             )
         with right:
-            st.markdown(
-                f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
-                f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
-                f"guidance {r['guidance_scale']}"
-            )
+            if r.get("edit"):
+                st.markdown(
+                    f"**EDITED (derived from a patient image)** sample {pos + 1} / {len(shown)} "
+                    f"— #{r['index']} class **{r['class_name']}** from a **{r['source_class']}** "
+                    f"source, {r['edit']} strength {r['strength']}, seed {r['seed']}"
+                )
+            else:
+                st.markdown(
+                    f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
+                    f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
+                    f"guidance {r['guidance_scale']}"
+                )
             my = mine.get(current)
             st.caption(
                 f"Your decision: {my['status'] if my else 'none yet'} · "
@@ -299,6 +307,8 @@ elif view == "Review":
                     f"{KEYS_HELP}. Keys work on this view only, and not while typing in a field."
                 )
             views.decisions_of_others(current, status)
+        if r.get("edit"):
+            views.edit_strip(run, pool_dir, r)
     views.progress(rows, keys, classes, status, db, pixel)
 
 elif view == "Compare":

@@ -12,8 +12,9 @@ import streamlit as st
 from medsynth.dicom.read import header_table
 from medsynth.review import agreement
 from medsynth.review.db import DECISIONS, adjudicate, adjudications, decisions
+from medsynth.review.edits import edit_panels
 from medsynth.review.export import export_accepted, next_export_dir, plan_export
-from medsynth.review.thumbs import array_thumbnail
+from medsynth.review.thumbs import array_thumbnail, to_png
 from medsynth.review.viewer import full_png, tile_png, windowed
 from medsynth.utils.csvsafe import read_rows
 
@@ -26,8 +27,8 @@ def class_index(rows: list[dict], name: str) -> int:
 
 
 @st.cache_data(show_spinner=False, max_entries=20)
-def full_png_cached(path: str, center: float, width: float) -> bytes:
-    return full_png(path, center, width)
+def full_png_cached(path: str, center: float, width: float, marker: str = "SYNTHETIC") -> bytes:
+    return full_png(path, center, width, marker)
 
 
 @st.cache_data(show_spinner=False, max_entries=3000)
@@ -199,6 +200,26 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, s
             width=COMPARE_PX // 2,
             output_format="PNG",
             caption=f"real · {r['class_name']}",
+        )
+
+
+def edit_strip(run: Path, pool_dir: Path, r: dict) -> None:
+    """Source | edit | difference | mask of an edited sample, side by side at one size."""
+    p = edit_panels(run, pool_dir, r)
+    captions = {
+        "source": f"REAL source · cache row {r['source_row']} · {r['source_class']}",
+        "edit": f"EDITED ({r['edit']}) · {r['class_name']}",
+        "difference": f"|edit − source| (max {float(p['difference_max']):.3f})",
+        "mask": f"mask · {r['mask']}",
+    }
+    names = [n for n in ("source", "edit", "difference", "mask") if n in p]
+    for col, name in zip(st.columns(len(names)), names, strict=True):
+        marker = {"edit": "EDITED", "source": "REAL"}.get(name)
+        col.image(
+            to_png(p[name], COMPARE_PX, marker),
+            width=COMPARE_PX,
+            output_format="PNG",
+            caption=captions[name],
         )
 
 

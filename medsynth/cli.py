@@ -629,6 +629,12 @@ def _ingest(proto, run: Path):
     return summary
 
 
+# The edit commands live in their own module (it uses the helpers above).
+from medsynth.cli_edit import edit_app  # noqa: E402
+
+app.add_typer(edit_app, name="edit")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

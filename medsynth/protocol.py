@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medsynth.protocol_edit import MASK_PATTERN, EditSection
+
 
 class ProtocolError(ValueError):
     """A protocol that cannot be loaded; the message says where and what is valid."""
@@ -366,6 +368,13 @@ class Arm(str, Enum):
     classical_aug = "classical_aug"  # real with shifts, rotations, contrast
     synthetic = "synthetic"  # real + synthetic at each ratio, pool and selector
     synthetic_only = "synthetic_only"  # train on synthetic, test on real
+    variations = "variations"  # real + same-class edits of an edited pool (medsynth edit)
+    counterfactual = "counterfactual"  # real + class-changing edits of an edited pool
+
+
+# The arms a study runs unless it names some; the edit arms need an edited pool, so they are
+# opt-in (and leaving them out keeps the hash of every protocol written before they existed).
+DEFAULT_ARMS = ["real_only", "duplicate_control", "classical_aug", "synthetic", "synthetic_only"]
 
 
 class ClassifierSection(_Section):
@@ -384,7 +393,7 @@ class ClassifierSection(_Section):
 class EvaluationSection(_Section):
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     seeds: int = Field(5, ge=1, description="classifier seeds per arm")
-    arms: list[Arm] = Field(default_factory=lambda: [a for a in Arm])
+    arms: list[Arm] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     ratios: list[float] = Field(
         default_factory=lambda: [0.5, 1.0], description="synthetic per real"
     )
@@ -615,6 +624,7 @@ class Protocol(_Section):
     upscaler: UpscalerSection | None = Field(
         None, description="train a diffusion upsampler in-run (medsynth upscale, chain)"
     )
+    edit: EditSection | None = Field(None, description="editing real images (medsynth edit)")
 
     @model_validator(mode="after")
     def _min_snr_needs_ddpm(self) -> Protocol:
@@ -649,7 +659,7 @@ class Protocol(_Section):
         return self
 
     def dump(self) -> dict:
-        """Plain data; an absent sweep, upscaler or distill section, an empty
+        """Plain data; an absent sweep, upscaler, distill or edit section, an empty
         ``dataset.split_stratify`` and the autoencoder settings of a pixel model are left out so
         protocols without them keep their hash."""
         return _plain(self.model_dump(mode="json"))
@@ -677,7 +687,7 @@ class Protocol(_Section):
 
 def _plain(data: dict) -> dict:
     """A protocol's dump less the sections it does not use (see :meth:`Protocol.dump`)."""
-    for key in ("sweep", "upscaler", "distill"):
+    for key in ("sweep", "upscaler", "distill", "edit"):
         if data.get(key) is None:
             data.pop(key, None)
     if data["model"]["kind"] != ModelKind.monai_ldm.value:
@@ -814,4 +824,14 @@ def parse_protocol(
             ds.root = str((base_dir / ds.root).resolve())
         if ds.labels_csv and not Path(ds.labels_csv).expanduser().is_absolute():
             ds.labels_csv = str((Path(ds.root) if ds.root else base_dir) / ds.labels_csv)
+        _resolve_mask_path(proto, base_dir)
     return proto
+
+
+def _resolve_mask_path(proto: Protocol, base_dir: Path) -> None:
+    """A relative ``boxes:``/``png:`` mask path resolves from the protocol file's folder."""
+    if proto.edit is None or not proto.edit.inpaint.mask:
+        return
+    kind, arg = MASK_PATTERN.match(proto.edit.inpaint.mask).groups()
+    if kind != "rect" and not Path(arg).expanduser().is_absolute():
+        proto.edit.inpaint.mask = f"{kind}:{(base_dir / arg).resolve()}"

@@ -6,6 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "medsynth"
 LEVEL = {
     "protocol": 0,
+    "protocol_edit": 0,
     "registry": 0,
     "dicom": 0,
     "utils": 0,
@@ -18,6 +19,7 @@ LEVEL = {
     "experiment": 4,
     "review": 4,
     "cli": 5,
+    "cli_edit": 5,
 }
 FORBIDDEN = {
     "diffusion": {"data", "dicom"},

@@ -160,6 +160,7 @@ def synthetic_instance(
     index: int,
     derivation: str,
     modality: str = "OT",
+    edited: bool = False,
 ) -> Dataset:
     """A Secondary Capture instance for one synthetic image, built from an allowlist only.
 
@@ -170,6 +171,11 @@ def synthetic_instance(
     a Modality LUT. ``run_id`` names the synthetic patient and study (e.g. the snapshot hash);
     UIDs derive from (run, pool, class, seed), so the same request always yields the same UIDs
     and bytes. No value comes from any source file.
+
+    ``edited``: the pixels are an edit of a real patient image (inpainting, SDEdit). The instance
+    then says so (ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\EDITED``, a patient-derived
+    de-identification method, ``EDIT-`` identity) and still carries no source identifier: the
+    derivation names the run's cache row, never a source UID.
     """
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
@@ -177,9 +183,10 @@ def synthetic_instance(
     if rgb and image.shape[0] != 3 or image.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W), (1, H, W) or (3, H, W), got {image.shape}")
     run8 = run_id[:8]
+    who, kind = ("EDIT", "EDITED") if edited else ("SYN", "SYNTHETIC")
     attrs = {
         "SpecificCharacterSet": "ISO_IR 100",
-        "ImageType": ["DERIVED", "SECONDARY", "SYNTHETIC"],
+        "ImageType": ["DERIVED", "SECONDARY", "SYNTHETIC"] + (["EDITED"] if edited else []),
         "StudyDate": SYNTHETIC_STUDY_DATE,
         "StudyTime": SYNTHETIC_STUDY_TIME,
         "AccessionNumber": "",
@@ -187,15 +194,19 @@ def synthetic_instance(
         "ConversionType": "SYN",
         "Manufacturer": "medsynth",
         "ReferringPhysicianName": "",
-        "StudyDescription": f"SYNTHETIC medsynth pool {pool}",
-        "SeriesDescription": f"SYNTHETIC {class_name}",
+        "StudyDescription": f"{kind} medsynth pool {pool}",
+        "SeriesDescription": f"{kind} {class_name}",
         "DerivationDescription": derivation[:1024],
-        "PatientName": f"SYN^{run8}",
-        "PatientID": f"SYN-{run8}",
+        "PatientName": f"{who}^{run8}",
+        "PatientID": f"{who}-{run8}",
         "PatientBirthDate": "",
         "PatientSex": "",
         "PatientIdentityRemoved": "YES",
-        "DeidentificationMethod": "synthetic image; no source patient",
+        "DeidentificationMethod": (
+            "edited real patient image; source not identified"
+            if edited
+            else "synthetic image; no source patient"
+        ),
         "BurnedInAnnotation": "NO",
         "StudyInstanceUID": deterministic_uid(run_id, pool, "study"),
         "SeriesInstanceUID": deterministic_uid(run_id, pool, class_index, "series"),

@@ -130,6 +130,14 @@ def audit(
 
 def audit_line(m: dict) -> str:
     """One sentence on an audit result; never a bare "0 % flagged" when the audit is blind."""
+    if m.get("derived_from_patient"):
+        # Edits of training images resemble their source by design: say so before the share.
+        return (
+            "EDITED pool, derived from training patients' images (resemblance is by design, "
+            f"reported apart from generated pools): {100 * m['share_flagged_edits']:.1f} % of "
+            f"edits flagged, {100 * m['share_nearest_is_source']:.1f} % nearest to their own "
+            f"source; " + audit_line({k: v for k, v in m.items() if k != "derived_from_patient"})
+        )
     copies = f"{m['exact_copies']} exact copies"
     if "n_calibration" not in m:  # written before calibration excluded held-out near-copies
         return (

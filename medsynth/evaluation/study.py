@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medsynth.evaluation.edit_arms import edit_audit_fields, is_edit_pool
 from medsynth.evaluation.fidelity import fidelity_diversity
 from medsynth.evaluation.memorization import audit
 from medsynth.evaluation.per_class import class_metrics, flag_collapsed, per_class_rows
@@ -105,6 +106,8 @@ def analyse(
     np.savez_compressed(
         out / "features.npz", **{k_.replace(":", "_"): v for k_, v in feats.items()}
     )
+    edited = {n for n, p in pools.items() if is_edit_pool(p.rows)}
+    dup_of = {u.arm: u.control for u in units if u.control}  # edit arms' own controls
     rows, probas, val_probas = [], {}, {}
     for unit in units:
         r, ps, vps = results[unit.arm]
@@ -130,12 +133,13 @@ def analyse(
                         f"{m}_vs_real_ci_high": d["ci_high"],
                     }
                 )
-            dup = (
+            dup = dup_of.get(arm) or (
                 f"duplicate_control@{arm.rsplit('@', 1)[1]}"
                 if arm.startswith("synthetic:")
                 else None
             )
             if dup in probas:
+                rec["control"] = dup
                 d = paired_bootstrap_diff(y_test, ps, probas[dup], m, classes, ev.bootstrap)
                 rec.update(
                     {
@@ -195,6 +199,8 @@ def analyse(
             quantile=ev.memorization_quantile,
             exclude_threshold=exclude,
         )
+        if name in edited:
+            memo[name] |= edit_audit_fields(memo[name], pool.rows, real.rows)
         memo[name]["synthetic_paths"] = [r["path"] for r in pool.rows]
         # Cache rows, not file paths: source paths often embed patient identifiers.
         memo[name]["train_cache_rows"] = [int(r["row"]) for r in real.rows]

@@ -17,6 +17,7 @@ import torch
 
 from medsynth.data.datasets import load_split
 from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
+from medsynth.evaluation.edit_arms import edit_groups, is_edit_pool
 from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics
@@ -85,6 +86,7 @@ class Unit:
     n_extra: int = 0
     augment: bool = False
     tags: dict = field(default_factory=dict)
+    control: str | None = None  # the duplicate control it is compared with, if not the ratio's
 
 
 def load_study(
@@ -177,6 +179,7 @@ def plan_units(d: StudyData, feats: dict, conf: dict) -> tuple[list[Unit], list[
     ev, real, k = d.ev, d.real, d.k
     units, variants = [real_only_unit(d)], []
     arms = set(ev.arms)
+    edited = {n for n, p in d.pools.items() if is_edit_pool(p.rows)}
     if "classical_aug" in arms:
         units.append(Unit("classical_aug", lambda: (real.images, real.labels), augment=True))
     for ratio in ev.ratios:
@@ -197,9 +200,13 @@ def plan_units(d: StudyData, feats: dict, conf: dict) -> tuple[list[Unit], list[
                     tags={"ratio": ratio},
                 )
             )
+        for name in sorted(edited):
+            units += _edit_units(d, name, counts, ratio, arms, variants)
         if "synthetic" not in arms:
             continue
         for name, pool in d.pools.items():
+            if name in edited:
+                continue  # edited pools are tested by the variations / counterfactual arms
             pf = feats[f"pool:{name}"]
             for sel in ev.selectors:
                 chosen = _pick_per_class(
@@ -225,6 +232,8 @@ def plan_units(d: StudyData, feats: dict, conf: dict) -> tuple[list[Unit], list[
     if "synthetic_only" in arms:
         counts = class_counts(real.labels, k, 1.0, ev.class_mix)
         for name, pool in d.pools.items():
+            if name in edited:
+                continue
             chosen = _pick_per_class(
                 pool.labels,
                 counts,
@@ -239,3 +248,58 @@ def plan_units(d: StudyData, feats: dict, conf: dict) -> tuple[list[Unit], list[
                 )
             )
     return units, variants
+
+
+def _edit_units(
+    d: StudyData, name: str, counts: list[int], ratio: float, arms: set, variants: list
+) -> list[Unit]:
+    """The ``variations`` / ``counterfactual`` arms of one edited pool at one ratio, each with
+    the count-matched duplicate control it is compared with (its own when the pool cannot fill
+    the ratio's per-class counts). Appends their variants (random selection) to ``variants``."""
+    real, pool, k, units = d.real, d.pools[name], d.k, []
+    for kind, label, idx in edit_groups(pool.rows):
+        if kind not in arms:
+            continue
+        local = _pick_per_class(
+            pool.labels[idx],
+            counts,
+            lambda ii, m, c: np.random.default_rng(c).permutation(len(ii))[:m],
+        )
+        chosen = idx[local]
+        if len(chosen) == 0:
+            continue  # the pool holds none of the classes the ratio asks for
+        got = torch.bincount(pool.labels[chosen], minlength=k).tolist()
+        key = f"{kind}@{label}:{name}@{ratio:g}"
+        control = f"duplicate_control@{ratio:g}"
+        if got != counts or "duplicate_control" not in arms:
+            # The pool cannot fill every class: a control with the very same counts.
+            control = f"duplicate_control:{key}"
+            dup_rng = np.random.default_rng(2000 + int(ratio * 1000))
+            dup = _pick_per_class(
+                real.labels, got, lambda ii, m, c, r=dup_rng: r.integers(0, len(ii), m)
+            )
+            units.append(
+                Unit(
+                    control,
+                    lambda dup=dup: (
+                        torch.cat([real.images, real.images[dup]]),
+                        torch.cat([real.labels, real.labels[dup]]),
+                    ),
+                    len(dup),
+                    tags={"ratio": ratio},
+                )
+            )
+        variants.append((key, name, "random", ratio, chosen))
+        units.append(
+            Unit(
+                key,
+                lambda chosen=chosen: (
+                    torch.cat([real.images, pool.images[chosen]]),
+                    torch.cat([real.labels, pool.labels[chosen]]),
+                ),
+                len(chosen),
+                tags={"pool": name, "selector": "random", "ratio": ratio},
+                control=control,
+            )
+        )
+    return units

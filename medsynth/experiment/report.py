@@ -509,6 +509,7 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"{_guidance(g)}; labels are the conditioning class (manifest.csv is the source of truth). "
         f"Written as DICOM Secondary Capture with ConversionType SYN and ImageType DERIVED\\SECONDARY\\SYNTHETIC; no "
         f"attribute of any source file is copied. Memorization audit: {audit}.</div>",
+        *_edited_cards(run, json.loads(memo_path.read_text()) if memo_path.exists() else {}),
         "<h2>Model card: generator snapshot</h2>",
         f"<div class=card>Class-conditional MONAI DiffusionModelUNet, channels {protocol.model.channels}, "
         f"{protocol.schedule.kind} schedule ({protocol.schedule.beta_schedule}, {protocol.schedule.prediction_type}), "
@@ -518,6 +519,33 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
         f"quality and diversity as measured above, on this dataset only.{_adaptation(snaps)}</div>",
     ]
+
+
+def _edited_cards(run: Path, memo: dict) -> list[str]:
+    """A dataset card per edited pool: its pixels derive from patients, and it says so."""
+    from medsynth.utils.csvsafe import read_rows
+
+    cards = []
+    for manifest in sorted((run / "generate").glob("*/manifest.csv")):
+        rows = read_rows(manifest)
+        if not rows or "edit" not in rows[0]:
+            continue
+        name = manifest.parent.name
+        kinds = ", ".join(sorted({r["edit"] for r in rows}))
+        n_cf = sum(r["counterfactual"] == "1" for r in rows)
+        audit = audit_line(memo[name]) if name in memo else "not run (add the pool to evaluation)"
+        cards.append(
+            f"<h2>Dataset card: edited pool <code>{html.escape(name)}</code></h2>"
+            f"<div class='card warn'><b>Derived from patient images; not for clinical use.</b> "
+            f"{len(rows)} images made by editing ({html.escape(kinds)}) real training images of "
+            f"this run: {n_cf} counterfactuals (class changed), {len(rows) - n_cf} same-class "
+            "variations. Unlike generated samples these depict real patients, altered: treat them "
+            "as patient-derived data. Written as Secondary Capture with ImageType "
+            "DERIVED\\SECONDARY\\SYNTHETIC\\EDITED; the manifest names each source by its cache "
+            "row in this run, never by a source identifier, and no source attribute is copied. "
+            f"Memorization audit: {html.escape(audit)}.</div>"
+        )
+    return cards
 
 
 def _adaptation(snaps: list[Path]) -> str:

@@ -79,3 +79,68 @@ def generate_from_protocol(
             progress=progress,
         )
     return res
+
+
+def edit_from_protocol(
+    proto: Protocol,
+    run_dir: str | Path,
+    kind: str,
+    *,
+    snapshot: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> dict:
+    """Edit training images per ``proto.edit`` into ``RUN/generate/<edit.<kind>.pool>``.
+
+    ``kind``: ``inpaint`` or ``vary``. Sources are the train split (the same patient-level
+    fraction the generator saw); validation and test images are never edited.
+    """
+    import numpy as np
+
+    from medsynth.generation.edit import edit_pool, plan_sources
+    from medsynth.generation.masks import MaskSource
+    from medsynth.protocol_edit import EditSection
+
+    run = Path(run_dir)
+    section = proto.edit or EditSection()
+    snap = Path(snapshot) if snapshot else latest_snapshot(run / "train")
+    summary = json.loads((run / "ingest" / "summary.json").read_text())
+    rows = split_rows(
+        run / "ingest", "train", proto.dataset.train_fraction, proto.dataset.fraction_seed
+    )
+    sources = plan_sources(rows, summary["classes"], section)
+    cache = np.load(run / "ingest" / "images.npy", mmap_mode="r")
+    ds = proto.dataset
+    key_attribute = ds.join_attribute
+    masks = None
+    if kind == "inpaint":
+        if not section.inpaint.mask:
+            raise ValueError(
+                "inpainting needs a mask: set edit.inpaint.mask or pass --mask "
+                "(boxes:TABLE.csv, png:FILE.png or rect:x0,y0,x1,y1)"
+            )
+        if section.inpaint.mask.startswith("boxes:") and key_attribute not in rows[0]:
+            raise ValueError(
+                f"a box table joins on dataset.join_attribute {key_attribute!r}, which the ingest "
+                f"index does not keep; its columns are {sorted(rows[0])}"
+            )
+        masks = MaskSource(
+            section.inpaint.mask,
+            cache.shape[-1],
+            ds.resize_mode,
+            key_column=section.inpaint.box_key_column or ds.join_column or key_attribute,
+        )
+    sub = section.inpaint if kind == "inpaint" else section.vary
+    return edit_pool(
+        snap,
+        cache,
+        sources,
+        run / "generate" / sub.pool,
+        section,
+        kind=kind,
+        masks=masks,
+        key_attribute=key_attribute,
+        shard=shard,
+        protocol_sha256=proto.sha256(),
+        progress=progress,
+    )

@@ -91,7 +91,7 @@ def plan_counts(
     return plan
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> list[dict]:
     """Rows of a manifest part; a torn last line (crash mid-append) is ignored."""
     if not path.exists():
         return []
@@ -100,21 +100,23 @@ def _read_rows(path: Path) -> list[dict]:
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     rows = [restore_row(r) for r in csv.DictReader(io.StringIO("".join(lines)))]
-    return [r for r in rows if r.get("medsynth_version") and len(r) == len(MANIFEST_COLUMNS)]
+    return [r for r in rows if r.get("medsynth_version") and len(r) == len(columns)]
 
 
-def _verified(out: Path) -> dict[tuple[int, int], dict]:
+def _verified(
+    out: Path, columns: tuple[str, ...] = MANIFEST_COLUMNS
+) -> dict[tuple[int, int], dict]:
     """Manifest rows (all parts) whose file exists with the recorded checksum."""
     good = {}
     for part in sorted((out / "parts").glob("*.csv")):
-        for r in _read_rows(part):
+        for r in _read_rows(part, columns):
             f = out / r["path"]
             if f.exists() and hashlib.sha256(f.read_bytes()).hexdigest() == r["file_sha256"]:
                 good[(int(r["class_index"]), int(r["index"]))] = r
     return good
 
 
-def _append_row(part: Path, row: dict) -> None:
+def _append_row(part: Path, row: dict, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> None:
     new = not part.exists() or part.stat().st_size == 0
     torn = False
     if not new:
@@ -125,7 +127,7 @@ def _append_row(part: Path, row: dict) -> None:
     with part.open("a", newline="") as fh:
         if torn:
             fh.write("\n")  # close a torn line so the next row stands alone
-        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         if new:
             w.writeheader()
         w.writerow(neutralise_row(row))  # class names come from the user's labels
@@ -133,22 +135,33 @@ def _append_row(part: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def write_manifest(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[int, int]:
+def write_manifest(
+    out: Path,
+    plan: dict[str, int],
+    classes: list[str],
+    *,
+    want: list[tuple[int, int]] | None = None,
+    columns: tuple[str, ...] = MANIFEST_COLUMNS,
+) -> tuple[int, int]:
     """Merge verified parts into ``manifest.csv`` sorted by (class, index); (done, missing).
 
+    ``want``: the (class index, index) keys of the pool in order (default: from ``plan``).
     Shards finishing at once take turns (file lock), so the last writer sees every part.
     """
+    if want is None:
+        want = [(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     with open(out / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _merge_parts(out, plan, classes)
+        return _merge_parts(out, want, columns)
 
 
-def _merge_parts(out: Path, plan: dict[str, int], classes: list[str]) -> tuple[int, int]:
-    good = _verified(out)
-    want = [(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
+def _merge_parts(
+    out: Path, want: list[tuple[int, int]], columns: tuple[str, ...]
+) -> tuple[int, int]:
+    good = _verified(out, columns)
     rows = [good[key] for key in want if key in good]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     w.writerows(neutralise_row(r) for r in rows)
     atomic_write_bytes(out / "manifest.csv", buf.getvalue().encode())
