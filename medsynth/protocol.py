@@ -304,7 +304,9 @@ class DistillSection(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
     grad_clip_norm: float = Field(1.0, gt=0)
-    guidance_scale: float = Field(2.0, ge=0, description="teacher guidance distilled in")
+    guidance_scale: float = Field(
+        1.0, ge=0, description="teacher guidance distilled in (the generation default)"
+    )
     solver_steps: int = Field(50, ge=2, description="teacher DDIM grid (divides T)")
     target_ema_halflife_steps: float = Field(13.5, gt=0, description="target network EMA")
     huber_c: float = Field(0.001, gt=0, description="pseudo-Huber loss constant")
@@ -331,7 +333,9 @@ class GenerationSection(_Section):
         "dpmpp", description="distilled: the student of `medsynth distill` (RUN/distill)"
     )
     steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(2.0, ge=0)
+    # 1.0 = conditional only. Guidance 2-3 stereotyped the classes and raised FD_clf 4-15x on
+    # PneumoniaMNIST (docs/results.md, "Generator quality per class"); sweeps vary it.
+    guidance_scale: float = Field(1.0, ge=0)
     ddim_eta: float = Field(
         0.0, ge=0, le=1, description="DDIM stochasticity: 0 deterministic, 1 DDPM-like"
     )
