@@ -57,21 +57,26 @@ def _extractor_path(cache: Path, name: str) -> Path:
     return cache / f"extractor_{name}.pt"
 
 
-def train_extractors(ingest: Path, cache: Path) -> None:
-    """Fit each extractor on the real train split (best validation-AUC epoch) and save it."""
+def train_extractors(ingest: Path, cache: Path, epochs: int | None = None) -> None:
+    """Fit each extractor on the real train split (best validation-AUC epoch) and save it.
+
+    ``epochs`` overrides every extractor's epoch count (a smoke run uses 1)."""
     cache.mkdir(parents=True, exist_ok=True)
     train, val = load_split(ingest, "train"), load_split(ingest, "val")
-    for name, (kind, seed, epochs) in EXTRACTORS.items():
+    for name, (kind, seed, n_epochs) in EXTRACTORS.items():
         path = _extractor_path(cache, name)
         if path.exists():
             continue
         t0 = time.perf_counter()
-        cfg = ClassifierConfig(kind=kind, epochs=epochs, batch_size=128)
+        cfg = ClassifierConfig(kind=kind, epochs=epochs or n_epochs, batch_size=128)
         clf = Classifier(len(train.classes), train.images.shape[1], cfg, seed=seed)
         clf.fit(train.images, train.labels, val.images, val.labels)
         torch.save(clf, path)
-        print(f"extractor {name}: {kind} seed {seed}, best epoch {clf.best_epoch}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"extractor {name}: {kind} seed {seed}, best epoch {clf.best_epoch}, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
 
 def load_extractors(cache: Path) -> dict[str, Classifier]:
@@ -159,9 +164,17 @@ def sample_medsynth(args) -> None:
         extra["guidance_interval"] = tuple(args.guidance_interval)
     t0 = time.perf_counter()
     x = sample(
-        unet, sched, labels, seeds, image_shape=shape, null_label=u["num_class_embeds"] - 1,
-        sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
-        net_batch=64, **extra,
+        unet,
+        sched,
+        labels,
+        seeds,
+        image_shape=shape,
+        null_label=u["num_classes"],
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        net_batch=64,
+        **extra,
     )
     print(f"sampled {args.n} ({counts}) from {src} in {time.perf_counter() - t0:.0f} s")
     np.savez_compressed(args.out, images=x.numpy(), labels=labels.numpy())
@@ -214,9 +227,8 @@ def write_grid(path: str, sets: dict, test, per_class: int = 8) -> None:
     rows = [("real test", test.images, test.labels), *((n, x, y) for n, (x, y) in sets.items())]
     nrows = len(rows) * len(test.classes)
     fig, axes = plt.subplots(nrows, per_class, figsize=(per_class * 0.9, nrows * 0.95))
-    for r, ((name, x, y), c) in enumerate(
-        ((row, c) for row in rows for c in range(len(test.classes)))
-    ):
+    pairs = [(row, c) for row in rows for c in range(len(test.classes))]
+    for r, ((name, x, y), c) in enumerate(pairs):
         imgs = x[y == c][:per_class]
         for j in range(per_class):
             ax = axes[r, j]
@@ -235,6 +247,7 @@ def main() -> None:
     e = sub.add_parser("extractors")
     e.add_argument("ingest", type=Path)
     e.add_argument("--cache", type=Path, required=True)
+    e.add_argument("--epochs", type=int, help="override every extractor's epochs (smoke: 1)")
     s = sub.add_parser("sample")
     s.add_argument("source")
     s.add_argument("--ingest", type=Path, required=True)
@@ -254,7 +267,7 @@ def main() -> None:
     c.add_argument("--grid")
     args = ap.parse_args()
     if args.cmd == "extractors":
-        train_extractors(args.ingest, args.cache)
+        train_extractors(args.ingest, args.cache, args.epochs)
     elif args.cmd == "sample":
         sample_medsynth(args)
     else:
