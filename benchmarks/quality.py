@@ -19,7 +19,7 @@ Subcommands::
     python benchmarks/quality.py extractors INGEST --cache DIR        # train + cache extractors
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
         --guidance 2 --n 600]                                        # medsynth samples
-    python benchmarks/quality.py score INGEST --cache DIR name=x.npz ... [--real-train 500]
+    python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-train 500]
         [--json out.json] [--grid grid.png]
 
 A sample set is an ``.npz`` with ``images`` ``(N, C, H, W)`` float in [-1, 1] and ``labels``
@@ -180,26 +180,52 @@ def sample_medsynth(args) -> None:
     np.savez_compressed(args.out, images=x.numpy(), labels=labels.numpy())
 
 
+def real_reference(ingest: Path, test, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real train images in the test split's class proportions (seeded): the floor a
+    generator is measured against, with the same per-class counts as a ``sample`` set, since a
+    Fréchet distance from fewer images is biased upwards."""
+    train = load_split(ingest, "train")
+    rng = np.random.default_rng(0)
+    counts = class_counts(test.labels, n, len(test.classes))
+    idx = [
+        rng.choice(np.flatnonzero(train.labels.numpy() == c), k, replace=False)
+        for c, k in enumerate(counts)
+    ]
+    idx = torch.from_numpy(np.concatenate(idx))
+    return train.images[idx], train.labels[idx]
+
+
 def score(args) -> None:
     test = load_split(args.ingest, "test")
     extractors = load_extractors(args.cache)
     test_feats = {n: e.features(test.images) for n, e in extractors.items()}
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if args.real_train:
-        train = load_split(args.ingest, "train")
-        idx = torch.from_numpy(np.random.default_rng(0).permutation(len(train.labels)))
-        idx = idx[: args.real_train]
-        sets[f"real train ({args.real_train})"] = (train.images[idx], train.labels[idx])
+        sets[f"real train ({args.real_train})"] = real_reference(args.ingest, test, args.real_train)
     for spec in args.sets:
         name, path = spec.split("=", 1)
         z = np.load(path)
         sets[name] = (torch.from_numpy(z["images"]).float(), torch.from_numpy(z["labels"]).long())
     results = {n: score_set(x, y, test, extractors, test_feats) for n, (x, y) in sets.items()}
+    if args.real_train:
+        add_floor_ratios(results, f"real train ({args.real_train})")
     print_table(results, test.classes)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.grid:
         write_grid(args.grid, sets, test)
+
+
+def add_floor_ratios(results: dict, floor: str) -> None:
+    """``FD_<x>_over_real``: each set's FD over the real train reference's (same counts), per
+    part, so classes can be compared (raw FD differs between classes even for real images)."""
+    for res in results.values():
+        for part, row in res.items():
+            ref = results[floor][part]
+            for name in EXTRACTORS:
+                k = f"FD_{name}"
+                if k in row and ref.get(k):
+                    row[f"{k}_over_real"] = row[k] / ref[k]
 
 
 def _fmt(v) -> str:
@@ -209,9 +235,12 @@ def _fmt(v) -> str:
 def print_table(results: dict, classes: list[str]) -> None:
     keys = [f"FD_{n}" for n in EXTRACTORS] + ["precision", "recall", "coverage"]
     keys += ["msssim_ratio", "mean_intensity", "hf_ratio"]
+    if any("FD_cnn0_over_real" in r["all"] for r in results.values()):
+        keys += [f"FD_{n}_over_real" for n in EXTRACTORS]
     for part in ["all", *classes]:
         print(f"\n[{part}] vs real test{'' if part == 'all' else ' ' + part}")
-        print(f"{'set':32s}" + "".join(f"{k[:9]:>10s}" for k in keys))
+        heads = (k.replace("_over_real", "/real")[:9] for k in keys)
+        print(f"{'set':32s}" + "".join(f"{h:>10s}" for h in heads))
         for name, res in results.items():
             row = res[part]
             print(f"{name[:32]:32s}" + "".join(f"{_fmt(row.get(k)):>10s}" for k in keys))
@@ -260,7 +289,9 @@ def main() -> None:
     s.add_argument("--guidance-interval", type=float, nargs=2)
     c = sub.add_parser("score")
     c.add_argument("ingest", type=Path)
-    c.add_argument("sets", nargs="*", help="name=path.npz")
+    c.add_argument(
+        "--set", dest="sets", action="append", default=[], help="name=path.npz (repeatable)"
+    )
     c.add_argument("--cache", type=Path, required=True)
     c.add_argument("--real-train", type=int, default=0)
     c.add_argument("--json")
