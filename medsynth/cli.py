@@ -34,7 +34,7 @@ ThreadsOpt = Annotated[
         "--threads",
         min=1,
         help="CPU threads for torch (overrides runtime.threads; default $OMP_NUM_THREADS, "
-        "else half the CPUs). A bit-identical resume needs the same count.",
+        "else every CPU). A bit-identical resume needs the same count.",
     ),
 ]
 

@@ -1,0 +1,160 @@
+"""The peer recipe: MONAI's 2-D classifier-free-guidance DDPM tutorial, run on our ingest.
+
+What a MONAI user follows today, written out so its samples can be scored beside medsynth's
+(``benchmarks/quality.py score``) at the same wall-clock budget, on the same train split:
+
+- ``DiffusionModelUNet(channels=(64, 64, 64), attention_levels=(False, True, True),
+  num_res_blocks=1, with_conditioning=True, cross_attention_dim=1)``: the class enters as a
+  scalar cross-attention context ``(B, 1, 1)`` (class index + 1; dropped labels become -1 with
+  probability 0.15, the tutorial's null context);
+- epsilon prediction on MONAI's default DDPM schedule (1000 steps, linear betas), MSE loss, Adam;
+- sampling with DDIM and classifier-free guidance ``uncond + s * (cond - uncond)``.
+
+Defaults follow the measurement in issue #18 (lr 1e-4, batch 32, bf16 autocast, DDIM-50, s = 3);
+``--lr 2.5e-5 --batch 64 --fp32`` gives the tutorial's own settings. Training stops at
+``--seconds`` of wall time (or ``--steps``); the model is saved, then ``--n`` samples are drawn in
+the test split's class proportions into an ``.npz`` (``images`` in [-1, 1], ``labels``).
+
+    python benchmarks/peer.py INGEST --out DIR [--seconds 600] [--n 600]
+    python benchmarks/peer.py INGEST --out DIR --smoke      # seconds-sized run for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medsynth.data.datasets import load_split  # noqa: E402
+
+
+def build_recipe_unet(in_channels: int, channels=(64, 64, 64)):
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        channels=tuple(channels),
+        attention_levels=(False, True, True),
+        num_res_blocks=1,
+        num_head_channels=channels[-1],
+        with_conditioning=True,
+        cross_attention_dim=1,
+    )
+
+
+def context(labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 1, 1)`` scalar class context: class index + 1, or -1 where dropped (null)."""
+    c = labels.float() + 1.0
+    if drop is not None:
+        c = torch.where(drop, torch.full_like(c, -1.0), c)
+    return c.view(-1, 1, 1)
+
+
+def train(model, images, labels, args, log) -> dict:
+    """Train until ``args.seconds`` of wall time or ``args.steps``; returns step count/time."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    model.train()
+    t0, step = time.perf_counter(), 0
+    while True:
+        elapsed = time.perf_counter() - t0
+        if (args.steps and step >= args.steps) or (not args.steps and elapsed >= args.seconds):
+            break
+        idx = torch.randint(0, len(labels), (args.batch,), generator=g)
+        x0, y = images[idx], labels[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        drop = torch.rand(args.batch, generator=g) < 0.15
+        xt = sched.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            pred = model(xt, timesteps=t, context=context(y, drop))
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            log(f"step {step}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s")
+    return {"steps": step, "train_seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def sample(model, labels: torch.Tensor, shape, args) -> torch.Tensor:
+    """DDIM-``args.sample_steps`` with guidance ``args.guidance``: ``(N, C, H, W)`` in [-1, 1]."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    model.eval()
+    out = []
+    for start in range(0, len(labels), 100):
+        y = labels[start : start + 100]
+        g = torch.Generator().manual_seed(args.seed * 100_003 + start)
+        x = torch.randn((len(y), *shape), generator=g)
+        sched = DDIMScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(args.sample_steps)
+        ctx = torch.cat([context(y), context(y, torch.ones(len(y), dtype=torch.bool))])
+        for t in sched.timesteps:
+            ts = torch.full((2 * len(y),), int(t), dtype=torch.long)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                eps = model(torch.cat([x, x]), timesteps=ts, context=ctx).float()
+            cond, uncond = eps[: len(y)], eps[len(y) :]
+            x, _ = sched.step(uncond + args.guidance * (cond - uncond), int(t), x)
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("ingest", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--steps", type=int, default=0, help="stop at this many steps instead")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny network, 20 steps, 8 samples")
+    args = ap.parse_args()
+    channels = (64, 64, 64)
+    if args.smoke:
+        args.steps, args.n, args.sample_steps, args.batch, channels = 20, 8, 5, 8, (32, 32, 32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    train_split, test = load_split(args.ingest, "train"), load_split(args.ingest, "test")
+    model = build_recipe_unet(train_split.images.shape[1], channels)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"peer recipe: {n_params / 1e6:.2f} M parameters, {len(train_split.labels)} train images")
+    stats = train(model, train_split.images, train_split.labels, args, print)
+    torch.save(model.state_dict(), args.out / "peer_unet.pt")
+
+    from benchmarks.quality import class_counts
+
+    counts = class_counts(test.labels, args.n, len(test.classes))
+    labels = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
+    t0 = time.perf_counter()
+    x = sample(model, labels, tuple(train_split.images.shape[1:]), args)
+    stats["sample_seconds"] = time.perf_counter() - t0
+    np.savez_compressed(args.out / "samples.npz", images=x.numpy(), labels=labels.numpy())
+    stats.update(parameters=n_params, lr=args.lr, batch=args.batch, bf16=args.bf16, n=args.n)
+    (args.out / "peer.json").write_text(json.dumps(stats, indent=1))
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
