@@ -26,3 +26,16 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, n_patients=40, num_classes=2, size_px=64, difficulty=0.3, seed=1)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest runs a dashboard as ``__main__`` and leaves it in ``sys.modules``;
+    a later ``spawn`` process pool (ingest workers) would then re-run that dashboard as its
+    main module with pytest's argv and die. Put the real ``__main__`` back after every test."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main

@@ -44,7 +44,17 @@ def test_small_classes_get_no_figures_and_texture_is_measured():
 
 def test_peer_recipe_and_quality_score_end_to_end(tmp_path):
     run = tmp_path / "run"
-    _run("-m", "medsynth.cli", "ingest", "protocols/smoke.yaml", "--run-dir", str(run))
+    # Enough phantom patients that the test split holds >= MIN_N images per class.
+    _run(
+        "-m",
+        "medsynth.cli",
+        "ingest",
+        "protocols/smoke.yaml",
+        "--run-dir",
+        str(run),
+        "--set",
+        "dataset.phantoms.n_patients=160",
+    )
     ingest = run / "ingest"
     _run("benchmarks/peer.py", str(ingest), "--out", str(tmp_path / "peer"), "--smoke")
     z = np.load(tmp_path / "peer" / "samples.npz")

@@ -329,8 +329,8 @@ def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):
 def test_report_names_the_guidance_knobs_only_when_set():
     from medsynth.experiment.report import _guidance
 
-    assert _guidance(parse_protocol(BASE).generation) == "guidance 2"
+    assert _guidance(parse_protocol(BASE).generation) == "guidance 1"
     g = parse_protocol(
         BASE, ["generation.guidance_rescale=0.7", "generation.guidance_interval=[0.2, 0.8]"]
     ).generation
-    assert _guidance(g) == "guidance 2 (rescaled, φ 0.7) within t/T ∈ [0.2, 0.8]"
+    assert _guidance(g) == "guidance 1 (rescaled, φ 0.7) within t/T ∈ [0.2, 0.8]"
