@@ -32,8 +32,15 @@ def full_png_cached(path: str, center: float, width: float, marker: str = "SYNTH
 
 
 @st.cache_data(show_spinner=False, max_entries=3000)
-def tile(path: str, center: float, width: float, status: str, size: int = 112) -> bytes:
-    return tile_png(windowed(path, center, width), status, size)
+def tile(
+    path: str, center: float, width: float, status: str, size: int = 112, marker: str = "SYNTHETIC"
+) -> bytes:
+    return tile_png(windowed(path, center, width), status, size, marker)
+
+
+def marker_of(row: dict) -> str:
+    """EDITED for an edit of a patient's image (its pixels are not 'no patient'), else SYNTHETIC."""
+    return "EDITED" if row.get("edit") else "SYNTHETIC"
 
 
 @st.cache_resource(show_spinner=False)
@@ -62,8 +69,13 @@ def samples(pool_dir: Path, rows, shown, by_key, state_of, win: Window, go: Call
     per_page = c1.select_slider("Per page", [12, 24, 48, 96], value=24)
     pages = max(1, -(-len(shown) // per_page))
     page = c2.number_input(f"Page (of {pages})", 1, pages, 1)
+    kind = (
+        "EDITED from a training patient's image (derived, not synthetic from noise)"
+        if any(r.get("edit") for r in rows)
+        else "SYNTHETIC"
+    )
     st.caption(
-        f"{len(shown)} of {len(rows)} samples match. Every tile is SYNTHETIC; the strip "
+        f"{len(shown)} of {len(rows)} samples match. Every tile is {kind}; the strip "
         "below it is the review status (green accept, red reject, amber unsure, grey none)."
     )
     chunk = shown[(page - 1) * per_page : page * per_page]
@@ -75,7 +87,7 @@ def samples(pool_dir: Path, rows, shown, by_key, state_of, win: Window, go: Call
             r = by_key[k]
             with cols[i % 8]:
                 st.image(
-                    tile(str(pool_dir / r["path"]), *win, state_of(k)),
+                    tile(str(pool_dir / r["path"]), *win, state_of(k), marker=marker_of(r)),
                     output_format="PNG",
                     caption=f"#{r['index']}",
                 )
@@ -169,10 +181,10 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, s
     )
     c1, c2, c3 = st.columns(3)
     c1.image(
-        tile(str(pool_dir / r["path"]), *win, state, COMPARE_PX),
+        tile(str(pool_dir / r["path"]), *win, state, COMPARE_PX, marker_of(r)),
         width=COMPARE_PX,
         output_format="PNG",
-        caption=f"SYNTHETIC · {r['class_name']}",
+        caption=f"{marker_of(r)} · {r['class_name']}",
     )
     root = _dataset_root(run)
     for col, kind in ((c2, "pixel"), (c3, "feature")):
@@ -204,7 +216,11 @@ def compare(run: Path, pool: str, pool_dir: Path, r: dict | None, win: Window, s
 
 
 def edit_strip(run: Path, pool_dir: Path, r: dict) -> None:
-    """Source | edit | difference | mask of an edited sample, side by side at one size."""
+    """Source | edit | difference | mask of an edited sample, side by side at one size.
+
+    Each panel fills its own column (``stretch``): with a fixed 256-px width the panels
+    overlapped one another in Chromium at a 1400-px window with the sidebar open.
+    """
     p = edit_panels(run, pool_dir, r)
     captions = {
         "source": f"REAL source · cache row {r['source_row']} · {r['source_class']}",
@@ -217,7 +233,7 @@ def edit_strip(run: Path, pool_dir: Path, r: dict) -> None:
         marker = {"edit": "EDITED", "source": "REAL"}.get(name)
         col.image(
             to_png(p[name], COMPARE_PX, marker),
-            width=COMPARE_PX,
+            width="stretch",
             output_format="PNG",
             caption=captions[name],
         )
@@ -331,7 +347,11 @@ def metrics(run: Path, db: Path, pixel) -> None:
 
 def dicom(run: Path, pool_dir: Path, r: dict | None) -> None:
     if r is not None:
-        st.subheader(f"Synthetic instance #{r['index']} ({r['class_name']}, as written)")
+        if r.get("edit"):
+            what = f"EDITED instance #{r['index']} ({r['class_name']}, derived from a patient image"
+        else:
+            what = f"Synthetic instance #{r['index']} ({r['class_name']}"
+        st.subheader(f"{what}, as written)")
         st.dataframe(header_table(pool_dir / r["path"]), hide_index=True)
     root = _dataset_root(run)
     idx = run / "ingest" / "index.csv"

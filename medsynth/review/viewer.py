@@ -120,12 +120,13 @@ def full_png(path: str | Path, center: float, width: float, marker: str = "SYNTH
     return _png(_banner(Image.fromarray(img), marker, (200, 30, 30)))
 
 
-def tile_png(img01: np.ndarray, status: str, size: int = 112) -> bytes:
+def tile_png(img01: np.ndarray, status: str, size: int = 112, marker: str = "SYNTHETIC") -> bytes:
     """A grid tile: ``(H, W)`` or ``(H, W, 3)`` in [0, 1] resized to ``size`` (area-averaged when shrinking),
-    a red SYNTHETIC banner above and a strip below coloured by review status."""
+    a red ``marker`` banner above (EDITED for a patient-derived edit) and a strip below coloured
+    by review status."""
     im = Image.fromarray((img01 * 255).round().astype(np.uint8))
     resample = Image.Resampling.BOX if im.width > size else Image.Resampling.NEAREST
-    im = _banner(im.resize((size, size), resample), "SYNTHETIC", (200, 30, 30))
+    im = _banner(im.resize((size, size), resample), marker, (200, 30, 30))
     out = Image.new("RGB", (im.width, im.height + BANNER_PX), STATUS_COLOURS[status])
     out.paste(im, (0, 0))
     ImageDraw.Draw(out).text((3, im.height + 1), status, fill=(255, 255, 255))
