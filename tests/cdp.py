@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -32,6 +35,48 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def streamlit_server(app: Path, run: Path, **env: str):
+    """A headless Streamlit server for ``app`` on run folder ``run``; yields its base URL.
+
+    Waits up to 60 s for the health endpoint; terminated (then killed) on exit. ``env`` adds
+    environment variables (e.g. ``USER``, which the dashboard records as the reviewer).
+    """
+    port = _port()
+    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", **env)
+    flags = {
+        "server.headless": "true",
+        "server.address": "127.0.0.1",
+        "server.port": str(port),
+        "server.fileWatcherType": "none",
+        "client.toolbarMode": "viewer",
+    }
+    args = [a for k, v in flags.items() for a in (f"--{k}", v)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(app), *args, "--", str(run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "streamlit did not start"
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 async def _session(

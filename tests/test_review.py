@@ -3,11 +3,7 @@
 import csv
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -290,61 +286,18 @@ def test_banner_and_status_strip_sit_outside_the_image(tmp_path):
     assert banner_px(1024) > BANNER_PX  # readable on a full-resolution image
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 @pytest.mark.skipif(
     __import__("tests.cdp").cdp.address_limit_blocks_chromium() is not None,
     reason="hard address-space limit too low for chromium (use `ulimit -S -v`)",
 )
 def test_real_browser_screenshot(run, tmp_path):
-    from tests.cdp import screenshot_when_images_loaded
+    from tests.cdp import screenshot_when_images_loaded, streamlit_server
 
-    port = _free_port()
-    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(APP),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "127.0.0.1",
-            "--server.port",
-            str(port),
-            "--client.toolbarMode",
-            "viewer",
-            "--",
-            str(run),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and app.poll() is None, "streamlit did not start"
-                time.sleep(0.3)
+    with streamlit_server(APP, run) as url:
         shot = tmp_path / "dashboard.png"
-        n_images = screenshot_when_images_loaded(
-            f"http://127.0.0.1:{port}/", shot, min_images=12, timeout=90
-        )
+        n_images = screenshot_when_images_loaded(url, shot, min_images=12, timeout=90)
         assert n_images >= 12 and shot.stat().st_size > 20_000
         keep = os.environ.get("MEDSYNTH_SCREENSHOT_DIR")
         if keep:
             shutil.copy(shot, Path(keep) / "dashboard.png")
-    finally:
-        app.terminate()
-        app.wait(timeout=10)
