@@ -103,6 +103,22 @@ def test_metrics_and_fast_paths_agree():
     assert 0 <= m["sensitivity_b"] <= 1 and 0 <= m["specificity_b"] <= 1
 
 
+def test_multiclass_fast_auc_equals_sklearn_ovr_macro():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 150)
+    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    proba[:10] = proba[10]  # ties
+    m = metrics(y, proba, ["a", "b", "c"])
+    assert fast_metric("auc", y, proba, 3) == pytest.approx(m["auc"], abs=1e-12)
+    # A resample missing class 2: the mean over the classes present, not an exception.
+    keep = y != 2
+    two = [
+        fast_metric("auc", (y[keep] == c).astype(int), proba[keep][:, [c, c]], 2) for c in (0, 1)
+    ]
+    assert fast_metric("auc", y[keep], proba[keep], 3) == pytest.approx(np.mean(two))
+
+
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)

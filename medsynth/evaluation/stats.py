@@ -26,10 +26,26 @@ def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _ovr_macro_auc(y: np.ndarray, proba: np.ndarray, k: int) -> float:
+    """One-vs-rest macro AUC over ``k`` classes (equals sklearn's ``multi_class="ovr"``).
+
+    A bootstrap resample may miss a class: sklearn then raises; here the mean is over the
+    classes present (NaN if fewer than two), so a replicate is not thrown away.
+    """
+    present = [c for c in range(k) if 0 < (y == c).sum() < len(y)]
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([_binary_auc((y == c).astype(int), proba[:, c]) for c in present]))
+
+
 def fast_metric(name: str, y: np.ndarray, proba: np.ndarray, k: int) -> float:
-    """``auc``, ``accuracy`` or ``balanced_accuracy`` without sklearn's per-call overhead."""
+    """``auc``, ``accuracy`` or ``balanced_accuracy`` without sklearn's per-call overhead.
+
+    sklearn's input validation costs ~ms per call, which dominated a 3-class sweep's
+    paired bootstrap (1,000 replicates x seeds x arms); these paths are pure NumPy.
+    """
     if name == "auc":
-        return _binary_auc(y, proba[:, 1]) if k == 2 else auc_score(y, proba, k)
+        return _binary_auc(y, proba[:, 1]) if k == 2 else _ovr_macro_auc(y, proba, k)
     pred = proba.argmax(1)
     if name == "accuracy":
         return float((pred == y).mean())
