@@ -184,3 +184,27 @@ def test_real_images_of_unequal_and_differently_spread_classes_are_not_flagged()
     assert not per["normal"]["collapsed"] and not per["finding"]["collapsed"]
     assert 0.5 < per["normal"]["FD_clf_over_real"] < 1.6
     assert 0.5 < per["finding"]["FD_clf_over_real"] < 1.6
+
+
+def test_classifier_health_warnings_reach_the_study_report_and_show(study, tmp_path):
+    import shutil
+
+    from medsynth.experiment.report import write_report
+    from medsynth.experiment.runner import show
+    from medsynth.protocol import load_protocol
+
+    summary = json.loads((study / "evaluate/summary.json").read_text())
+    assert isinstance(summary["warnings"], list)  # every study carries its health check
+    # Planted in a copy so that the card and the show line are checked whatever the tiny
+    # classifier did.
+    run = tmp_path / "run"
+    shutil.copytree(study, run)
+    summary["warnings"] = ["The real-only classifier is near chance <planted>."]
+    (run / "evaluate/summary.json").write_text(json.dumps(summary))
+    write_report(run, load_protocol(run / "protocol.yaml"))
+    page = (run / "report/index.html").read_text()
+    assert (
+        "<b>Check the classifier.</b> The real-only classifier is near chance &lt;planted&gt;"
+        in page
+    )
+    assert "WARNING: The real-only classifier is near chance <planted>." in show(run)

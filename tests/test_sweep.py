@@ -125,6 +125,7 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
         "data:image/png",
     ):
         assert text in page, text
+    assert all(isinstance(fr["warnings"], list) for fr in stats["fractions"].values())
     # Each generator and its classifiers saw only their fraction of the real training images.
     pools = ["g2-ddim3-eta0-p1", "g2-dpmpp3-p1"]
     n = {
@@ -137,6 +138,30 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
         for f in ("0.5", "1")
     }
     assert len(n["0.5"]) == len(n["1"]) == 1 and 0 < min(n["0.5"]) < min(n["1"])
+
+
+def test_a_baseline_warning_reaches_stats_report_and_show(resumed_sweep, tmp_path):
+    import shutil
+
+    from medsynth.experiment.runner import show
+
+    # The invalid fundus sweep's symptom, planted in a copy of the finished sweep's baselines:
+    # the rerun (analysis only) must carry it to stats.json, the report and `medsynth show`.
+    run = tmp_path / "run"
+    shutil.copytree(resumed_sweep[0], run)
+    path = run / "sweep/f0.5/evaluate/proportional/_baselines/summary.json"
+    summary = json.loads(path.read_text())
+    summary["warnings"] = ["The real-only classifier is near chance (planted)."]  # replaces
+    path.write_text(json.dumps(summary))
+    run_sweep(load_protocol(SMOKE_SWEEP), run_dir=run, log=lambda _: None, progress=False)
+    stats = json.loads((run / "sweep/stats.json").read_text())
+    assert stats["fractions"]["0.5"]["warnings"] == summary["warnings"]
+    # The other fraction keeps its own findings (the smoke classifier is tiny: near chance).
+    other = run / "sweep/f1/evaluate/proportional/_baselines/summary.json"
+    assert stats["fractions"]["1"]["warnings"] == json.loads(other.read_text())["warnings"]
+    page = (run / "report/index.html").read_text()
+    assert "Check the classifier (train fraction 0.5).</b> The real-only classifier is near" in page
+    assert "WARNING: The real-only classifier is near chance (planted)." in show(run)
 
 
 def test_units_of_one_fraction_share_baselines_and_extractor(resumed_sweep):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from medsynth.evaluation.edit_arms import edit_audit_fields, is_edit_pool
 from medsynth.evaluation.fidelity import fidelity_diversity
+from medsynth.evaluation.health import classifier_health
 from medsynth.evaluation.memorization import audit
 from medsynth.evaluation.per_class import class_metrics, flag_collapsed, per_class_rows
 from medsynth.evaluation.stats import paired_bootstrap_diff, spearman_with_ci
@@ -223,6 +224,7 @@ def analyse(
         "classifier": cfg.to_dict(),
         "seeds": ev.seeds,
         "extractor": f"{cfg.kind} real-only seed 0 (penultimate layer)",
+        "warnings": classifier_health(rows, cfg.epochs, feats["real_train"]),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     # Test and validation probabilities per arm (seeds stacked) for statistics across studies:

@@ -217,6 +217,7 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         f"validation split, tested on {summary['n_test']} real test images. Differences are paired (same seeds, "
         "same test cases) with bootstrap 95 % CIs; green/red = CI excludes zero. Synthetic arms must beat the "
         "duplicate-real control holding as many extra images per class.</p>",
+        *_warning_cards(summary.get("warnings", [])),
         _table(
             [
                 [
@@ -317,6 +318,14 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
         )
         parts.append(_pairs_png(run, out, name, m))
     return parts
+
+
+def _warning_cards(warnings: list[str]) -> list[str]:
+    """The classifier-health warnings of a study (evaluation.health), one card each."""
+    return [
+        f"<div class='card warn'><b>Check the classifier.</b> {html.escape(w)}</div>"
+        for w in warnings
+    ]
 
 
 def _guidance(g) -> str:

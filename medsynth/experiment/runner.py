@@ -273,7 +273,7 @@ def run_protocol(
                     f"evaluation.pools names {missing}, which were not generated in {run / 'generate'}; "
                     f"generate them (generation.pool) or list only {protocol.generation.pool!r}"
                 )
-            run_study(
+            res = run_study(
                 run / "ingest",
                 run / "generate",
                 run / "evaluate",
@@ -282,6 +282,8 @@ def run_protocol(
                 fraction_seed=ds.fraction_seed,
                 progress=progress,
             )
+            for w in res["summary"]["warnings"]:
+                log(f"  WARNING: {w}")
         elif p.stage == "report":
             from medsynth.experiment.report import write_report
 
@@ -338,6 +340,8 @@ def show(run_dir: str | Path) -> str:
                 else ""
             )
             lines.append(f"  {r['arm']:<32} {float(r['auc_mean']):.3f} {d}")
+        summary = json.loads((run / "evaluate" / "summary.json").read_text())
+        lines += [f"  WARNING: {w}" for w in summary.get("warnings", [])]
     fidelity = run / "evaluate" / "fidelity.json"
     if fidelity.exists() and ingest.exists():
         from medsynth.evaluation.per_class import per_class_lines
@@ -359,6 +363,7 @@ def show(run_dir: str | Path) -> str:
         lines.append(f"sweep: {done} finished units; table {run / 'sweep' / 'configs.csv'}")
         for fr in json.loads(sweep.read_text())["fractions"].values():
             lines.append("  " + fr["recommendation"])
+            lines += [f"  WARNING: {w}" for w in fr.get("warnings", [])]
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")
     return "\n".join(lines)

@@ -285,6 +285,8 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
     run = Path(run)
     rows, probas_of = config_rows(run, plan, n_boot)
     fractions = {f"{f:g}": analyse_fraction(rows, probas_of, f, n_boot) for f in plan.fractions}
+    for f in plan.fractions:
+        fractions[f"{f:g}"]["warnings"] = baseline_warnings(run, plan, f)
     stats = {
         "fractions": fractions,
         "low_data_curve": low_data_curve(rows),
@@ -300,6 +302,18 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
         write_rows(fh, cols, rows)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, default=float))
     return {"rows": rows, **stats}
+
+
+def baseline_warnings(run: Path, plan, fraction: float) -> list[str]:
+    """Classifier-health warnings (evaluation.health) of this fraction's baseline studies."""
+    from medsynth.experiment.sweep import baseline_dir
+
+    out = []
+    for mix in dict.fromkeys(u.class_mix for u in plan.units if u.fraction == fraction):
+        path = run / baseline_dir(fraction, mix) / "summary.json"
+        if path.exists():
+            out += json.loads(path.read_text()).get("warnings", [])
+    return list(dict.fromkeys(out))
 
 
 def summary_text(result: dict) -> str:
@@ -318,4 +332,5 @@ def summary_text(result: dict) -> str:
                 f"{r['auc_vs_dup_verdict']}"
             )
         lines.append("  " + fr["recommendation"])
+        lines += [f"  WARNING: {w}" for w in fr.get("warnings", [])]
     return "\n".join(lines)

@@ -93,6 +93,11 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     ]
     for fr in stats["fractions"].values():
         parts.append(f"<div class='card'>{html.escape(fr['recommendation'])}</div>")
+        parts += [
+            f"<div class='card warn'><b>Check the classifier (train fraction {fr['fraction']:g}).</b> "
+            f"{html.escape(w)}</div>"
+            for w in fr.get("warnings", [])
+        ]
     for key, fr in stats["fractions"].items():
         mine = sorted(
             (r for r in rows if f"{r['fraction']:g}" == key), key=lambda r: -r["auc_vs_dup"]
