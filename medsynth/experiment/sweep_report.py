@@ -69,6 +69,11 @@ def _curve(curve: dict, path: Path) -> str:
             )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        # Ticks at the measured fractions only: a log axis's default 2x10^0, 3x10^0, ... minor
+        # labels overlap when the curve spans less than a decade.
+        percents = [f * 100 for f in curve["fractions"]]
+        ax.set_xticks(percents, [f"{p:g} %" for p in percents])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("real training data (% of train split)")
         ax.set_ylabel("AUC uplift")
         ax.set_title(title)
