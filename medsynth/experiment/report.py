@@ -320,10 +320,10 @@ def _evaluation_sections(run: Path, out: Path, classes: list[str]) -> list[str]:
     return parts
 
 
-def _warning_cards(warnings: list[str]) -> list[str]:
+def _warning_cards(warnings: list[str], title: str = "Check the classifier.") -> list[str]:
     """The classifier-health warnings of a study (evaluation.health), one card each."""
     return [
-        f"<div class='card warn'><b>Check the classifier.</b> {html.escape(w)}</div>"
+        f"<div class='card warn'><b>{html.escape(title)}</b> {html.escape(w)}</div>"
         for w in warnings
     ]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medsynth import __version__
-from medsynth.experiment.report import CSS, _fmt, _png, _table, plt
+from medsynth.experiment.report import CSS, _fmt, _png, _table, _warning_cards, plt
 from medsynth.experiment.sweep_analysis import DIVERSITY
 from medsynth.utils.csvsafe import read_rows
 
@@ -98,11 +98,8 @@ def write_sweep_report(run: str | Path, protocol) -> Path:
     ]
     for fr in stats["fractions"].values():
         parts.append(f"<div class='card'>{html.escape(fr['recommendation'])}</div>")
-        parts += [
-            f"<div class='card warn'><b>Check the classifier (train fraction {fr['fraction']:g}).</b> "
-            f"{html.escape(w)}</div>"
-            for w in fr.get("warnings", [])
-        ]
+        title = f"Check the classifier (train fraction {fr['fraction']:g})."
+        parts += _warning_cards(fr.get("warnings", []), title)
     for key, fr in stats["fractions"].items():
         mine = sorted(
             (r for r in rows if f"{r['fraction']:g}" == key), key=lambda r: -r["auc_vs_dup"]
