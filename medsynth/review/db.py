@@ -97,8 +97,13 @@ def init_db(path: str | Path) -> Path:
             con.executescript(SCHEMA)
             con.close()
             os.chmod(tmp, 0o644)
-            if not path.exists():  # another writer may have won; keep its file
-                os.replace(tmp, path)
+            # Link, not exists-then-replace: two first writers could both see no file, and the
+            # second replace would swap the file under the first one's open connection
+            # ("attempt to write a readonly database"). A link fails if the path exists.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another writer won; keep its file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
