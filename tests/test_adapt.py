@@ -330,6 +330,7 @@ def test_generation_from_adapter_snapshot_and_provenance_on_resume(base, tmp_pat
 
 def test_retrained_base_reruns_the_adaptation_stage(base, tmp_path):
     from medsynth.experiment.runner import plan_stages
+    from medsynth.experiment.sweep import _train_sha, fraction_protocol
     from medsynth.protocol import parse_protocol
     from medsynth.runfolder import stage_inputs
 
@@ -339,10 +340,13 @@ def test_retrained_base_reruns_the_adaptation_stage(base, tmp_path):
     plain = parse_protocol(TINY_YAML)
     assert stage_inputs(plain) == stage_inputs(plain, None)  # unchanged without a base
     before = plan_stages(proto, tmp_path / "run")[1].inputs_sha256
+    sweep_before = _train_sha(proto, 0.5)  # a sweep's per-fraction generator, likewise
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(dict(cfg, step=cfg["step"] + 1)))
     after = plan_stages(proto, tmp_path / "run")[1].inputs_sha256
     assert before != after
+    assert _train_sha(proto, 0.5) != sweep_before
+    assert _train_sha(plain, 0.5) == stage_inputs(fraction_protocol(plain, 0.5))["train"]
 
 
 def test_init_from_names_a_snapshot_train_or_run_folder_or_one_glob_match(base, tmp_path):

@@ -24,7 +24,14 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from medsynth.experiment.runner import StagePlan, StudyError, _begin, _finish, stage_status
+from medsynth.experiment.runner import (
+    StagePlan,
+    StudyError,
+    _begin,
+    _finish,
+    stage_hashes,
+    stage_status,
+)
 from medsynth.protocol import Protocol, SamplerSetting
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
 
@@ -311,7 +318,8 @@ def _dur(seconds: float) -> str:
 
 
 def _train_sha(protocol: Protocol, fraction: float) -> str:
-    return stage_inputs(fraction_protocol(protocol, fraction))["train"]
+    # stage_hashes, not stage_inputs: an adapting sweep retrains when its base snapshot changes.
+    return stage_hashes(fraction_protocol(protocol, fraction))["train"]
 
 
 def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
