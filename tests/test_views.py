@@ -5,7 +5,12 @@ import pytest
 
 from medsynth.data.index import IngestError, assign_splits
 from medsynth.evaluation.study import within_view_report
-from medsynth.evaluation.views import usable_views, view_aucs, within_view_uplift
+from medsynth.evaluation.views import (
+    gap_difference,
+    usable_views,
+    view_aucs,
+    within_view_uplift,
+)
 
 
 def _shortcut_data(n=400, seed=0):
@@ -63,6 +68,44 @@ def test_within_view_uplift_finds_a_planted_effect_and_not_a_null():
     assert hit["n"] == (views == "PA").sum()
 
 
+def test_gap_change_finds_a_planted_narrowing_and_not_a_null():
+    y, views, rng = _shortcut_data(600, seed=5)
+
+    def arm(pa_signal):
+        # AP is read well (signal 3); PA as well as pa_signal allows: the AP - PA gap.
+        return np.stack(
+            [
+                _probas(np.where(views == "AP", 3.0, pa_signal) * y + rng.normal(0, 1, len(y)))
+                for _ in range(5)
+            ]
+        )
+
+    control, same, narrower = arm(0.5), arm(0.5), arm(3.0)
+    assert view_aucs(y, control, views, ["AP", "PA"])["gap"]["mean"] > 0.2
+    hit = gap_difference(y, narrower, control, views, ("AP", "PA"), n_boot=300)
+    null = gap_difference(y, same, control, views, ("AP", "PA"), n_boot=300)
+    assert hit["diff"] < -0.15 and hit["ci_high"] < 0  # the arm narrows the gap
+    assert null["ci_low"] < 0 < null["ci_high"]
+    # Reversing the pair flips the sign, not the size.
+    flip = gap_difference(y, narrower, control, views, ("PA", "AP"), n_boot=0)
+    assert flip["diff"] == pytest.approx(-hit["diff"]) and np.isnan(flip["ci_low"])
+
+
+def test_edit_arms_are_compared_with_their_own_control_within_views():
+    y, views, rng = _shortcut_data(300, seed=6)
+
+    def arm():
+        return [_probas(1.5 * y + rng.normal(0, 1, len(y))) for _ in range(3)]
+
+    cf, own = "counterfactual@0.5:vary@1", "duplicate_control:counterfactual@0.5:vary@1"
+    probas = {"real_only": arm(), "duplicate_control@1": arm(), cf: arm(), own: arm()}
+    rep = within_view_report(y, probas, views, 100, dup_of={cf: own})
+    want = gap_difference(y, np.stack(probas[cf]), np.stack(probas[own]), views, ("AP", "PA"), 100)
+    assert rep["arms"][cf]["gap"]["vs_dup"] == want
+    assert "auc_vs_dup" in rep["arms"][cf]["views"]["AP"]
+    assert "vs_dup" not in rep["arms"]["duplicate_control@1"]["gap"]
+
+
 def test_views_without_both_classes_or_a_second_view_are_not_compared():
     y = np.array([0, 1, 0, 1, 0, 0, 0])
     assert usable_views(y, np.array(["AP"] * 4 + ["PA"] * 3)) == []  # PA has no positive
@@ -83,6 +126,7 @@ def test_within_view_report_pairs_synthetic_arms_with_real_and_their_control():
     assert rep["attribute"] == "ViewPosition" and rep["views"] == ["AP", "PA"]
     syn = rep["arms"]["synthetic:p:random@1"]
     assert {"auc_vs_real", "auc_vs_dup"} <= set(syn["views"]["PA"])
+    assert {"vs_real", "vs_dup"} <= set(syn["gap"])
     assert "auc_vs_dup" not in rep["arms"]["duplicate_control@1"]["views"]["AP"]
     assert "auc_vs_real" not in rep["arms"]["real_only"]["views"]["AP"]
 
@@ -155,12 +199,14 @@ def test_sweep_rows_and_reports_carry_the_within_view_figures(tmp_path):
     assert view_fields(y, np.array([""] * len(y)), syn, dup, real) == {}
     page = "".join(_views_table([dict(f, config="g1|random|x1|proportional")]))
     assert "AUC PA" in page and "gap AP − PA" in page and "vs control in PA" in page
+    assert f["view_gap_vs_dup"] < 0 and "gap change vs control" in page
     # The single-study report reads evaluate/views.json.
     probas = {"real_only": list(real), "duplicate_control@1": list(dup)}
     probas["synthetic:p:random@1"] = list(syn)
     (tmp_path / "views.json").write_text(json.dumps(within_view_report(y, probas, views, 100)))
     html = "".join(_views_section(tmp_path))
     assert "Within ViewPosition" in html and "AUC AP" in html and "ΔAUC vs control in PA" in html
+    assert "gap change vs control" in html
     assert _views_section(tmp_path / "absent") == []
 
 

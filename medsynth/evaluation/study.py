@@ -33,7 +33,13 @@ from medsynth.evaluation.units import (
     plan_units,
     real_only_unit,
 )
-from medsynth.evaluation.views import VIEW_ATTRIBUTE, usable_views, view_aucs, within_view_uplift
+from medsynth.evaluation.views import (
+    VIEW_ATTRIBUTE,
+    gap_difference,
+    usable_views,
+    view_aucs,
+    within_view_uplift,
+)
 from medsynth.protocol import EvaluationSection
 from medsynth.utils.csvsafe import write_rows
 
@@ -154,7 +160,7 @@ def analyse(
     # 2b. Within-view AUC (e.g. AP vs PA) where the test split records a view: a shortcut
     # through the view cannot raise an AUC computed among cases of one view.
     test_views = np.array([str(r.get(VIEW_ATTRIBUTE) or "") for r in test.rows])
-    views = within_view_report(y_test, probas, test_views, ev.bootstrap)
+    views = within_view_report(y_test, probas, test_views, ev.bootstrap, dup_of)
 
     # 3. Fidelity / diversity of each selected set (per class and overall), memorization per pool.
     rng = np.random.default_rng(0)
@@ -267,11 +273,16 @@ def analyse(
 
 
 def within_view_report(
-    y: np.ndarray, probas: dict[str, list], views: np.ndarray, n_boot: int
+    y: np.ndarray,
+    probas: dict[str, list],
+    views: np.ndarray,
+    n_boot: int,
+    dup_of: dict[str, str] | None = None,
 ) -> dict:
     """Per arm: AUC within each view and the gap of the first two views (e.g. AP - PA); per
-    synthetic or control arm: AUC uplift within each view vs real-only and vs its duplicate
-    control (paired bootstrap CIs). ``{}`` when fewer than two views hold both classes."""
+    synthetic, edit or control arm: AUC uplift within each view and the change of the gap, vs
+    real-only and vs its duplicate control (``dup_of``: an edit arm's own control; paired
+    bootstrap CIs). ``{}`` when fewer than two views hold both classes."""
     vl = usable_views(y, views)
     if not vl:
         return {}
@@ -279,14 +290,19 @@ def within_view_report(
     for arm, ps in probas.items():
         rec = view_aucs(y, np.stack(ps), views, vl)
         bases = [("real", "real_only")]
-        if arm.startswith("synthetic:"):
-            bases.append(("dup", f"duplicate_control@{arm.rsplit('@', 1)[1]}"))
+        dup = (dup_of or {}).get(arm) or (
+            f"duplicate_control@{arm.rsplit('@', 1)[1]}" if arm.startswith("synthetic:") else None
+        )
+        if dup:
+            bases.append(("dup", dup))
         for tag, base in bases:
             if arm != base and base in probas:
+                pa, pb = np.stack(ps), np.stack(probas[base])
                 for v in vl:
                     rec["views"][v][f"auc_vs_{tag}"] = within_view_uplift(
-                        y, np.stack(ps), np.stack(probas[base]), views, v, n_boot
+                        y, pa, pb, views, v, n_boot
                     )
+                rec["gap"][f"vs_{tag}"] = gap_difference(y, pa, pb, views, vl[:2], n_boot)
         out["arms"][arm] = rec
     return out
 

@@ -400,6 +400,7 @@ def _views_section(ev: Path) -> list[str]:
             [html.escape(arm)]
             + [_fmt(per[v]["auc_mean"]) for v in vl]
             + [_fmt(rec.get("gap", {}).get("mean"))]
+            + [up(rec.get("gap", {}).get("vs_dup"))]
             + [up(per[v].get("auc_vs_dup")) for v in vl]
         )
     counts = ", ".join(
@@ -411,12 +412,14 @@ def _views_section(ev: Path) -> list[str]:
         f"<p>AUC among the test cases of one view only ({html.escape(counts)}): a classifier "
         "that recognises the view instead of the disease scores 0.5 here. Gap = "
         f"{html.escape(vl[0])} − {html.escape(vl[1])} AUC (mean over seeds); uplift within a "
-        "view is paired-bootstrapped over seeds and that view's cases.</p>",
+        "view is paired-bootstrapped over seeds and that view's cases; the gap's change vs the "
+        "control resamples each view's cases separately (negative = the arm narrows a positive "
+        "gap).</p>",
         _table(
             rows,
             ["arm"]
             + [f"AUC {v}" for v in vl]
-            + [f"gap {vl[0]} − {vl[1]}"]
+            + [f"gap {vl[0]} − {vl[1]}", "gap change vs control"]
             + [f"ΔAUC vs control in {v}" for v in vl],
         ),
     ]

@@ -23,7 +23,12 @@ from medsynth.evaluation.sweep_stats import (
     paired_bootstrap_test,
     verdict,
 )
-from medsynth.evaluation.views import usable_views, view_aucs, within_view_uplift
+from medsynth.evaluation.views import (
+    gap_difference,
+    usable_views,
+    view_aucs,
+    within_view_uplift,
+)
 from medsynth.utils.csvsafe import write_rows
 
 DIVERSITY = ("recall_clf", "coverage_clf", "msssim_ratio", "vendi_clf", "vendi_pixels")
@@ -46,8 +51,9 @@ def _load_unit(folder: Path) -> tuple:
 
 def view_fields(y, views, proba_arm, proba_dup, proba_real, n_boot: int = 1000) -> dict:
     """Within-view columns of one configuration: ``auc_<view>`` (mean over seeds), ``view_gap``
-    (first - second view, e.g. AP - PA), ``auc_<view>_vs_dup`` with its paired bootstrap CI,
-    and real-only's ``real_auc_<view>``. ``{}`` without two views that hold both classes.
+    (first - second view, e.g. AP - PA), ``auc_<view>_vs_dup`` and ``view_gap_vs_dup`` (the
+    gap's change vs the duplicate control) with paired bootstrap CIs, and real-only's
+    ``real_auc_<view>``. ``{}`` without two views that hold both classes.
     ``(S, N, K)`` probabilities."""
     vl = usable_views(y, views) if views is not None else []
     if not vl:
@@ -65,6 +71,12 @@ def view_fields(y, views, proba_arm, proba_dup, proba_real, n_boot: int = 1000) 
             f"auc_{v}_vs_dup_ci_low": t["ci_low"],
             f"auc_{v}_vs_dup_ci_high": t["ci_high"],
         }
+    g = gap_difference(y, proba_arm, proba_dup, views, vl[:2], n_boot)
+    out |= {
+        "view_gap_vs_dup": g["diff"],
+        "view_gap_vs_dup_ci_low": g["ci_low"],
+        "view_gap_vs_dup_ci_high": g["ci_high"],
+    }
     return out
 
 

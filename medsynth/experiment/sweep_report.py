@@ -186,6 +186,7 @@ def _views_table(mine: list[dict]) -> list[str]:
         [html.escape(r["config"])]
         + [_fmt(r[f"auc_{v}"]) for v in vl]
         + [_fmt(r["view_gap"])]
+        + [_diff(r, "view_gap_vs_dup") if "view_gap_vs_dup" in r else "—"]
         + [_diff(r, f"auc_{v}_vs_dup") for v in vl]
         for r in mine
     ]
@@ -198,7 +199,7 @@ def _views_table(mine: list[dict]) -> list[str]:
             rows,
             ["configuration"]
             + [f"AUC {v}" for v in vl]
-            + [f"gap {vl[0]} − {vl[1]}"]
+            + [f"gap {vl[0]} − {vl[1]}", "gap change vs control (95 % CI)"]
             + [f"vs control in {v} (95 % CI)" for v in vl],
         ),
     ]
