@@ -113,7 +113,7 @@ def small(args) -> None:
 
     auc = metrics(test.labels.numpy(), clf.predict_proba(test.images), real.classes)["auc"]
     t_clf = time.perf_counter() - t0 - t_ingest - t_train
-    cache = torch.from_numpy(np.load(run / "ingest" / "images.npy"))
+    cache = torch.from_numpy(np.load(run / "ingest" / "images.npy")).float()  # stored as fp16
     real_feats = clf.features(real.images)
     out = {"conditions": _conditions(args, proto, len(real.labels), auc)}
     grid = {}

@@ -151,13 +151,14 @@ def test_classifier_learns_and_features():
     y = torch.arange(n) % 2
     x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
     x[y == 1, :, 4:12, 4:12] += 1.0
-    clf = Classifier(2, 1, ClassifierConfig(epochs=5, batch_size=32), seed=0).fit(
-        x[:120], y[:120], x[120:], y[120:]
-    )
+    cfg = ClassifierConfig(epochs=5, batch_size=32, precision="fp32")
+    clf = Classifier(2, 1, cfg, seed=0).fit(x[:120], y[:120], x[120:], y[120:])
     p = clf.predict_proba(x[120:])
     assert p.shape == (40, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert metrics(y[120:].numpy(), p, ["a", "b"])["auc"] > 0.95
     assert clf.features(x[:7]).shape == (7, 128)
+    # An ingest cache holds fp16: the classifier reads it like float32 (it once raised).
+    assert np.allclose(clf.predict_proba(x[120:].half()), p, atol=2e-3)
     assert len(clf.history) == 5 and 0 <= clf.best_epoch < 5
     aug = classical_augment(x[:8], torch.Generator().manual_seed(1))
     assert aug.shape == x[:8].shape and not torch.equal(aug, x[:8]) and aug.abs().max() <= 1

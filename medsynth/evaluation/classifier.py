@@ -204,7 +204,8 @@ class Classifier:
         )
         try:
             for i in range(0, len(x), batch):
-                xb = x[i : i + batch].to(dev, memory_format=self._memory_format())
+                # float32 whatever the caller holds (an ingest cache is fp16); autocast decides.
+                xb = x[i : i + batch].to(dev, torch.float32, memory_format=self._memory_format())
                 with self._autocast():
                     logits = self.net(xb).float()
                 outs.append(feats.pop() if features else logits.softmax(1))
