@@ -10,12 +10,15 @@ make two counterfactual pools of ``--sources`` training images:
 - ``vary``: SDEdit at strength ``--strength`` to the other class.
 
 Prints, per pool: counterfactual validity (share the real-only classifier assigns to the target
-class, beside the share of the *unedited* sources it already assigns there), SSIM / PSNR to the
+class at the balanced-accuracy threshold chosen on validation, beside the share of the *unedited*
+sources it already assigns there, and how far the edit raised P(target)), SSIM / PSNR to the
 source outside the mask (whole image for SDEdit), FD_clf of the edits vs real train images of
 the target class (beside the unedited sources' FD_clf to the same set), and writes a grid.
 
     OMP_NUM_THREADS=1 python benchmarks/edit.py [--size 32] [--steps 300] [--sources 32]
         [--grid docs/edit_grid.png] [--workdir /tmp/medsynth-edit-bench]
+    python benchmarks/edit.py --run RUN [--grid PNG]   # the same figures for the edits of a
+                                                       # protocols/rsna_edit.yaml run
     python benchmarks/edit.py --appa RUN   # AP vs PA test AUC per arm of an evaluated run
 """
 
@@ -104,7 +107,35 @@ def small(args) -> None:
             progress=False,
         )
     t_train = time.perf_counter() - t0 - t_ingest
+    edit_seconds = {}
+    for kind in ("inpaint", "vary"):
+        te = time.perf_counter()
+        edit_from_protocol(proto, run, kind, progress=False)
+        edit_seconds[kind] = round(time.perf_counter() - te, 1)
+    out = measure(proto, run, edit_seconds, args.grid)
+    out["conditions"] = _conditions(args, proto, out.pop("n_train"), out.pop("auc"))
+    out["seconds"] = {
+        "ingest": round(t_ingest, 1),
+        "train": round(t_train, 1),
+        "total": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out, indent=2, default=float))
 
+
+def balanced_threshold(y: np.ndarray, p1: np.ndarray) -> float:
+    """The P(class 1) threshold with the highest balanced accuracy on ``(y, p1)`` (validation):
+    a small CNN stopped early is often far from calibrated, so 0.5 can put every image in one
+    class while its AUC is fine."""
+    cands = np.unique(p1)
+    bal = [((p1[y == 1] >= t).mean() + (p1[y == 0] < t).mean()) / 2 for t in cands]
+    return float(cands[int(np.argmax(bal))])
+
+
+def measure(proto, run: Path, edit_seconds: dict | None = None, grid_path=None) -> dict:
+    """Validity, preservation and realism of the ``inpaint`` and ``vary`` pools of ``run``
+    (a run folder of ``proto`` whose edits exist), judged by a real-only small CNN trained on
+    the run's train split; then the canary scan and, with ``grid_path``, the grid."""
+    t0 = time.perf_counter()
     real = load_split(run / "ingest", "train")
     val, test = load_split(run / "ingest", "val"), load_split(run / "ingest", "test")
     cfg = ClassifierConfig(kind="small_cnn", epochs=15, batch_size=32, precision="fp32")
@@ -112,17 +143,19 @@ def small(args) -> None:
     from medsynth.evaluation.stats import metrics
 
     auc = metrics(test.labels.numpy(), clf.predict_proba(test.images), real.classes)["auc"]
-    t_clf = time.perf_counter() - t0 - t_ingest - t_train
+    thr = balanced_threshold(val.labels.numpy(), clf.predict_proba(val.images)[:, 1])
+    out = {
+        "n_train": len(real.labels),
+        "auc": auc,
+        "threshold_from_validation": thr,
+        "classifier_seconds": round(time.perf_counter() - t0, 1),
+    }
     cache = torch.from_numpy(np.load(run / "ingest" / "images.npy")).float()  # stored as fp16
     real_feats = clf.features(real.images)
-    out = {"conditions": _conditions(args, proto, len(real.labels), auc)}
     grid = {}
     for kind in ("inpaint", "vary"):
-        te = time.perf_counter()
-        edit_from_protocol(proto, run, kind, progress=False)
         sub = getattr(proto.edit, kind)
         pool = load_pool(run / "generate" / sub.pool, real.classes, channels=1)
-        secs = time.perf_counter() - te
         rows = pool.rows
         src = cache[[int(r["source_row"]) for r in rows]]
         target = pool.labels
@@ -139,14 +172,19 @@ def small(args) -> None:
             )[:, None]
         else:
             masks = torch.zeros_like(src, dtype=torch.bool)
-        p_edit = clf.predict_proba(pool.images)[np.arange(len(target)), target.numpy()]
-        p_src = clf.predict_proba(src)[np.arange(len(target)), target.numpy()]
+        pe1, ps1 = clf.predict_proba(pool.images)[:, 1], clf.predict_proba(src)[:, 1]
+        tgt = target.numpy()
+        # Assigned to the target class on the validation-calibrated side of the threshold.
+        hit_edit, hit_src = (pe1 >= thr) == (tgt == 1), (ps1 >= thr) == (tgt == 1)
+        shift = np.where(tgt == 1, pe1 - ps1, ps1 - pe1)  # rise of P(target) by the edit
         ssim, psnr = preservation(pool.images, src, ~masks)
         res = {
             "n_edits": len(rows),
-            "edit_seconds": round(secs, 1),
-            "validity": float((p_edit > 0.5).mean()),
-            "validity_unedited_sources": float((p_src > 0.5).mean()),
+            "edit_seconds": (edit_seconds or {}).get(kind),
+            "validity": float(hit_edit.mean()),
+            "validity_unedited_sources": float(hit_src.mean()),
+            "p_target_rise_mean": float(shift.mean()),
+            "share_p_target_rose": float((shift > 0).mean()),
             "ssim_outside_mask": ssim,
             "psnr_outside_mask_db": psnr,
             "mask_share_of_image": float(masks.float().mean()),
@@ -156,6 +194,8 @@ def small(args) -> None:
             sel = (target == c).numpy()
             ref = real_feats[(real.labels == c).numpy()]
             if sel.sum() >= 2:
+                res[f"validity_to_{name}"] = float(hit_edit[sel].mean())
+                res[f"validity_unedited_to_{name}"] = float(hit_src[sel].mean())
                 res[f"FD_clf_edits_vs_real_class_{name}"] = fd(ref, fe[sel])
                 res[f"FD_clf_sources_vs_real_class_{name}"] = fd(ref, fs[sel])
                 res[f"n_target_{name}"] = int(sel.sum())
@@ -164,17 +204,11 @@ def small(args) -> None:
             res["mean_abs_change_inside_mask"] = float((pool.images - src).abs()[inside].mean())
         out[kind] = res
         grid[kind] = (src, pool.images, masks, rows)
-    out["seconds"] = {
-        "ingest": round(t_ingest, 1),
-        "train": round(t_train, 1),
-        "classifier": round(t_clf, 1),
-        "total": round(time.perf_counter() - t0, 1),
-    }
-    print(json.dumps(out, indent=2, default=float))
-    canary_scan(run, Path(proto.dataset.root))
-    if args.grid:
-        _grid(grid, Path(args.grid), real.classes)
-        print(f"grid: {args.grid}")
+    out["canary_hits"] = canary_scan(run, Path(proto.dataset.root))
+    if grid_path:
+        _grid(grid, Path(grid_path), real.classes)
+        print(f"grid: {grid_path}")
+    return out
 
 
 def _conditions(args, proto, n_train: int, auc: float) -> dict:
@@ -198,7 +232,11 @@ def _grid(grid: dict, path: Path, classes: list[str], n: int = 6) -> None:
     src_i, ed_i, m_i, rows_i = grid["inpaint"]
     _, ed_v, _, rows_v = grid["vary"]
     by_row_v = {r["source_row"]: k for k, r in enumerate(rows_v)}
-    picks = [k for k, r in enumerate(rows_i) if r["source_row"] in by_row_v][:n]
+    both = [k for k, r in enumerate(rows_i) if r["source_row"] in by_row_v]
+    # Half from each source class: a finding removed, and one inserted in a borrowed box.
+    picks = [
+        k for c in classes for k in [k for k in both if rows_i[k]["source_class"] == c][: n // 2]
+    ]
     cols = ["source", "mask", "inpainted", "|diff|", "SDEdit"]
     fig, axes = plt.subplots(len(picks), len(cols), figsize=(1.6 * len(cols), 1.7 * len(picks)))
     for i, k in enumerate(picks):
@@ -257,24 +295,19 @@ def canary_scan(run: Path, source_root: Path) -> int:
 
 
 def appa(run: Path) -> None:
-    """AUC on AP and on PA test images for every arm of an evaluated run, and the gap."""
-    from sklearn.metrics import roc_auc_score
-
-    from medsynth.data.datasets import split_rows
-
-    rows = split_rows(run / "ingest", "test")
-    view = np.array([r.get("ViewPosition", "") for r in rows])
-    z = np.load(run / "evaluate" / "probas.npz")
-    y = z["y_test"]
-    print(f"{'arm':<44}{'AUC AP':>8}{'AUC PA':>8}{'gap':>8}   (mean over seeds)")
-    for i, arm in enumerate(z["arms"]):
-        p = z[f"arm_{i}"][..., 1]
-        res = []
-        for v in ("AP", "PA"):
-            sel = view == v
-            aucs = [roc_auc_score(y[sel], s[sel]) for s in p if len(set(y[sel])) == 2]
-            res.append(float(np.mean(aucs)) if aucs else float("nan"))
-        print(f"{arm:<44}{res[0]:>8.3f}{res[1]:>8.3f}{res[0] - res[1]:>8.3f}")
+    """Within-view AUC per arm of an evaluated run (``evaluate/views.json``): AUC on AP and on
+    PA test images, the AP - PA gap, and the gap's change vs the arm's count-matched duplicate
+    control with its paired bootstrap 95 % CI (negative = narrower)."""
+    rep = json.loads((run / "evaluate" / "views.json").read_text())
+    a, b = rep["views"][:2]
+    print(f"{'arm':<58}{'AUC ' + a:>8}{'AUC ' + b:>8}{'gap':>8}   gap change vs control [95 % CI]")
+    for arm, rec in rep["arms"].items():
+        g = rec["gap"].get("vs_dup")
+        change = f"{g['diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g else "-"
+        print(
+            f"{arm:<58}{rec['views'][a]['auc_mean']:>8.3f}{rec['views'][b]['auc_mean']:>8.3f}"
+            f"{rec['gap']['mean']:>+8.3f}   {change}"
+        )
 
 
 def main() -> None:
@@ -289,10 +322,16 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/medsynth-edit-bench")
     ap.add_argument("--grid", default=None, help="write a PNG grid of edits here")
     ap.add_argument("--appa", type=Path, default=None, help="evaluated run folder: AP/PA AUCs")
+    ap.add_argument(
+        "--run", type=Path, default=None, help="measure the edits of a protocols/rsna_edit.yaml run"
+    )
     ap.add_argument("--scan", action="store_true", help="only the canary scan of --workdir")
     args = ap.parse_args()
     if args.appa:
         appa(args.appa)
+    elif args.run:
+        proto = load_protocol(REPO / "protocols/rsna_edit.yaml")
+        print(json.dumps(measure(proto, args.run, grid_path=args.grid), indent=2, default=float))
     elif args.scan:
         proto = load_protocol(REPO / "protocols/rsna_edit.yaml")
         canary_scan(Path(args.workdir), Path(proto.dataset.root))
