@@ -57,13 +57,19 @@ def _extractor_path(cache: Path, name: str) -> Path:
     return cache / f"extractor_{name}.pt"
 
 
-def train_extractors(ingest: Path, cache: Path, epochs: int | None = None) -> None:
-    """Fit each extractor on the real train split (best validation-AUC epoch) and save it.
+def train_extractors(
+    ingest: Path, cache: Path, epochs: int | None = None, only: list[str] | None = None
+) -> None:
+    """Fit each extractor (``only``: these names; cnn0 is always needed) on the real train
+    split (best validation-AUC epoch) and save it.
 
     ``epochs`` overrides every extractor's epoch count (a smoke run uses 1)."""
     cache.mkdir(parents=True, exist_ok=True)
     train, val = load_split(ingest, "train"), load_split(ingest, "val")
+    names = set(only or EXTRACTORS) | {"cnn0"}
     for name, (kind, seed, n_epochs) in EXTRACTORS.items():
+        if name not in names:
+            continue
         path = _extractor_path(cache, name)
         if path.exists():
             continue
@@ -80,7 +86,9 @@ def train_extractors(ingest: Path, cache: Path, epochs: int | None = None) -> No
 
 
 def load_extractors(cache: Path) -> dict[str, Classifier]:
-    return {n: torch.load(_extractor_path(cache, n), weights_only=False) for n in EXTRACTORS}
+    """The extractors trained into ``cache`` (cnn0 at least), in ``EXTRACTORS`` order."""
+    paths = {n: _extractor_path(cache, n) for n in EXTRACTORS}
+    return {n: torch.load(p, weights_only=False) for n, p in paths.items() if p.exists()}
 
 
 def laplacian_energy(images: torch.Tensor) -> float:
@@ -101,7 +109,7 @@ def _set_metrics(
     out: dict[str, float] = {"n": len(images), "n_real": len(real_images)}
     if len(images) < MIN_N or len(real_images) < MIN_N:
         return out
-    for name in EXTRACTORS:
+    for name in feats:
         out[f"FD_{name}"] = fd(real_feats[name], feats[name])
     out.update(prdc(real_feats["cnn0"], feats["cnn0"], k=5))
     out["msssim_ratio"] = mean_pairwise_msssim(images) / mean_pairwise_msssim(real_images)
@@ -241,10 +249,11 @@ def _fmt(v) -> str:
 
 
 def print_table(results: dict, classes: list[str]) -> None:
-    keys = [f"FD_{n}" for n in EXTRACTORS] + ["precision", "recall", "coverage"]
+    names = [n for n in EXTRACTORS if any(f"FD_{n}" in r["all"] for r in results.values())]
+    keys = [f"FD_{n}" for n in names] + ["precision", "recall", "coverage"]
     keys += ["msssim_ratio", "mean_intensity", "hf_ratio", "class_validity"]
     if any("FD_cnn0_over_real" in r["all"] for r in results.values()):
-        keys += [f"FD_{n}_over_real" for n in EXTRACTORS]
+        keys += [f"FD_{n}_over_real" for n in names]
     for part in ["all", *classes]:
         print(f"\n[{part}] vs real test{'' if part == 'all' else ' ' + part}")
         heads = (k.replace("_over_real", "/real")[:9] for k in keys)
@@ -285,6 +294,7 @@ def main() -> None:
     e.add_argument("ingest", type=Path)
     e.add_argument("--cache", type=Path, required=True)
     e.add_argument("--epochs", type=int, help="override every extractor's epochs (smoke: 1)")
+    e.add_argument("--only", nargs="+", choices=list(EXTRACTORS), help="train only these")
     s = sub.add_parser("sample")
     s.add_argument("source")
     s.add_argument("--ingest", type=Path, required=True)
@@ -306,7 +316,7 @@ def main() -> None:
     c.add_argument("--grid")
     args = ap.parse_args()
     if args.cmd == "extractors":
-        train_extractors(args.ingest, args.cache, args.epochs)
+        train_extractors(args.ingest, args.cache, args.epochs, args.only)
     elif args.cmd == "sample":
         sample_medsynth(args)
     else:

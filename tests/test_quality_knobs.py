@@ -254,9 +254,14 @@ def test_interval_guides_only_inside_and_outside_is_conditional(unet):
         assert len(calls) == 20
         calls.clear()
         sample(
-            unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0,
-            guidance_interval=[0.25, 0.75], **kw,
-        )  # fmt: skip
+            unet,
+            ScheduleConfig(),
+            [0, 1],
+            [1, 2],
+            guidance_scale=3.0,
+            guidance_interval=[0.25, 0.75],
+            **kw,
+        )
     finally:
         h.remove()
     # Two passes exactly at the steps with t/T in [0.25, 0.75], one pass at the others.
@@ -267,9 +272,14 @@ def test_interval_guides_only_inside_and_outside_is_conditional(unet):
     assert not [t for t in calls if 340 <= t <= 440]
     cond = sample(unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=1.0, **kw)
     none = sample(
-        unet, ScheduleConfig(), [0, 1], [1, 2], guidance_scale=3.0,
-        guidance_interval=[0.34, 0.44], **kw,
-    )  # fmt: skip
+        unet,
+        ScheduleConfig(),
+        [0, 1],
+        [1, 2],
+        guidance_scale=3.0,
+        guidance_interval=[0.34, 0.44],
+        **kw,
+    )
     assert torch.equal(cond, none)
     with pytest.raises(ValueError, match="guidance_interval"):
         sample(unet, ScheduleConfig(), [0], [1], guidance_interval=[0.5, 0.5], **kw)

@@ -137,8 +137,9 @@ def _rows(n_patients=200, seed=0):
     for p in range(n_patients):
         view = "AP" if rng.random() < 0.4 else "PA"
         label = int(rng.random() < (0.7 if view == "AP" else 0.15))
-        rows.append({"path": f"{p}.dcm", "PatientID": f"P{p}", "label_index": label,
-                     "ViewPosition": view})  # fmt: skip
+        rows.append(
+            {"path": f"{p}.dcm", "PatientID": f"P{p}", "label_index": label, "ViewPosition": view}
+        )
     return rows
 
 
