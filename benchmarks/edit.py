@@ -63,13 +63,24 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, win: int = 7) -> torch.Tensor:
     return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
 
 
-def preservation(edit: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
-    """(mean SSIM, PSNR in dB) over the ``keep`` pixels; images in [-1, 1] -> [0, 1]."""
+def preservation(
+    edit: torch.Tensor, src: torch.Tensor, keep: torch.Tensor, win: int = 7
+) -> tuple[float, float, float]:
+    """(mean SSIM over the ``keep`` pixels, mean SSIM over the keep pixels whose whole
+    ``win`` x ``win`` window is kept, PSNR in dB over the keep pixels); images in [-1, 1].
+
+    SSIM is a windowed statistic: next to the mask a kept pixel's window reaches into the
+    edited region, so the first figure is below 1 even where every kept pixel is unchanged."""
     e, s = (edit + 1) / 2, (src + 1) / 2
-    sm = ssim_map(e, s)
-    ssim = float(sm[keep].mean())
+    sm = ssim_map(e, s, win)
+    edited = (~keep).float()
+    far = ~F.max_pool2d(edited, win, stride=1, padding=win // 2).bool()
     mse = float(((e - s) ** 2)[keep].mean())
-    return ssim, (10 * np.log10(1.0 / mse) if mse > 0 else float("inf"))
+    return (
+        float(sm[keep].mean()),
+        float(sm[far].mean()),
+        10 * np.log10(1.0 / mse) if mse > 0 else float("inf"),
+    )
 
 
 def small(args) -> None:
@@ -177,7 +188,7 @@ def measure(proto, run: Path, edit_seconds: dict | None = None, grid_path=None) 
         # Assigned to the target class on the validation-calibrated side of the threshold.
         hit_edit, hit_src = (pe1 >= thr) == (tgt == 1), (ps1 >= thr) == (tgt == 1)
         shift = np.where(tgt == 1, pe1 - ps1, ps1 - pe1)  # rise of P(target) by the edit
-        ssim, psnr = preservation(pool.images, src, ~masks)
+        ssim, ssim_far, psnr = preservation(pool.images, src, ~masks)
         res = {
             "n_edits": len(rows),
             "edit_seconds": (edit_seconds or {}).get(kind),
@@ -186,6 +197,7 @@ def measure(proto, run: Path, edit_seconds: dict | None = None, grid_path=None) 
             "p_target_rise_mean": float(shift.mean()),
             "share_p_target_rose": float((shift > 0).mean()),
             "ssim_outside_mask": ssim,
+            "ssim_outside_mask_window_clear": ssim_far,
             "psnr_outside_mask_db": psnr,
             "mask_share_of_image": float(masks.float().mean()),
         }
