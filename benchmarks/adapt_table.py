@@ -14,9 +14,12 @@ MDE.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # quality.py, the fixed extractors
 
 
 def _snapshot_kb(train: Path) -> float:
@@ -24,20 +27,27 @@ def _snapshot_kb(train: Path) -> float:
     return sum(f.stat().st_size for f in snaps[-1].iterdir()) / 1024 if snaps else float("nan")
 
 
-def fixed_space(run: Path, pool: Path, cache: Path) -> dict:
-    """Fixed-extractor figures of one pool against the real test split of ``run``'s ingest."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from quality import load_extractors, score_set
+@functools.cache
+def _reference(ingest: Path, cache: Path):
+    """(test split, extractors, their test features): loaded once per ingest, not per pool."""
+    from quality import load_extractors
 
     from medsynth.data.datasets import load_split
+
+    test = load_split(ingest, "test")
+    ex = load_extractors(cache)
+    return test, ex, {n: e.features(test.images) for n, e in ex.items()}
+
+
+def fixed_space(run: Path, pool: Path, cache: Path) -> dict:
+    """Fixed-extractor figures of one pool against the real test split of ``run``'s ingest."""
+    from quality import score_set
+
     from medsynth.generation.dataset import load_pool
 
-    test = load_split(run / "ingest", "test")
-    ex = load_extractors(cache)
+    test, ex, test_feats = _reference((run / "ingest").resolve(), cache)
     syn = load_pool(pool, test.classes, channels=test.images.shape[1])
-    res = score_set(
-        syn.images, syn.labels, test, ex, {n: e.features(test.images) for n, e in ex.items()}
-    )
+    res = score_set(syn.images, syn.labels, test, ex, test_feats)
     return {
         "n_pool": len(syn.labels),
         "FD_cnn0": res["all"]["FD_cnn0"],

@@ -140,11 +140,7 @@ def analyse(
                         f"{m}_vs_real_ci_high": d["ci_high"],
                     }
                 )
-            dup = dup_of.get(arm) or (
-                f"duplicate_control@{arm.rsplit('@', 1)[1]}"
-                if arm.startswith("synthetic:")
-                else None
-            )
+            dup = control_of(arm, dup_of)
             if dup in probas:
                 rec["control"] = dup
                 d = paired_bootstrap_diff(y_test, ps, probas[dup], m, classes, ev.bootstrap)
@@ -272,6 +268,14 @@ def analyse(
     }
 
 
+def control_of(arm: str, dup_of: dict[str, str]) -> str | None:
+    """The duplicate control an arm is compared with: an edit arm's own (``dup_of``), the
+    ratio's ``duplicate_control@r`` for a synthetic arm, else None."""
+    if arm in dup_of:
+        return dup_of[arm]
+    return f"duplicate_control@{arm.rsplit('@', 1)[1]}" if arm.startswith("synthetic:") else None
+
+
 def within_view_report(
     y: np.ndarray,
     probas: dict[str, list],
@@ -290,9 +294,7 @@ def within_view_report(
     for arm, ps in probas.items():
         rec = view_aucs(y, np.stack(ps), views, vl)
         bases = [("real", "real_only")]
-        dup = (dup_of or {}).get(arm) or (
-            f"duplicate_control@{arm.rsplit('@', 1)[1]}" if arm.startswith("synthetic:") else None
-        )
+        dup = control_of(arm, dup_of or {})
         if dup:
             bases.append(("dup", dup))
         for tag, base in bases:
