@@ -2,6 +2,9 @@
 
     python benchmarks/latent.py            # small mode: <= 3 min on 1 CPU thread
     python benchmarks/latent.py --full     # adds 1024 px decode and the 256 -> 1024 tiled step
+    python benchmarks/latent.py --run RUN  # a protocols/rsna_256.yaml run: its own trained
+                                           # networks, per-image time and peak memory at 256,
+                                           # 1024 and 2560 px, and the real-vs-synthetic grids
 
 Data: smooth random "phantom" images (blobs + texture) in [-1, 1], seeded; no real data needed
 (the RSNA figures come from protocols/rsna_256.yaml, see docs/benchmarks.md). Each measurement
@@ -159,6 +162,184 @@ def step_upscale(size: int, tile: int, overlap: int, steps: int) -> dict:
     }
 
 
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_run_generate(run: str, n: int, out: str) -> dict:
+    """``n`` images from the run's latent model with its generation settings, into ``out``."""
+    from medsynth.generation.pool import generate_pool
+    from medsynth.protocol import load_protocol
+    from medsynth.training.checkpoint import latest_snapshot
+
+    g = load_protocol(Path(run) / "protocol.yaml").generation
+    snap = latest_snapshot(Path(run) / "train")
+    rss_loaded = _rss_mib()
+    t0 = clock()
+    generate_pool(
+        snap,
+        out,
+        {"0": n - n // 2, "1": n // 2},
+        pool="bench",
+        sampler=g.sampler,
+        steps=g.steps,
+        guidance_scale=g.guidance_scale,
+        batch_size=g.batch_size,
+        net_batch=g.net_batch,
+        precision=g.precision,
+        progress=False,
+    )
+    wall, cpu = since(t0)
+    return {
+        "what": f"generate 256 px DICOM ({g.sampler} {g.steps}, CFG {g.guidance_scale}, latent "
+        f"UNet + decode, batch {g.batch_size}, {n} images)",
+        "wall_s_per_img": wall / n,
+        "cpu_s_per_img": cpu / n,
+        "rss_before_mib": rss_loaded,
+    }
+
+
+def step_run_upscale(run: str, low_px: int, steps: int) -> dict:
+    """One x4 upscale of a real test image resized to ``low_px`` with the run's upsampler.
+
+    Content does not change the cost: the test image is resized (bicubic) to the input side.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from medsynth.data.datasets import load_split
+    from medsynth.diffusion.upsampler import tile_starts, upscale
+    from medsynth.protocol import load_protocol
+    from medsynth.training.checkpoint import latest_snapshot
+    from medsynth.training.upscaler import load_upsampler
+
+    up = load_protocol(Path(run) / "protocol.yaml").upscaler
+    model, sched, cfg = load_upsampler(latest_snapshot(Path(run) / "upscaler"))
+    f = int(cfg["upsampler"]["factor"])
+    x = load_split(Path(run) / "ingest", "test").images[:1].float()
+    low = F.interpolate(x, size=low_px, mode="bicubic", align_corners=False).clamp(-1, 1)[0]
+    size = low_px * f
+    n_tiles = len(tile_starts(size, up.tile_px, up.overlap_px)) ** 2
+    kw = dict(factor=f, tile=up.tile_px, overlap=up.overlap_px, sampler=up.sampler)
+    with torch.no_grad():  # warm-up (scheduler import, oneDNN kernels): one tile, one step
+        side = up.tile_px // f
+        upscale(model, sched, low[:, :side, :side], 0, steps=1, **kw)
+    rss_loaded = _rss_mib()
+    t0 = clock()
+    with torch.no_grad():
+        out = upscale(
+            model,
+            sched,
+            low,
+            0,
+            steps=steps,
+            **kw,
+        )
+    wall, cpu = since(t0)
+    assert out.shape[-1] == size
+    return {
+        "what": f"x{f} upscale {low_px} -> {size} px (trained upsampler, {up.sampler} {steps}, "
+        f"tile {up.tile_px}, overlap {up.overlap_px})",
+        "tiles": n_tiles,
+        "wall_s_per_img": wall,
+        "cpu_s_per_img": cpu,
+        "wall_s_per_tile_step": wall / (n_tiles * steps),
+        "rss_before_mib": rss_loaded,
+    }
+
+
+def _real_at(run: Path, rows: list[dict], size: int):
+    """Real images of ``rows`` (index.csv rows) decoded again from their DICOMs at ``size``."""
+    import numpy as np
+
+    from medsynth.data.ingest import decode_options
+    from medsynth.data.transforms import fit_to_square
+    from medsynth.dicom.read import load_unit_image
+    from medsynth.protocol import load_protocol
+
+    ds = load_protocol(run / "protocol.yaml").dataset
+    root = Path(ds.root)
+    if not root.is_absolute():
+        root = (run / root).resolve()
+        if not root.exists():
+            root = (ROOT / "protocols" / ds.root).resolve()
+    opts = decode_options(ds)
+    return [
+        fit_to_square(load_unit_image(root / r["path"], opts, reduce_to=size), size)[0]
+        for r in rows
+    ] or [np.zeros((size, size))]
+
+
+def write_grids(run: str, docs: str, per_class: int = 2) -> list[str]:
+    """Real (train split) vs synthetic grids at 256 px and 1024 px, one row per class.
+
+    The 1024 px grid shows each image shrunk to 512 px and, beside it, its central 256 px at
+    native resolution (the upsampler's detail is invisible once shrunk).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from medsynth.dicom.read import load_unit_image
+    from medsynth.utils.csvsafe import read_rows
+
+    run_p = Path(run)
+    rows = [r for r in read_rows(run_p / "ingest" / "index.csv") if r["split"] == "train"]
+    cache = np.load(run_p / "ingest" / "images.npy", mmap_mode="r")
+    classes = sorted({r["label"] for r in rows})
+    written = []
+    for pool, size in (("main", 256), ("main_x4", 1024)):
+        man = read_rows(run_p / "generate" / pool / "manifest.csv")
+        fig, axes = plt.subplots(
+            len(classes),
+            2 * per_class * (1 if size == 256 else 2),
+            squeeze=False,
+            figsize=(2.2 * 2 * per_class * (1 if size == 256 else 2), 2.4 * len(classes)),
+        )
+        for ax in axes.flat:
+            ax.axis("off")  # a pool with fewer images than per_class leaves blanks
+        for i, c in enumerate(classes):
+            real_rows = [r for r in rows if r["label"] == c][:per_class]
+            if size == 256:
+                real = [cache[int(r["row"]), 0].astype(np.float32) for r in real_rows]
+            else:
+                real = _real_at(run_p, real_rows, size)
+            syn = [
+                load_unit_image(run_p / "generate" / pool / r["path"])[0] * 2 - 1
+                for r in man
+                if r["class_name"] == c
+            ][:per_class]
+            panels = [(x, f"real, class {c}") for x in real]
+            panels += [(x, f"synthetic, class {c}") for x in syn]
+            if size > 256:
+                m = (size - 256) // 2
+                panels = [
+                    q
+                    for x, t in panels
+                    for q in (
+                        (x[::2, ::2], f"{t}, {size} px (shown /2)"),
+                        (x[m : m + 256, m : m + 256], "centre 256 px, 1:1"),
+                    )
+                ]
+            for j, (img, title) in enumerate(panels):
+                ax = axes[i, j]
+                ax.imshow(img, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+                ax.set_title(title, fontsize=7)
+        fig.suptitle(
+            f"RSNA, real train images vs synthetic at {size} px "
+            "(class 1 = lung opacity; synthetic 1024 px = 256 px samples upscaled x4)",
+            fontsize=8,
+        )
+        fig.tight_layout()
+        path = Path(docs) / f"latent_grid_{size}.png"
+        fig.savefig(path, dpi=100 if size == 256 else 110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
 def _child(fn: str, kwargs: dict) -> dict:
     """Run ``fn(**kwargs)`` in a fresh interpreter; add its own peak RSS (MiB)."""
     code = (
@@ -178,11 +359,17 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also 1024 px decode and 256->1024")
     ap.add_argument("--ae-steps", type=int, default=30)
     ap.add_argument("--out", default="/tmp/medsynth-bench-latent")
+    ap.add_argument("--run", help="a protocols/rsna_256.yaml run folder (trained networks)")
+    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where --run writes its grids")
     args = ap.parse_args()
     import torch
 
     print(f"cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}")
     t0 = time.perf_counter()
+    if args.run:
+        run_mode(args.run, args.out, args.docs)
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        return
     steps = [("step_autoencoder", {"size": 64, "steps": args.ae_steps, "out": args.out})]
     steps += [
         ("step_latent_sample", {"size": size, "n": 1})
@@ -213,6 +400,26 @@ def main() -> None:
         f"total {time.perf_counter() - t0:.0f} s; peak RSS of this parent "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
+
+
+def run_mode(run: str, out: str, docs: str) -> None:
+    """Per-image time and peak RSS with the run's own networks, then the grids."""
+    import shutil
+
+    shutil.rmtree(Path(out) / "gen", ignore_errors=True)
+    steps = [
+        ("step_run_generate", {"run": run, "n": 10, "out": str(Path(out) / "gen")}),
+        ("step_run_upscale", {"run": run, "low_px": 64, "steps": 10}),
+        ("step_run_upscale", {"run": run, "low_px": 256, "steps": 10}),
+        # 2560 px at 2 steps: memory does not depend on the step count, time is linear in it.
+        ("step_run_upscale", {"run": run, "low_px": 640, "steps": 2}),
+    ]
+    for fn, kwargs in steps:
+        r = _child(fn, kwargs)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
+        sys.stdout.flush()
+    for path in write_grids(run, docs):
+        print(f"grid {path}")
 
 
 if __name__ == "__main__":

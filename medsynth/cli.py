@@ -427,6 +427,9 @@ def upscale(
     overlap_px: Annotated[int, typer.Option(min=0, help="Blended overlap of tiles")] = 16,
     sampler: Annotated[str, typer.Option(help="ddim | dpmpp | ddpm")] = "dpmpp",
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps per tile")] = 10,
+    per_class: Annotated[
+        int | None, typer.Option(min=1, help="Only the first N images of each class")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threads: ThreadsOpt = None,
 ) -> None:
@@ -457,6 +460,7 @@ def upscale(
             overlap_px=overlap_px,
             sampler=sampler,
             steps=steps,
+            per_class=per_class,
             device=device,
         )
     except (FileNotFoundError, ValueError) as exc:

@@ -103,6 +103,37 @@ def test_autoencoder_resume_is_bit_identical(tmp_path):
         )
 
 
+def test_autoencoder_trains_on_crops_and_resumes_bit_identically(tmp_path):
+    """patch_px: each step sees random crops; whole images still encode, resume is exact."""
+    x = _images(6)
+    kw = dict(
+        config=AutoencoderConfig(**AE.to_dict()),
+        batch_size=3,
+        patch_px=8,
+        checkpoint_every_steps=2,
+        progress=False,
+        device="cpu",
+    )
+    whole = train_autoencoder(x, tmp_path / "a", max_steps=4, **kw)
+    train_autoencoder(x, tmp_path / "b", max_steps=2, **kw)
+    resumed = train_autoencoder(x, tmp_path / "b", max_steps=4, **kw)
+    a, b = (
+        load_file(whole / "autoencoder.safetensors"),
+        load_file(resumed / "autoencoder.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((whole / "config.json").read_text())
+    assert cfg["patch_px"] == 8 and cfg["latent_shape"] == [2, 8, 8]
+    # Crops and whole images are different training data: not the same weights.
+    full = train_autoencoder(x, tmp_path / "c", max_steps=4, **(kw | {"patch_px": None}))
+    c = load_file(full / "autoencoder.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert "patch_px" not in json.loads((full / "config.json").read_text())
+    for bad in (7, 32):
+        with pytest.raises(ValueError, match="patch_px"):
+            train_autoencoder(x, tmp_path / f"bad{bad}", max_steps=1, **(kw | {"patch_px": bad}))
+
+
 @pytest.fixture(scope="module")
 def latent_snapshot(autoencoder, tmp_path_factory):
     ae_snap, x = autoencoder
@@ -169,6 +200,11 @@ def test_latent_sampling_is_deterministic_per_seed(latent_snapshot, tmp_path):
         (["model.kind=latent"], "monai_ldm"),
         (["model.kind=monai_ldm", "training.init_from=/tmp/x"], "cannot adapt a base"),
         (["model.autoencoder.channels=[12,16]"], "divisible by norm_num_groups"),
+        (["model.autoencoder.patch_px=10"], "divisible by the downsampling 4"),
+        (
+            ["model.kind=monai_ldm", "dataset.spatial_size=32", "model.autoencoder.patch_px=64"],
+            "larger than dataset.spatial_size 32",
+        ),
     ],
 )
 def test_bad_latent_configs_fail_clearly(sets, match):
@@ -183,6 +219,16 @@ def test_pixel_protocols_keep_their_hash():
     c = parse_protocol("dataset: {kind: phantoms}\n", ["model.kind=monai_ldm"])
     assert a.sha256() == b.sha256() != c.sha256()
     assert "autoencoder" not in a.dump()["model"] and "upscaler" not in a.dump()
+
+
+def test_knobs_added_later_keep_older_latent_protocols_hashes():
+    """patch_px and chain_per_class at their old-behaviour value (None) are not in the identity."""
+    text = "dataset: {kind: phantoms}\nmodel: {kind: monai_ldm}\nupscaler: {chain: true}\n"
+    a = parse_protocol(text)
+    assert "patch_px" not in a.identity()["model"]["autoencoder"]
+    assert "chain_per_class" not in a.identity()["upscaler"]
+    for knob in ("model.autoencoder.patch_px=16", "upscaler.chain_per_class=1"):
+        assert parse_protocol(text, [knob]).sha256() != a.sha256()
 
 
 def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
@@ -248,3 +294,21 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
     assert (other / "dicom" / "normal" / "000000.dcm").read_bytes() == a
     bad = CliRunner().invoke(app, [*args, "--tile-px", "16", "--overlap-px", "12"])
     assert bad.exit_code == 2 and "at most half" in bad.output
+
+    # --per-class N upscales the first N of each class; a larger N adds, keeping what is there.
+    part = tmp_path / "part"
+    small = ["upscale", str(pool), "--snapshot", str(tmp_path), "--out", str(part)]
+    small += ["--tile-px", "16", "--overlap-px", "4", "--steps", "2"]
+    res = CliRunner().invoke(app, [*small, "--per-class", "1"])
+    assert res.exit_code == 0 and "upscaled 2 " in res.output
+    assert "0 already present, 0 missing" in res.output
+    assert len((part / "manifest.csv").read_text().splitlines()) == 1 + 2
+    res = CliRunner().invoke(app, [*small, "--per-class", "2"])
+    assert res.exit_code == 0 and "upscaled 2 " in res.output
+    assert "2 already present, 0 missing" in res.output
+    assert (part / "dicom" / "normal" / "000000.dcm").read_bytes() == a
+
+    # The chained pool has no stage marker of its own: show names it as upscaled, not stalled.
+    from medsynth.experiment.runner import show
+
+    assert "main_x2 4 images upscaled from main" in show(tmp_path)

@@ -12,6 +12,7 @@ The stage commands (``medsynth ingest|train|generate|evaluate|report``) go throu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -296,6 +297,15 @@ def run_protocol(
     return result
 
 
+def _chained_pool(folder: Path) -> str | None:
+    """The source pool of an ``upscaler.chain`` pool folder (``<pool>_x<k>``, written inside
+    its source pool's generate stage, so it has no marker of its own); else None."""
+    m = re.fullmatch(r"(.+)_x\d+", folder.name)
+    if folder.parent.name != "generate" or not m or not (folder / "manifest.csv").exists():
+        return None
+    return m.group(1) if (folder.parent / m.group(1) / MARKER).exists() else None
+
+
 def show(run_dir: str | Path) -> str:
     """Status of each stage and the headline results of a run folder, as text."""
     run = Path(run_dir)
@@ -313,6 +323,11 @@ def show(run_dir: str | Path) -> str:
             if marker.exists():
                 m = json.loads(marker.read_text())
                 lines.append(f"  {what:<9} done in {m['seconds']:.1f} s")
+            elif _chained_pool(folder):
+                from medsynth.utils.csvsafe import read_rows
+
+                n = len(read_rows(folder / "manifest.csv"))
+                lines.append(f"  {what:<9} {n} images upscaled from {_chained_pool(folder)}")
             elif folder.exists():
                 lines.append(f"  {what:<9} started, not finished (a rerun resumes it)")
             else:

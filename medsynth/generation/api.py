@@ -75,6 +75,7 @@ def generate_from_protocol(
             overlap_px=up.overlap_px,
             sampler=up.sampler,
             steps=up.steps,
+            per_class=up.chain_per_class,
             device=g.device,
             progress=progress,
         )

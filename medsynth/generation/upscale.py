@@ -49,13 +49,15 @@ def upscale_pool(
     sampler: str = "dpmpp",
     steps: int = 10,
     net_batch: int = 4,  # tiles per network call
+    per_class: int | None = None,  # only the first N images (by index) of each class
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Upscale every image of the pool in ``src_dir`` (its manifest) into ``out_dir``.
 
     Returns counts and the time per image. ``snapshot_dir``: an upsampler snapshot
-    (``RUN/upscaler/snapshot-*``).
+    (``RUN/upscaler/snapshot-*``). ``per_class`` selects images without changing any: a later
+    call with a larger N adds the missing ones and keeps those already written.
     """
     src, out = Path(src_dir), Path(out_dir)
     dev = pick_device(device)
@@ -64,6 +66,8 @@ def upscale_pool(
     channels = int(cfg["upsampler"]["in_channels"])
     pool = pool or f"{src.name}_x{factor}"
     rows = read_manifest(src)
+    if per_class is not None:
+        rows = [r for r in rows if int(r["index"]) < per_class]
     # Class k keeps index k (a class with no images in the pool still holds its place).
     names = {int(r["class_index"]): r["class_name"] for r in rows}
     classes = [names.get(k, f"\0unused{k}") for k in range(max(names, default=-1) + 1)]

@@ -9,7 +9,12 @@ from pathlib import Path
 from medsynth.data.datasets import load_split, small_class_warnings
 from medsynth.diffusion.schedule import ScheduleConfig
 from medsynth.diffusion.unet import UNetConfig
-from medsynth.protocol import ModelSection, ScheduleSection, TrainingSection
+from medsynth.protocol import (
+    ModelSection,
+    ScheduleSection,
+    TrainingSection,
+    drop_later_defaults,
+)
 from medsynth.training.loop import train
 from medsynth.training.provenance import check_no_leak, ingest_fingerprint
 
@@ -63,7 +68,7 @@ def train_autoencoder_stage(
         "ingest": ingest_fingerprint(ingest_dir),
         "train_fraction": train_fraction,
         "fraction_seed": fraction_seed,
-        "autoencoder": ae.model_dump(mode="json"),
+        "autoencoder": drop_later_defaults(ae.model_dump(mode="json"), "model.autoencoder"),
     }
     out = _folder_for(Path(out_dir), inputs)
     if images is None:
@@ -84,6 +89,7 @@ def train_autoencoder_stage(
         warmup_steps=ae.warmup_steps,
         ssim_weight=ae.ssim_weight,
         kl_weight=ae.kl_weight,
+        patch_px=ae.patch_px,
         checkpoint_every_steps=ae.checkpoint_every_steps,
         seed=ae.seed,
         device=device,

@@ -35,7 +35,13 @@ from medsynth.training.checkpoint import (
     save_state,
     set_rng_state,
 )
-from medsynth.training.loop import NonFiniteLossError, _lr_factor, _truncate_log, pick_device
+from medsynth.training.loop import (
+    NonFiniteLossError,
+    _lr_factor,
+    _truncate_log,
+    pick_device,
+    random_crops,
+)
 
 WEIGHTS = "autoencoder.safetensors"
 
@@ -51,6 +57,7 @@ def train_autoencoder(
     warmup_steps: int = 50,  # linear warm-up, then cosine decay to 0 at max_steps
     ssim_weight: float = 0.5,  # weight of (1 - SSIM) next to L1
     kl_weight: float = 1e-6,  # weight of the KL term (small: a near-deterministic latent)
+    patch_px: int | None = None,  # train on random crops of this side (None: whole images)
     grad_clip_norm: float = 1.0,
     checkpoint_every_steps: int = 250,
     keep_states: int = 2,
@@ -64,7 +71,9 @@ def train_autoencoder(
     """Train the autoencoder on ``images`` ``(N, C, H, W)`` in [-1, 1]; return its snapshot.
 
     Each snapshot's ``config.json`` holds the autoencoder settings, the image shape and the
-    latent ``scale_factor`` (1 / std of the training images' latent means at that step).
+    latent ``scale_factor`` (1 / std of the training images' whole-image latent means at that
+    step). With ``patch_px`` each step sees ``batch_size`` random crops (the network is
+    convolutional, so it still encodes whole images).
     """
     dev = pick_device(device)
     out = Path(out_dir)
@@ -79,6 +88,13 @@ def train_autoencoder(
         "latent_shape": list(latent_shape),
         "loss": {"ssim_weight": ssim_weight, "kl_weight": kl_weight},
     }
+    if patch_px is not None:  # only when set: older states (whole images) keep resuming
+        if patch_px % config.downsample or patch_px > min(image_shape[1:]):
+            raise ValueError(
+                f"patch_px {patch_px} must divide by the downsampling {config.downsample} and "
+                f"fit in the images {image_shape[1:]}"
+            )
+        settings["patch_px"] = patch_px
     torch.manual_seed(seed)
     ae = build_autoencoder(config).to(dev)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
@@ -123,9 +139,12 @@ def train_autoencoder(
     bar = tqdm(total=max_steps, initial=step, disable=not progress, unit="step", desc="autoencoder")
     consecutive, t_last, n_last, parts = 0, time.perf_counter(), step, []
     while step < max_steps:
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        if patch_px is None:
+            batch = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+        else:
+            batch = random_crops(images, batch_size, patch_px, gen)
         loss, part = autoencoder_loss(
-            ae, images[idx].to(dev), ssim_weight=ssim_weight, kl_weight=kl_weight
+            ae, batch.to(dev), ssim_weight=ssim_weight, kl_weight=kl_weight
         )
         step += 1
         opt.zero_grad(set_to_none=True)

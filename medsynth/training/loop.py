@@ -102,6 +102,21 @@ def _augment(x: torch.Tensor, g: torch.Generator, hflip: bool, shift_px: int) ->
 CLASS_BALANCES = ("none", "balanced", "sqrt")
 
 
+def random_crops(images: torch.Tensor, n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` random ``size`` px crops ``(n, C, size, size)`` of random images ``(N, C, H, W)``.
+
+    Image, row and column are drawn from ``g`` (in that order), so a resumed run that restores
+    ``g`` draws the same crops.
+    """
+    idx = torch.randint(0, len(images), (n,), generator=g)
+    h, w = images.shape[-2:]
+    ys = torch.randint(0, h - size + 1, (n,), generator=g)
+    xs = torch.randint(0, w - size + 1, (n,), generator=g)
+    return torch.stack(
+        [images[i, :, y : y + size, x : x + size] for i, y, x in zip(idx, ys, xs, strict=True)]
+    )
+
+
 def draw_weights(labels: torch.Tensor, class_balance: str) -> torch.Tensor | None:
     """Per-image draw probabilities ``(N,)`` float64 summing to 1, or None for uniform draws.
 

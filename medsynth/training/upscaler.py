@@ -32,18 +32,13 @@ from medsynth.training.checkpoint import (
     set_rng_state,
 )
 from medsynth.training.ema import EMA
-from medsynth.training.loop import NonFiniteLossError, _lr_factor, _truncate_log, pick_device
-
-
-def _crops(images: torch.Tensor, n: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` random ``size`` px crops of random images ``(N, C, H, W)`` (seeded by ``g``)."""
-    idx = torch.randint(0, len(images), (n,), generator=g)
-    h, w = images.shape[-2:]
-    ys = torch.randint(0, h - size + 1, (n,), generator=g)
-    xs = torch.randint(0, w - size + 1, (n,), generator=g)
-    return torch.stack(
-        [images[i, :, y : y + size, x : x + size] for i, y, x in zip(idx, ys, xs, strict=True)]
-    )
+from medsynth.training.loop import (
+    NonFiniteLossError,
+    _lr_factor,
+    _truncate_log,
+    pick_device,
+    random_crops,
+)
 
 
 def train_upsampler(
@@ -111,7 +106,7 @@ def train_upsampler(
     bar = tqdm(total=max_steps, initial=step, disable=not progress, unit="step", desc="upscaler")
     consecutive, t_last, n_last, losses = 0, time.perf_counter(), step, []
     while step < max_steps:
-        high = _crops(images, batch_size, patch_px, gen)
+        high = random_crops(images, batch_size, patch_px, gen)
         loss = upsampler_loss(model, noise_sched, schedule, high.to(dev), config.factor, gen)
         step += 1
         opt.zero_grad(set_to_none=True)
