@@ -328,8 +328,8 @@ def write_grids(run: str, docs: str, per_class: int = 2) -> list[str]:
                 ax.imshow(img, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
                 ax.set_title(title, fontsize=7)
         fig.suptitle(
-            f"RSNA, real train images vs synthetic at {size} px "
-            "(class 1 = lung opacity; synthetic 1024 px = 256 px samples upscaled x4)",
+            f"RSNA, real train images vs synthetic at {size} px (class 1 = lung opacity"
+            + ("; synthetic = the 256 px samples upscaled x4)" if size > 256 else ")"),
             fontsize=8,
         )
         fig.tight_layout()

@@ -267,6 +267,10 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
     assert (low.Rows, high.Rows) == (16, 32)
     assert low.SOPInstanceUID != high.SOPInstanceUID
     assert "upscaled x2" in high.DerivationDescription
+    # Phantoms carry no PixelSpacing: neither pool invents one, and both say why.
+    assert "PixelSpacing" not in low and "PixelSpacing" not in high
+    assert low.ImageComments == high.ImageComments
+    assert "training images have no PixelSpacing" in low.ImageComments
     manifest = (tmp_path / "generate" / "main_x2" / "manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + 4
     assert any("upsampler" in line for line in log)

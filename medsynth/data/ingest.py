@@ -50,6 +50,7 @@ INDEX_COLUMNS = (
     "PhotometricInterpretation",
     "TransferSyntaxUID",
     "ViewPosition",
+    "PixelSpacing",
 )
 
 
@@ -175,7 +176,7 @@ def ingest(
     files = [str(p) for p in iter_candidate_files(root, unlisted) if os.path.realpath(p) != table]
     if not files:
         raise IngestError(f"no files found below {root}")
-    keywords = (ds.join_attribute,)
+    keywords = (ds.join_attribute, "PixelSpacing")
     headers = []
     tasks = [(f, keywords, ds.max_pixels) for f in files]
     for path, header, reason in _pmap(_header_task, tasks, ds.workers, "headers"):

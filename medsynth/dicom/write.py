@@ -161,6 +161,8 @@ def synthetic_instance(
     derivation: str,
     modality: str = "OT",
     edited: bool = False,
+    pixel_spacing: tuple[float, float] | None = None,
+    spacing_note: str = "",
 ) -> Dataset:
     """A Secondary Capture instance for one synthetic image, built from an allowlist only.
 
@@ -176,6 +178,10 @@ def synthetic_instance(
     then says so (ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\EDITED``, a patient-derived
     de-identification method, ``EDIT-`` identity) and still carries no source identifier: the
     derivation names the run's cache row, never a source UID.
+
+    ``pixel_spacing``: (row, column) mm of this image (see :func:`medsynth.data.spacing.
+    cache_spacing`), written as ``PixelSpacing``; without it ``spacing_note`` (why it is absent)
+    goes to ``ImageComments``.
     """
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
@@ -219,6 +225,10 @@ def synthetic_instance(
         # condition (without it dciodvfy reports the absent Laterality as an error).
         "ImageLaterality": "U",
     }
+    if pixel_spacing is not None:
+        attrs["PixelSpacing"] = [f"{v:.6g}" for v in pixel_spacing]
+    elif spacing_note:
+        attrs["ImageComments"] = spacing_note[:10240]
     if rgb:
         stored = np.round((np.clip(image, -1, 1) + 1) / 2 * 255).astype(np.uint8)
         stored, photometric, bits = np.ascontiguousarray(stored.transpose(1, 2, 0)), "RGB", 8

@@ -43,7 +43,9 @@ def build_upsampler(cfg: UpsamplerConfig) -> DiffusionModelUNet:
         in_channels=2 * cfg.in_channels,
         out_channels=cfg.in_channels,
         channels=tuple(cfg.channels),
-        attention_levels=(False,) * len(cfg.channels),  # no attention: tiles must stay local
+        # No attention in the levels; MONAI's mid block always attends, over one tile's
+        # bottleneck only ((tile / 2 ** (levels - 1)) ** 2 tokens), so memory stays per tile.
+        attention_levels=(False,) * len(cfg.channels),
         num_res_blocks=cfg.num_res_blocks,
         norm_num_groups=cfg.norm_num_groups,
         num_class_embeds=1,

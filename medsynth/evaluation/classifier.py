@@ -120,6 +120,16 @@ def classical_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (out * contrast + bright).clamp(-1, 1)
 
 
+# Pixels per inference batch: 512 images at 64 px (the old fixed batch) but only 32 at 256 px
+# and 2 at 1024 px, so activation memory stays near 1 GiB whatever the image size.
+INFERENCE_PIXELS = 512 * 64 * 64
+
+
+def inference_batch(spatial: tuple[int, int]) -> int:
+    """Images per no-grad forward batch for images of ``spatial`` (H, W) px: 1 to 512."""
+    return max(1, min(512, INFERENCE_PIXELS // (spatial[0] * spatial[1])))
+
+
 class Classifier:
     """fit / predict_proba / features over ``(N, C, H, W)`` float tensors in [-1, 1]."""
 
@@ -193,8 +203,9 @@ class Classifier:
         return self
 
     @torch.no_grad()
-    def _forward(self, x: torch.Tensor, features: bool, batch: int = 512) -> np.ndarray:
+    def _forward(self, x: torch.Tensor, features: bool, batch: int | None = None) -> np.ndarray:
         self.net.eval()
+        batch = batch or inference_batch(tuple(x.shape[-2:]))
         dev, outs = torch.device(self.cfg.device), []
         feats: list[torch.Tensor] = []
         hook = (

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medsynth.data.datasets import split_rows
+from medsynth.data.spacing import cache_spacing
 from medsynth.generation.pool import generate_pool, plan_counts
 from medsynth.protocol import Protocol
 from medsynth.training.checkpoint import latest_snapshot
@@ -34,6 +35,7 @@ def generate_from_protocol(
         run / "ingest", "train", proto.dataset.train_fraction, proto.dataset.fraction_seed
     )
     real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
+    spacing, note = cache_spacing(rows, proto.dataset.spatial_size, proto.dataset.resize_mode)
     g = proto.generation
     plan = plan_counts(
         g.count_mode,
@@ -61,6 +63,8 @@ def generate_from_protocol(
         device=g.device,
         shard=shard,
         protocol_sha256=proto.sha256(),
+        pixel_spacing=spacing,
+        spacing_note=note,
         progress=progress,
     )
     up = proto.upscaler
@@ -143,5 +147,6 @@ def edit_from_protocol(
         key_attribute=key_attribute,
         shard=shard,
         protocol_sha256=proto.sha256(),
+        resize_mode=ds.resize_mode,
         progress=progress,
     )

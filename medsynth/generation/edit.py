@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medsynth import __version__
+from medsynth.data.spacing import cache_spacing
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.edit import repaint, sdedit
 from medsynth.generation.masks import MaskSource
@@ -114,12 +115,14 @@ def edit_pool(
     key_attribute: str = "PatientID",
     shard: tuple[int, int] = (0, 1),
     protocol_sha256: str = "",
+    resize_mode: str = "pad",  # dataset.resize_mode: how the cache was made (for PixelSpacing)
     progress: bool = True,
 ) -> dict:
     """Edit ``sources`` (index rows of the train split) into the pool folder ``out_dir``.
 
     ``cache``: the ingest cache ``(N, C, S, S)`` float in [-1, 1], indexed by cache row.
-    ``kind``: ``inpaint`` (needs ``masks``) or ``vary``. Returns counts and rates.
+    ``kind``: ``inpaint`` (needs ``masks``) or ``vary``. Returns counts and rates. An edit keeps
+    its source's physical scale: ``PixelSpacing`` is the source's at the cache size.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -215,6 +218,7 @@ def edit_pool(
                 mask_desc = mask_of[row][1]
                 mask_rel = f"masks/{it.index:06d}.png"
                 _write_mask(out / mask_rel, mask_of[row][0])
+            spacing, note = cache_spacing([r], cache.shape[-1], resize_mode)
             ds = synthetic_instance(
                 img,
                 run_id=snap_sha,
@@ -225,6 +229,8 @@ def edit_pool(
                 index=it.index,
                 derivation=f"{base} target={tgt} seed={seed}",
                 edited=True,
+                pixel_spacing=spacing,
+                spacing_note=note,
             )
             data = to_bytes(ds)
             rel = it.relpath(tgt)

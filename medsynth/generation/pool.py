@@ -187,6 +187,8 @@ def generate_pool(
     device: str = "auto",
     shard: tuple[int, int] = (0, 1),
     protocol_sha256: str = "",
+    pixel_spacing: tuple[float, float] | None = None,  # mm per pixel of the model's images
+    spacing_note: str = "",  # why there is no spacing (written instead)
     progress: bool = True,
 ) -> dict:
     """Generate the planned samples of this shard into ``out_dir``; return counts and rates.
@@ -298,6 +300,8 @@ def generate_pool(
                 seed=seed,
                 index=it.index,
                 derivation=f"{derivation} seed={seed}",
+                pixel_spacing=pixel_spacing,
+                spacing_note=spacing_note,
             )
             data = to_bytes(ds)
             rel = it.relpath(name)

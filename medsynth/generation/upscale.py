@@ -12,10 +12,12 @@ import hashlib
 import time
 from pathlib import Path
 
+import pydicom
 import torch
 from tqdm import tqdm
 
 from medsynth import __version__
+from medsynth.data.spacing import parse_spacing
 from medsynth.dicom.read import load_unit_image
 from medsynth.dicom.write import (
     atomic_write_bytes,
@@ -36,6 +38,15 @@ from medsynth.generation.pool import (
 from medsynth.training.checkpoint import snapshot_sha256
 from medsynth.training.loop import pick_device
 from medsynth.training.upscaler import load_upsampler
+
+
+def _spacing_after(path: Path, factor: int) -> tuple[tuple[float, float] | None, str]:
+    """The source image's ``PixelSpacing`` / ``factor``, or its note on why there is none."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    spacing = parse_spacing(str(ds.get("PixelSpacing", "")))
+    if spacing is not None:
+        return (spacing[0] / factor, spacing[1] / factor), ""
+    return None, str(ds.get("ImageComments", ""))
 
 
 def upscale_pool(
@@ -98,6 +109,7 @@ def upscale_pool(
         if (it.class_index, it.index) in done:
             continue
         low = torch.from_numpy(load_unit_image(src / r["path"], opts)) * 2 - 1
+        spacing, note = _spacing_after(src / r["path"], factor)
         seed = int(r["seed"])
         high = upscale(
             model,
@@ -121,6 +133,8 @@ def upscale_pool(
             seed=seed,
             index=it.index,
             derivation=f"{derivation} seed={seed}",
+            pixel_spacing=spacing,
+            spacing_note=note,
         )
         data = to_bytes(ds)
         rel = it.relpath(r["class_name"])
