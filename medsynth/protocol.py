@@ -462,14 +462,11 @@ def drop_later_defaults(data: dict, prefix: str = "") -> dict:
     that one section. Section paths are dotted (``model.autoencoder``).
     """
     for path, knobs in LATER_KNOBS.items():
-        if prefix:
-            if path != prefix:
-                continue
-            sec = data
-        else:
-            sec = data
-            for part in path.split("."):
-                sec = sec.get(part) if isinstance(sec, dict) else None
+        if prefix and path != prefix:
+            continue
+        sec = data
+        for part in [] if prefix else path.split("."):
+            sec = sec.get(part) if isinstance(sec, dict) else None
         if isinstance(sec, dict):
             for key, default in knobs.items():
                 if key in sec and sec[key] == default:
