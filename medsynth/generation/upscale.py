@@ -12,13 +12,12 @@ import hashlib
 import time
 from pathlib import Path
 
-import pydicom
 import torch
 from tqdm import tqdm
 
 from medsynth import __version__
 from medsynth.data.spacing import parse_spacing
-from medsynth.dicom.read import load_unit_image
+from medsynth.dicom.read import load_unit_image, read_header
 from medsynth.dicom.write import (
     atomic_write_bytes,
     pixel_sha256,
@@ -42,11 +41,11 @@ from medsynth.training.upscaler import load_upsampler
 
 def _spacing_after(path: Path, factor: int) -> tuple[tuple[float, float] | None, str]:
     """The source image's ``PixelSpacing`` / ``factor``, or its note on why there is none."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    spacing = parse_spacing(str(ds.get("PixelSpacing", "")))
+    header = read_header(path, ("PixelSpacing", "ImageComments"))
+    spacing = parse_spacing(header["PixelSpacing"])
     if spacing is not None:
         return (spacing[0] / factor, spacing[1] / factor), ""
-    return None, str(ds.get("ImageComments", ""))
+    return None, header["ImageComments"]
 
 
 def upscale_pool(
