@@ -140,24 +140,41 @@ def step_upscale(size: int, tile: int, overlap: int, steps: int) -> dict:
     import torch
 
     from medsynth.diffusion.schedule import ScheduleConfig
-    from medsynth.diffusion.upsampler import UpsamplerConfig, build_upsampler, tile_starts, upscale
+    from medsynth.diffusion.upsampler import UpsamplerConfig, build_upsampler
 
     torch.manual_seed(0)
     model = build_upsampler(UpsamplerConfig(channels=[32, 64, 64])).eval()
     low = images(1, size // 4, 2)[0]
-    n_tiles = len(tile_starts(size, min(tile, size), overlap)) ** 2
-    t0 = clock()
-    out = upscale(
-        model, ScheduleConfig(), low, 0, tile=tile, overlap=overlap, steps=steps, net_batch=4
+    timed = timed_upscale(
+        model, ScheduleConfig(), low, steps, tile=tile, overlap=overlap, net_batch=4
     )
-    wall, cpu = since(t0)
-    assert out.shape[-1] == size
     return {
         "what": f"tiled x4 upscale {size // 4} -> {size} px (UNet 32-64-64, DPM++ {steps}, "
         f"tile {tile}, overlap {overlap})",
+        **timed,
+    }
+
+
+def timed_upscale(model, sched, low, steps: int, *, factor: int = 4, **kw) -> dict:
+    """One tiled x``factor`` upscale of ``low`` ``(C, h, w)``: tile count, wall and process-CPU
+    seconds per image and per tile-step (``kw``: tile, overlap, sampler, net_batch)."""
+    import torch
+
+    from medsynth.diffusion.upsampler import tile_starts, upscale
+
+    size = low.shape[-1] * factor
+    tile = min(kw.get("tile", 64), size)
+    n_tiles = len(tile_starts(size, tile, kw.get("overlap", 16))) ** 2
+    t0 = clock()
+    with torch.no_grad():
+        out = upscale(model, sched, low, 0, factor=factor, steps=steps, **kw)
+    wall, cpu = since(t0)
+    assert out.shape[-1] == size
+    return {
         "tiles": n_tiles,
         "wall_s_per_img": wall,
         "cpu_s_per_img": cpu,
+        "wall_s_per_tile_step": wall / (n_tiles * steps),
         "cpu_s_per_tile_step": cpu / (n_tiles * steps),
     }
 
@@ -208,7 +225,7 @@ def step_run_upscale(run: str, low_px: int, steps: int) -> dict:
     import torch.nn.functional as F
 
     from medsynth.data.datasets import load_split
-    from medsynth.diffusion.upsampler import tile_starts, upscale
+    from medsynth.diffusion.upsampler import upscale
     from medsynth.protocol import load_protocol
     from medsynth.training.checkpoint import latest_snapshot
     from medsynth.training.upscaler import load_upsampler
@@ -218,32 +235,15 @@ def step_run_upscale(run: str, low_px: int, steps: int) -> dict:
     f = int(cfg["upsampler"]["factor"])
     x = load_split(Path(run) / "ingest", "test").images[:1].float()
     low = F.interpolate(x, size=low_px, mode="bicubic", align_corners=False).clamp(-1, 1)[0]
-    size = low_px * f
-    n_tiles = len(tile_starts(size, up.tile_px, up.overlap_px)) ** 2
     kw = dict(factor=f, tile=up.tile_px, overlap=up.overlap_px, sampler=up.sampler)
     with torch.no_grad():  # warm-up (scheduler import, oneDNN kernels): one tile, one step
         side = up.tile_px // f
         upscale(model, sched, low[:, :side, :side], 0, steps=1, **kw)
     rss_loaded = _rss_mib()
-    t0 = clock()
-    with torch.no_grad():
-        out = upscale(
-            model,
-            sched,
-            low,
-            0,
-            steps=steps,
-            **kw,
-        )
-    wall, cpu = since(t0)
-    assert out.shape[-1] == size
     return {
-        "what": f"x{f} upscale {low_px} -> {size} px (trained upsampler, {up.sampler} {steps}, "
-        f"tile {up.tile_px}, overlap {up.overlap_px})",
-        "tiles": n_tiles,
-        "wall_s_per_img": wall,
-        "cpu_s_per_img": cpu,
-        "wall_s_per_tile_step": wall / (n_tiles * steps),
+        "what": f"x{f} upscale {low_px} -> {low_px * f} px (trained upsampler, {up.sampler} "
+        f"{steps}, tile {up.tile_px}, overlap {up.overlap_px})",
+        **timed_upscale(model, sched, low, steps, **kw),
         "rss_before_mib": rss_loaded,
     }
 

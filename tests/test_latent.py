@@ -80,11 +80,18 @@ def test_autoencoder_round_trip_and_scale_factor(autoencoder, tmp_path):
     assert trained["ssim_mean"] > untrained["ssim_mean"]
 
 
-def test_autoencoder_resume_is_bit_identical(tmp_path):
+def _ae_weights(snapshot):
+    return load_file(snapshot / "autoencoder.safetensors")
+
+
+@pytest.mark.parametrize("patch_px", [None, 8])
+def test_autoencoder_resume_is_bit_identical(tmp_path, patch_px):
+    """Whole images or random crops (patch_px): a resumed run equals an uninterrupted one."""
     x = _images(6)
     kw = dict(
         config=AutoencoderConfig(**AE.to_dict()),
         batch_size=3,
+        patch_px=patch_px,
         checkpoint_every_steps=2,
         progress=False,
         device="cpu",
@@ -92,46 +99,26 @@ def test_autoencoder_resume_is_bit_identical(tmp_path):
     whole = train_autoencoder(x, tmp_path / "a", max_steps=4, **kw)
     train_autoencoder(x, tmp_path / "b", max_steps=2, **kw)
     resumed = train_autoencoder(x, tmp_path / "b", max_steps=4, **kw)
-    a, b = (
-        load_file(whole / "autoencoder.safetensors"),
-        load_file(resumed / "autoencoder.safetensors"),
-    )
+    a, b = _ae_weights(whole), _ae_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Crops or not, the snapshot encodes whole images (16 px -> 8 x 8 latents).
+    cfg = json.loads((whole / "config.json").read_text())
+    assert cfg.get("patch_px") == patch_px and cfg["latent_shape"] == [2, 8, 8]
     with pytest.raises(ValueError, match="other settings"):
         train_autoencoder(
             x, tmp_path / "b", max_steps=6, **(kw | {"config": AutoencoderConfig(channels=[8, 8])})
         )
 
 
-def test_autoencoder_trains_on_crops_and_resumes_bit_identically(tmp_path):
-    """patch_px: each step sees random crops; whole images still encode, resume is exact."""
+def test_autoencoder_crops_are_other_training_data(tmp_path):
     x = _images(6)
-    kw = dict(
-        config=AutoencoderConfig(**AE.to_dict()),
-        batch_size=3,
-        patch_px=8,
-        checkpoint_every_steps=2,
-        progress=False,
-        device="cpu",
-    )
-    whole = train_autoencoder(x, tmp_path / "a", max_steps=4, **kw)
-    train_autoencoder(x, tmp_path / "b", max_steps=2, **kw)
-    resumed = train_autoencoder(x, tmp_path / "b", max_steps=4, **kw)
-    a, b = (
-        load_file(whole / "autoencoder.safetensors"),
-        load_file(resumed / "autoencoder.safetensors"),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    cfg = json.loads((whole / "config.json").read_text())
-    assert cfg["patch_px"] == 8 and cfg["latent_shape"] == [2, 8, 8]
-    # Crops and whole images are different training data: not the same weights.
-    full = train_autoencoder(x, tmp_path / "c", max_steps=4, **(kw | {"patch_px": None}))
-    c = load_file(full / "autoencoder.safetensors")
+    kw = dict(config=AutoencoderConfig(**AE.to_dict()), batch_size=3, progress=False, device="cpu")
+    a = _ae_weights(train_autoencoder(x, tmp_path / "a", max_steps=4, patch_px=8, **kw))
+    c = _ae_weights(train_autoencoder(x, tmp_path / "c", max_steps=4, **kw))
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    assert "patch_px" not in json.loads((full / "config.json").read_text())
-    for bad in (7, 32):
+    for bad in (7, 32):  # not divisible by the downsampling 2; larger than the 16 px images
         with pytest.raises(ValueError, match="patch_px"):
-            train_autoencoder(x, tmp_path / f"bad{bad}", max_steps=1, **(kw | {"patch_px": bad}))
+            train_autoencoder(x, tmp_path / f"bad{bad}", max_steps=1, patch_px=bad, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -320,14 +320,15 @@ def show(run_dir: str | Path) -> str:
         for folder in folders:
             what = stage if folder.parent == run else f"{stage} {folder.name}"
             marker = folder / MARKER
+            source = None if marker.exists() else _chained_pool(folder)
             if marker.exists():
                 m = json.loads(marker.read_text())
                 lines.append(f"  {what:<9} done in {m['seconds']:.1f} s")
-            elif _chained_pool(folder):
+            elif source:
                 from medsynth.utils.csvsafe import read_rows
 
                 n = len(read_rows(folder / "manifest.csv"))
-                lines.append(f"  {what:<9} {n} images upscaled from {_chained_pool(folder)}")
+                lines.append(f"  {what:<9} {n} images upscaled from {source}")
             elif folder.exists():
                 lines.append(f"  {what:<9} started, not finished (a rerun resumes it)")
             else:
