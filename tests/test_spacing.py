@@ -18,7 +18,15 @@ def _row(spacing: str, rows: int = 1024, cols: int = 1024) -> dict:
 
 @pytest.mark.parametrize(
     ("text", "want"),
-    [("[0.168, 0.168]", (0.168, 0.168)), ("0.1\\0.2", (0.1, 0.2)), ("", None), ("[0, 1]", None)],
+    [
+        ("[0.168, 0.168]", (0.168, 0.168)),
+        ("0.1\\0.2", (0.1, 0.2)),
+        ("", None),
+        ("[0, 1]", None),
+        ("[1e400, 1]", None),
+        ("abc", None),
+        ("[0.1, 0.1, 0.1]", None),
+    ],
 )
 def test_parse_spacing(text, want):
     assert parse_spacing(text) == want

@@ -6,15 +6,17 @@ cache size; otherwise the DICOM carries no ``PixelSpacing`` and says why (``Imag
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def parse_spacing(text: str) -> tuple[float, float] | None:
-    """``"[0.168, 0.168]"`` or ``"0.168\\0.168"`` -> (row, column) mm; None when absent or bad."""
+    """``"[0.168, 0.168]"`` or ``"0.168\\0.168"`` -> (row, column) mm; None when absent or bad
+    (not two values, zero, negative or not finite)."""
     vals = [float(v) for v in _NUMBER.findall(text or "")]
-    if len(vals) != 2 or min(vals) <= 0:
+    if len(vals) != 2 or not all(0 < v < math.inf for v in vals):
         return None
     return vals[0], vals[1]
 
