@@ -19,6 +19,7 @@ Subcommands::
     python benchmarks/quality.py extractors INGEST --cache DIR        # train + cache extractors
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
         --guidance 2 --n 600]                                        # medsynth samples
+    python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
         [--json out.json] [--grid grid.png]
 
@@ -174,6 +175,8 @@ def sample_medsynth(args) -> None:
         extra["guidance_rescale"] = args.guidance_rescale
     if args.guidance_interval:
         extra["guidance_interval"] = tuple(args.guidance_interval)
+    if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
+        extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()
     x = sample(
         unet,
@@ -188,7 +191,10 @@ def sample_medsynth(args) -> None:
         net_batch=64,
         **extra,
     )
-    print(f"sampled {args.n} ({counts}) from {src} in {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    print(
+        f"sampled {args.n} ({counts}) from {src} in {seconds:.0f} s ({seconds / args.n:.3f} s/image)"
+    )
     np.savez_compressed(args.out, images=x.numpy(), labels=labels.numpy())
 
 

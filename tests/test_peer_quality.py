@@ -1,4 +1,5 @@
-"""The side-by-side harness: the peer recipe and the per-class, three-extractor quality score."""
+"""The side-by-side harness: the peer recipe, the time-to-quality curve and the per-class,
+three-extractor quality score."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import MIN_N, _set_metrics, class_counts, laplacian_energy  # noqa: E402
+from benchmarks.time_to_quality import verdicts  # noqa: E402
 
 
 def _run(*args: str) -> str:
@@ -42,32 +44,50 @@ def test_small_classes_get_no_figures_and_texture_is_measured():
     assert laplacian_energy(flat) == 0 and laplacian_energy(noisy) > 1
 
 
-def test_peer_recipe_and_quality_score_end_to_end(tmp_path):
-    run = tmp_path / "run"
-    # Enough phantom patients that the test split holds >= MIN_N images per class.
-    _run(
-        "-m",
-        "medsynth.cli",
-        "ingest",
-        "protocols/smoke.yaml",
-        "--run-dir",
-        str(run),
-        "--set",
-        "dataset.phantoms.n_patients=160",
-    )
-    ingest = run / "ingest"
-    _run("benchmarks/peer.py", str(ingest), "--out", str(tmp_path / "peer"), "--smoke")
-    z = np.load(tmp_path / "peer" / "samples.npz")
-    assert z["images"].shape == (8, 1, 16, 16) and np.isfinite(z["images"]).all()
-    assert np.abs(z["images"]).max() <= 1
-    stats = json.loads((tmp_path / "peer" / "peer.json").read_text())
-    assert stats["steps"] == 20 and stats["parameters"] > 0
+def _curve(*points):
+    return [{"seconds": t, "FD_x": v} for t, v in points]
 
-    cache = tmp_path / "extractors"
-    _run("benchmarks/quality.py", "extractors", str(ingest), "--cache", str(cache), "--epochs", "1")
+
+def test_time_to_quality_verdicts():
+    peer = _curve((300, 9.0), (600, 6.0), (900, 4.0))
+    # Reaches 4.0 by 250 s (<= 900 / 3) and is lower at 300, 600 and 900 s.
+    good = verdicts({"peer": peer, "medsynth": _curve((120, 8.0), (250, 3.5), (500, 2.0))}, "FD_x")
+    assert good["medsynth_reaches_at"] == 250 and good["reach_target_met"]
+    assert good["equal_time"] == [(300, 3.5, 9.0), (600, 2.0, 6.0), (900, 2.0, 4.0)]
+    assert good["beats_at_equal_time"]
+    # Reaches it only at 400 s (> 300 s) and is worse at the peer's 300 s checkpoint.
+    slow = verdicts({"peer": peer, "medsynth": _curve((200, 9.5), (400, 3.9))}, "FD_x")
+    assert slow["medsynth_reaches_at"] == 400 and not slow["reach_target_met"]
+    assert not slow["beats_at_equal_time"]
+    never = verdicts({"peer": peer, "medsynth": _curve((1000, 5.0))}, "FD_x")
+    assert never["medsynth_reaches_at"] is None and not never["reach_target_met"]
+    assert never["equal_time"] == [] and not never["beats_at_equal_time"]  # no checkpoint yet
+
+
+def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
+    """The peer recipe and medsynth side by side (smoke), then the score's sanity on known sets."""
+    out = tmp_path / "ttq"
+    _run("benchmarks/time_to_quality.py", "protocols/smoke.yaml", "--out", str(out), "--smoke")
+    res = json.loads((out / "curve.json").read_text())
+    for system in ("peer", "medsynth"):
+        rows = res["curves"][system]
+        assert [r["step"] for r in rows] == [10, 20]
+        assert 0 < rows[0]["seconds"] <= rows[1]["seconds"]
+        assert all(np.isfinite(r[f"FD_{n}"]) for r in rows for n in ("cnn0", "cnn1", "r18"))
+    assert set(res["verdicts"]) == {"FD_cnn0", "FD_cnn1", "FD_r18"}
+    assert (out / "curve.png").stat().st_size > 1000 and "peer final" in (
+        out / "curve.md"
+    ).read_text()
+    z = np.load(out / "peer" / "samples.npz")
+    assert z["images"].shape == (40, 1, 16, 16) and np.isfinite(z["images"]).all()
+    assert np.abs(z["images"]).max() <= 1
+    stats = json.loads((out / "peer" / "peer.json").read_text())
+    assert stats["steps"] == 20 and stats["parameters"] > 0 and stats["sampler"] == "ddim-5"
+
     # A set of real test images scores far closer to the test split than uniform noise does.
     from medsynth.data.datasets import load_split
 
+    ingest, cache = out / "medsynth" / "ingest", out / "extractors"
     test = load_split(ingest, "test")
     np.savez(tmp_path / "real.npz", images=test.images.numpy(), labels=test.labels.numpy())
     noise = np.random.default_rng(0).uniform(-1, 1, test.images.shape).astype(np.float32)
@@ -84,7 +104,7 @@ def test_peer_recipe_and_quality_score_end_to_end(tmp_path):
         "--set",
         f"noise={tmp_path / 'noise.npz'}",
         "--set",
-        f"peer={tmp_path / 'peer' / 'samples.npz'}",
+        f"peer={out / 'peer' / 'samples.npz'}",
         "--json",
         str(out_json),
         "--grid",
