@@ -101,9 +101,13 @@ def train_medsynth(args, run: Path, log: Path) -> list[dict]:
     """medsynth snapshots as ``[{name, seconds, step, npz}]``, training and sampling them once."""
     times = run / "times.json"
     if not times.exists():
-        every = max(1, args.medsynth_steps // args.points)
-        sets = [f"training.max_steps={args.medsynth_steps}"]
-        sets += [f"training.checkpoint_every_steps={every}", f"training.keep_states={args.points}"]
+        steps = args.medsynth_steps
+        every = max(1, steps // args.points)
+        # Snapshots at multiples of `every` and at the end; keep them all (1300 // 3 = 433
+        # writes 433, 866, 1299 and 1300).
+        kept = steps // every + (steps % every > 0)
+        sets = [f"training.max_steps={steps}"]
+        sets += [f"training.checkpoint_every_steps={every}", f"training.keep_states={kept}"]
         sets += ["training.preview_every_steps=0"]
         cmd = _medsynth("train", args, run, sets)
         seen = timed_checkpoints(cmd, run / "train", "snapshot-[0-9]*[0-9]", log)
