@@ -33,28 +33,26 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import EXTRACTORS, _extractor_path  # noqa: E402
+from medsynth.training.checkpoint import list_snapshots  # noqa: E402
 
 SMOKE_SETS = ["dataset.phantoms.n_patients=160"]  # >= 10 test images per class for scoring
 
 
 def _run(cmd: list[str], log: Path) -> None:
-    with log.open("a") as fh:
-        fh.write(f"$ {shlex.join(cmd)}\n")
-        fh.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {shlex.join(cmd)}; see {log}")
+    """Run ``cmd`` with its output appended to ``log``; exit naming it on failure."""
+    timed_checkpoints(cmd, list, log)
 
 
-def timed_checkpoints(cmd: list[str], folder: Path, pattern: str, log: Path) -> dict[str, float]:
-    """Run ``cmd``; return ``{name: seconds after launch}`` for each ``folder/pattern`` entry,
-    as first seen (polled every 0.2 s; both trainers write checkpoints by atomic rename)."""
+def timed_checkpoints(cmd: list[str], listing: Callable[[], list[Path]], log: Path) -> dict:
+    """Run ``cmd``; return ``{name: seconds after launch}`` for each path ``listing()`` returns,
+    as first seen (polled every 0.2 s; both trainers publish checkpoints by atomic rename)."""
     seen: dict[str, float] = {}
     with log.open("a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
@@ -64,7 +62,7 @@ def timed_checkpoints(cmd: list[str], folder: Path, pattern: str, log: Path) -> 
         while True:
             done = proc.poll() is not None
             now = time.perf_counter() - t0
-            for p in sorted(folder.glob(pattern)) if folder.exists() else []:
+            for p in listing():
                 seen.setdefault(p.name, now)
             if done:
                 break
@@ -82,7 +80,7 @@ def train_peer(args, ingest: Path, log: Path) -> list[dict]:
         cmd += ["--seconds", str(args.seconds), "--checkpoints", str(args.points)]
         cmd += ["--n", str(args.n), *shlex.split(args.peer_args)]
         cmd += ["--smoke"] if args.smoke else []
-        seen = timed_checkpoints(cmd, out, "ckpt-*.pt", log)
+        seen = timed_checkpoints(cmd, lambda: sorted(out.glob("ckpt-*.pt")), log)
         (out / "times.json").write_text(json.dumps(seen, indent=1))
     stats = json.loads((out / "peer.json").read_text())
     seen = json.loads((out / "times.json").read_text())
@@ -110,7 +108,7 @@ def train_medsynth(args, run: Path, log: Path) -> list[dict]:
         sets += [f"training.checkpoint_every_steps={every}", f"training.keep_states={kept}"]
         sets += ["training.preview_every_steps=0"]
         cmd = _medsynth("train", args, run, sets)
-        seen = timed_checkpoints(cmd, run / "train", "snapshot-[0-9]*[0-9]", log)
+        seen = timed_checkpoints(cmd, lambda: list_snapshots(run / "train"), log)
         times.write_text(json.dumps(seen, indent=1))
     seen = json.loads(times.read_text())
     gen = _protocol(args).generation
