@@ -222,15 +222,16 @@ def score(args) -> None:
     extractors = load_extractors(args.cache)
     test_feats = {n: e.features(test.images) for n, e in extractors.items()}
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ref = f"real val ({args.real_ref})"
     if args.real_ref:
-        sets[f"real val ({args.real_ref})"] = real_reference(args.ingest, test, args.real_ref)
+        sets[ref] = real_reference(args.ingest, test, args.real_ref)
     for spec in args.sets:
         name, path = spec.split("=", 1)
         z = np.load(path)
         sets[name] = (torch.from_numpy(z["images"]).float(), torch.from_numpy(z["labels"]).long())
     results = {n: score_set(x, y, test, extractors, test_feats) for n, (x, y) in sets.items()}
     if args.real_ref:
-        add_floor_ratios(results, f"real val ({args.real_ref})")
+        add_floor_ratios(results, sets, ref, test, extractors, test_feats)
     print_table(results, test.classes)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -238,16 +239,58 @@ def score(args) -> None:
         write_grid(args.grid, sets, test)
 
 
-def add_floor_ratios(results: dict, floor: str) -> None:
-    """``FD_<x>_over_real``: each set's FD over the real validation reference's, per
-    part, so classes can be compared (raw FD differs between classes even for real images)."""
-    for res in results.values():
-        for part, row in res.items():
-            ref = results[floor][part]
-            for name in EXTRACTORS:
-                k = f"FD_{name}"
-                if k in row and ref.get(k):
-                    row[f"{k}_over_real"] = row[k] / ref[k]
+def matched_subset(
+    labels: torch.Tensor, ref_labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Indices of the first ``k_c`` images of each class c, ``k_c`` = the reference's count of c
+    (fewer if the set has fewer): the set at the reference's n, class by class."""
+    idx = [
+        torch.nonzero(labels == c).flatten()[: int((ref_labels == c).sum())]
+        for c in range(num_classes)
+    ]
+    return torch.cat(idx)
+
+
+def fd_parts(
+    images: torch.Tensor, labels: torch.Tensor, test, extractors: dict, test_feats: dict
+) -> dict[str, dict[str, float]]:
+    """``{part: {"FD_<x>": ...}}`` overall and per class (parts under ``MIN_N`` left out)."""
+    feats = {n: e.features(images) for n, e in extractors.items()}
+    masks = {"all": (np.ones(len(labels), bool), np.ones(len(test.labels), bool))}
+    for c, cls in enumerate(test.classes):
+        masks[cls] = ((labels == c).numpy(), (test.labels == c).numpy())
+    out: dict[str, dict[str, float]] = {}
+    for part, (m, mr) in masks.items():
+        if min(m.sum(), mr.sum()) >= MIN_N:
+            out[part] = {f"FD_{n}": fd(test_feats[n][mr], f[m]) for n, f in feats.items()}
+    return out
+
+
+def add_floor_ratios(
+    results: dict, sets: dict, ref: str, test, extractors: dict, test_feats: dict
+) -> None:
+    """Each set's FD over the real validation reference's, per part, **at the reference's n**.
+
+    ``FD_<x>_over_real``: the set is cut to the reference's per-class counts first (Fréchet
+    distance grows as n shrinks, and the validation split may hold fewer images of a class than
+    a synthetic set), so 1.0 = as close to the test split as real images at the same n, and
+    classes can be compared (raw FD differs between classes even for real images).
+    ``FD_<x>_class_spread`` (in ``all``): worst class's ratio over the best class's; 1.0 =
+    every class equally close to its real floor (issue 18's "within 1.5× of the best class").
+    """
+    ref_x, ref_y = sets[ref]
+    floor = fd_parts(ref_x, ref_y, test, extractors, test_feats)
+    for name, (x, y) in sets.items():
+        idx = matched_subset(y, ref_y, len(test.classes))
+        matched = fd_parts(x[idx], y[idx], test, extractors, test_feats)
+        for part, row in matched.items():
+            for k, v in row.items():
+                if floor.get(part, {}).get(k):
+                    results[name][part][f"{k}_over_real"] = v / floor[part][k]
+        for n in extractors:
+            ratios = [results[name][c].get(f"FD_{n}_over_real") for c in test.classes]
+            if all(r is not None for r in ratios):
+                results[name]["all"][f"FD_{n}_class_spread"] = max(ratios) / min(ratios)
 
 
 def _fmt(v) -> str:
@@ -262,11 +305,14 @@ def print_table(results: dict, classes: list[str]) -> None:
         keys += [f"FD_{n}_over_real" for n in names]
     for part in ["all", *classes]:
         print(f"\n[{part}] vs real test{'' if part == 'all' else ' ' + part}")
-        heads = (k.replace("_over_real", "/real")[:9] for k in keys)
-        print(f"{'set':32s}" + "".join(f"{h:>10s}" for h in heads))
+        part_keys = keys + [f"FD_{n}_class_spread" for n in names if part == "all"]
+        heads = (
+            k.replace("_over_real", "/real").replace("_class_spread", "/spr") for k in part_keys
+        )
+        print(f"{'set':32s}" + "".join(f"{h[:9]:>10s}" for h in heads))
         for name, res in results.items():
             row = res[part]
-            print(f"{name[:32]:32s}" + "".join(f"{_fmt(row.get(k)):>10s}" for k in keys))
+            print(f"{name[:32]:32s}" + "".join(f"{_fmt(row.get(k)):>10s}" for k in part_keys))
 
 
 def write_grid(path: str, sets: dict, test, per_class: int = 8) -> None:

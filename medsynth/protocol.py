@@ -283,7 +283,9 @@ class TrainingSection(_Section):
     grad_clip_norm: float = Field(1.0, gt=0)
     ema_halflife_steps: float = Field(200.0, gt=0)
     label_dropout: float = Field(0.15, ge=0, lt=1, description="share of null-class labels (CFG)")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
     augment_hflip: bool = Field(False, description="horizontal flips (off: chest anatomy is sided)")
     augment_shift_px: int = Field(0, ge=0, description="random integer shift, reflect padding")
     checkpoint_every_steps: int = Field(500, ge=1)
@@ -361,7 +363,9 @@ class GenerationSection(_Section):
     )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
     export_png: bool = Field(False, description="also write 16-bit PNGs beside the DICOM")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 

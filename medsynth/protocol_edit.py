@@ -67,7 +67,9 @@ class EditSection(_EditBase):
     guidance_scale: float = Field(1.0, ge=0)
     batch_size: int = Field(32, ge=1, description="edits per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of edit identity")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     inpaint: InpaintSettings = Field(default_factory=InpaintSettings)
     vary: VarySettings = Field(default_factory=VarySettings)

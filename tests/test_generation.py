@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from medsynth import runtime
 from medsynth.data.ingest import ingest_dataset
 from medsynth.generation.dataset import load_pool
 from medsynth.generation.pool import generate_pool, plan_counts
@@ -57,11 +58,11 @@ def _tree(folder: Path) -> dict[str, str]:
     }
 
 
-def _gen(run: Path, out: Path, **kw):
+def _gen(run: Path, out: Path, plan: dict | None = None, **kw):
     return generate_pool(
         run / "train/snapshot-0000020",
         out,
-        {"normal": 7, "opacity": 5},
+        plan or {"normal": 7, "opacity": 5},
         steps=4,
         progress=False,
         **kw,
@@ -78,6 +79,17 @@ def test_same_request_same_bytes_any_batch_size(run, tmp_path):
         ("normal", str(i)) for i in range(7)
     ] + [("opacity", str(i)) for i in range(5)]
     assert len({r["SOPInstanceUID"] for r in rows}) == 12 and len({r["seed"] for r in rows}) == 12
+
+
+def test_precision_auto_is_the_precision_it_picks(run, tmp_path, monkeypatch):
+    """The pool request records what ``auto`` resolved to: an auto pool and an explicit pool of
+    that precision are byte-identical, and one resumes the other."""
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    _gen(run, tmp_path / "auto", precision="auto", plan={"normal": 3, "opacity": 2})
+    _gen(run, tmp_path / "fp32", precision="fp32", plan={"normal": 3, "opacity": 2})
+    assert _tree(tmp_path / "auto") == _tree(tmp_path / "fp32")
+    again = _gen(run, tmp_path / "auto", precision="fp32", plan={"normal": 3, "opacity": 2})
+    assert again["generated"] == 0 and again["pool_complete"]
 
 
 def test_shards_equal_unsharded_pool(run, tmp_path):

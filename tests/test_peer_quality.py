@@ -9,12 +9,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import MIN_N, _set_metrics, class_counts, laplacian_energy  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    MIN_N,
+    _set_metrics,
+    class_counts,
+    laplacian_energy,
+    real_reference,
+)
 from benchmarks.time_to_quality import verdicts  # noqa: E402
 
 
@@ -92,6 +99,8 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     np.savez(tmp_path / "real.npz", images=test.images.numpy(), labels=test.labels.numpy())
     noise = np.random.default_rng(0).uniform(-1, 1, test.images.shape).astype(np.float32)
     np.savez(tmp_path / "noise.npz", images=noise, labels=test.labels.numpy())
+    ref_x, ref_y = real_reference(ingest, test, 40)
+    np.savez(tmp_path / "ref.npz", images=ref_x.numpy(), labels=ref_y.numpy())
     out_json = tmp_path / "q.json"
     _run(
         "benchmarks/quality.py",
@@ -99,6 +108,10 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
         str(ingest),
         "--cache",
         str(cache),
+        "--real-ref",
+        "40",
+        "--set",
+        f"ref={tmp_path / 'ref.npz'}",
         "--set",
         f"real={tmp_path / 'real.npz'}",
         "--set",
@@ -115,4 +128,12 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
         assert res["real"]["all"][f"FD_{name}"] < 1e-6 < res["noise"]["all"][f"FD_{name}"]
     assert res["noise"]["all"]["hf_ratio"] > 2 and abs(res["real"]["all"]["hf_ratio"] - 1) < 1e-6
     assert set(res["peer"]) == {"all", *test.classes}
+    # Floor ratios at the reference's n: the reference itself scores exactly 1 in every part
+    # and extractor (so its class spread is 1); noise is far above its floor.
+    for part in ("all", *test.classes):
+        for name in ("cnn0", "cnn1", "r18"):
+            assert res["ref"][part][f"FD_{name}_over_real"] == pytest.approx(1.0)
+            assert res["noise"][part][f"FD_{name}_over_real"] > 2
+    assert res["ref"]["all"]["FD_cnn0_class_spread"] == pytest.approx(1.0)
+    assert res["noise"]["all"]["FD_cnn0_class_spread"] >= 1
     assert (tmp_path / "grid.png").stat().st_size > 1000

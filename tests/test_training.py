@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medsynth import runtime
 from medsynth.diffusion.unet import UNetConfig
 from medsynth.training.checkpoint import latest_state, load_snapshot
 from medsynth.training.loop import NonFiniteLossError, train
@@ -130,6 +131,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path):
     state = latest_state(tmp_path)
     assert state["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_precision_auto_trains_in_what_it_picks(tmp_path, monkeypatch, capsys):
+    """``auto`` resolves per machine (fp32 without native bf16), says so, and records it; a
+    resume where it resolves otherwise (the run moved machines) warns: not bit-identical."""
+    images, labels = torch.rand(8, 1, 16, 16) * 2 - 1, torch.randint(0, 2, (8,))
+    kw = dict(unet=TINY, batch_size=4, precision="auto", progress=False)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    train(images, labels, ["a", "b"], tmp_path, max_steps=2, **kw)
+    assert latest_state(tmp_path)["precision"] == "fp32"
+    assert " in fp32, " in capsys.readouterr().out
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
+    with pytest.warns(UserWarning, match="in bf16; it was trained in fp32"):
+        train(images, labels, ["a", "b"], tmp_path, max_steps=3, **kw)
+    assert latest_state(tmp_path)["precision"] == "bf16"
 
 
 def test_resume_refuses_another_model(tmp_path):

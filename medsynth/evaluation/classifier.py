@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medsynth.evaluation.stats import auc_score
+from medsynth.runtime import resolve_precision
 
 
 @dataclass
@@ -65,19 +66,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
-
-
-def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """``auto`` -> ``bf16`` where the device computes bf16 natively (AVX-512 BF16/AMX, or a
-    bf16 GPU), else ``fp32``; ``fp32``/``bf16`` unchanged. Emulated bf16 would be slower."""
-    if precision != "auto":
-        return precision
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
 
 
 def build_network(kind: str, in_channels: int, num_classes: int, width: float = 1.0) -> nn.Module:

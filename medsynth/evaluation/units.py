@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from medsynth.data.datasets import load_split
-from medsynth.evaluation.classifier import ClassifierConfig, resolve_precision
+from medsynth.evaluation.classifier import ClassifierConfig
 from medsynth.evaluation.edit_arms import edit_groups, is_edit_pool
 from medsynth.evaluation.grouped import fit_seeds
 from medsynth.evaluation.selection import select
 from medsynth.evaluation.stats import metrics
 from medsynth.generation.dataset import load_pool
 from medsynth.protocol import EvaluationSection
+from medsynth.runtime import resolve_precision
 
 
 def class_counts(labels: torch.Tensor, k: int, ratio: float, mix: str) -> list[int]:

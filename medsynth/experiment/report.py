@@ -526,7 +526,7 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"<div class=card>Class-conditional MONAI DiffusionModelUNet, channels {protocol.model.channels}, "
         f"{protocol.schedule.kind} schedule ({protocol.schedule.beta_schedule}, {protocol.schedule.prediction_type}), "
         f"trained {t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, EMA half-life {t.ema_halflife_steps:g} steps, "
-        f"label dropout {t.label_dropout:g} for classifier-free guidance, {t.precision}. Trained only on the "
+        f"label dropout {t.label_dropout:g} for classifier-free guidance, {_precision_text(t.precision)}. Trained only on the "
         f"train split{'' if protocol.dataset.train_fraction >= 1 else f' ({protocol.dataset.train_fraction:g} of it)'}; "
         f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
         f"quality and diversity as measured above, on this dataset only.{_adaptation(snaps)}</div>",
@@ -558,6 +558,12 @@ def _edited_cards(run: Path, memo: dict) -> list[str]:
             f"Memorization audit: {html.escape(audit)}.</div>"
         )
     return cards
+
+
+def _precision_text(precision: str) -> str:
+    if precision == "auto":
+        return "bf16 autocast where the machine computes bf16 natively, else fp32 (precision auto)"
+    return precision
 
 
 def _adaptation(snaps: list[Path]) -> str:

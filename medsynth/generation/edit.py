@@ -37,6 +37,7 @@ from medsynth.generation.pool import (
     write_manifest,
 )
 from medsynth.protocol_edit import EditSection
+from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.loop import pick_device
 
@@ -135,6 +136,7 @@ def edit_pool(
     out = Path(out_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     dev = pick_device(section.device)
+    precision = resolve_precision(section.precision, str(dev), "editing")
     model, sched_cfg, cfg = load_snapshot(snapshot_dir, dev)
     classes = cfg["classes"]
     if tuple(cache.shape[1:]) != tuple(cfg["image_shape"]):
@@ -160,7 +162,7 @@ def edit_pool(
         "settings": section.model_dump(
             mode="json", exclude={"batch_size", "device", "inpaint", "vary"}
         )
-        | {kind: sub.model_dump(mode="json")},
+        | {kind: sub.model_dump(mode="json"), "precision": precision},
     }
     with open(out / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -172,7 +174,7 @@ def edit_pool(
     base = (
         f"medsynth {__version__} EDIT {kind} of a real training image (run cache row; no source "
         f"identifier) snapshot sha256:{snap_sha[:16]} steps={section.steps} "
-        f"guidance={section.guidance_scale} net_batch={section.net_batch} {section.precision}"
+        f"guidance={section.guidance_scale} net_batch={section.net_batch} {precision}"
     )
     base += (
         f" jump_length={sub.jump_length} resamplings={sub.resamplings}"
@@ -184,7 +186,7 @@ def edit_pool(
         "steps": section.steps,
         "guidance_scale": section.guidance_scale,
         "device": dev,
-        "bf16": section.precision == "bf16",
+        "bf16": precision == "bf16",
         "net_batch": section.net_batch,
     }
     t0 = time.perf_counter()

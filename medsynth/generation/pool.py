@@ -25,6 +25,7 @@ from tqdm import tqdm
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.sampler import sample
+from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
 from medsynth.training.loop import pick_device
@@ -182,7 +183,7 @@ def generate_pool(
     guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
     batch_size: int = 64,
     net_batch: int = 16,
-    precision: str = "fp32",
+    precision: str = "fp32",  # auto | fp32 | bf16 (autocast)
     export_png: bool = False,
     device: str = "auto",
     shard: tuple[int, int] = (0, 1),
@@ -202,6 +203,8 @@ def generate_pool(
     out = Path(out_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    # Resolved before the request is written: "auto" and the precision it picks make one pool.
+    precision = resolve_precision(precision, str(dev), "generation")
     model, sched_cfg, cfg = load_snapshot(snapshot_dir, dev)
     # A latent model samples latents and decodes them to the full-resolution image.
     decoder = snapshot_decoder(snapshot_dir, cfg, dev)

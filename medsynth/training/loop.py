@@ -24,6 +24,7 @@ from medsynth.diffusion.objective import diffusion_loss, draw
 from medsynth.diffusion.sampler import sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet, count_parameters
+from medsynth.runtime import resolve_precision
 from medsynth.training.adapt import (
     adapted_model,
     base_reference,
@@ -204,7 +205,7 @@ def train(
     grad_clip_norm: float = 1.0,
     ema_halflife_steps: float = 200.0,
     label_dropout: float = 0.15,  # share of null-class labels, for classifier-free guidance
-    precision: str = "fp32",  # fp32 | bf16 (autocast)
+    precision: str = "fp32",  # auto | fp32 | bf16 (autocast; auto = bf16 where native)
     augment_hflip: bool = False,
     augment_shift_px: int = 0,
     checkpoint_every_steps: int = 500,
@@ -239,6 +240,7 @@ def train(
     ``config.json`` under ``latent``.
     """
     dev = pick_device(device)
+    precision = resolve_precision(precision, str(dev), "training")
     info = init_distributed(dev)
     if batch_size % info.world:
         raise ValueError(f"batch_size {batch_size} must divide by the {info.world} processes")
@@ -327,6 +329,14 @@ def train(
                 f"{state['threads']} for that)",
                 stacklevel=2,
             )
+        if state.get("precision", precision) != precision:
+            # precision "auto" picks per machine: a run moved between machines changes it.
+            warnings.warn(
+                f"resuming {out} at step {step} in {precision}; it was trained in "
+                f"{state['precision']} so far. Training goes on correctly but not "
+                "bit-identically to an uninterrupted run",
+                stacklevel=2,
+            )
     if info.main:
         _truncate_log(out / "log.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
@@ -350,12 +360,13 @@ def train(
             "nonfinite_total": nonfinite_total,
             "config": config,
             "threads": torch.get_num_threads(),
+            "precision": precision,
         }
 
     if info.main:
         print(
             f"training {sum(p.numel() for p in trainable) / 1e6:.2f} of {count_parameters(model) / 1e6:.2f} M "
-            f"parameters on {dev} x{info.world}, "
+            f"parameters on {dev} x{info.world} in {precision}, "
             f"{len(images)} images {image_shape}, steps {step}->{max_steps}"
         )
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and info.main), unit="step")
