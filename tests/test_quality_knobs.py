@@ -42,14 +42,18 @@ def test_defaults_are_the_old_behaviour_and_keep_every_hash():
     assert p.training.loss_weighting == "uniform" and p.training.min_snr_gamma == 5.0
     assert p.training.class_balance == "none"
     assert p.generation.guidance_rescale == 0.0 and p.generation.guidance_interval == [0.0, 1.0]
-    # Hashes computed with the code before these knobs existed: run folders stay valid.
-    q = load_protocol(ROOT / "protocols" / "quickstart.yaml")
+    # Hashes computed with the code before these knobs existed: run folders stay valid. (The
+    # quickstart then said precision bf16; it says auto now.)
+    q = load_protocol(ROOT / "protocols" / "quickstart.yaml", ["training.precision=bf16"])
     assert q.sha256() == "db3df2a2a3735c195575e5a3b8168da73e0a81f99129a5230efbbaa201979f93"
     assert stage_inputs(q)["report"] == (
         "c3072f187a163e02c427bc350388395804023d3b76d0fa076fa84f304e0988ab"
     )
     # Off the default, a knob is part of the identity of its stage and the ones after it.
-    r = load_protocol(ROOT / "protocols" / "quickstart.yaml", ["generation.guidance_rescale=0.7"])
+    r = load_protocol(
+        ROOT / "protocols" / "quickstart.yaml",
+        ["training.precision=bf16", "generation.guidance_rescale=0.7"],
+    )
     a, b = stage_inputs(q), stage_inputs(r)
     assert a["train"] == b["train"] and a["generate"] != b["generate"] and q.sha256() != r.sha256()
 
