@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from benchmarks.quality import (  # noqa: E402
     class_counts,
     laplacian_energy,
     real_reference,
+    score_set,
 )
 from benchmarks.time_to_quality import verdicts  # noqa: E402
 
@@ -53,6 +55,47 @@ def test_small_classes_get_no_figures_and_texture_is_measured():
 
 def _curve(*points):
     return [{"seconds": t, "FD_x": v} for t, v in points]
+
+
+class _Projection:
+    """A fixed random projection standing in for a trained extractor (8 features)."""
+
+    def __init__(self, d_in: int, seed: int):
+        self.w = torch.randn(d_in, 8, generator=torch.Generator().manual_seed(seed))
+
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        return (x.flatten(1) @ self.w).numpy()
+
+    def predict_proba(self, x: torch.Tensor) -> np.ndarray:
+        return self.features(x)[:, :2]
+
+
+def test_a_collapsed_class_is_far_above_its_split_floor_and_widens_the_spread():
+    """Per class, FD over the FD between halves of the real test class (the evaluation's
+    collapse floor): a class drawn like the real one sits near 1, a class of near-copies far
+    above, and the spread (worst over best class) separates the two sets."""
+    g = torch.Generator().manual_seed(0)
+
+    def draw(n: int, c: int) -> torch.Tensor:
+        return (torch.randn(n, 1, 16, 16, generator=g) * 0.3 + (0.3 if c else -0.3)).clamp(-1, 1)
+
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    test = SimpleNamespace(
+        images=torch.cat([draw(200, 0), draw(200, 1)]), labels=labels, classes=["normal", "finding"]
+    )
+    extractors = {"cnn0": _Projection(256, 0), "r18": _Projection(256, 1)}
+    test_feats = {n: e.features(test.images) for n, e in extractors.items()}
+    alike = torch.cat([draw(150, 0), draw(1, 1).repeat(150, 1, 1, 1) + 0.01 * draw(150, 1)])
+    faithful = torch.cat([draw(150, 0), draw(150, 1)])
+    y = torch.tensor([0] * 150 + [1] * 150)
+    bad = score_set(alike.clamp(-1, 1), y, test, extractors, test_feats)
+    good = score_set(faithful, y, test, extractors, test_feats)
+    for name in extractors:
+        assert good["normal"][f"FD_{name}_over_split"] < 2
+        assert good["finding"][f"FD_{name}_over_split"] < 2
+        assert bad["finding"][f"FD_{name}_over_split"] > 5 * bad["normal"][f"FD_{name}_over_split"]
+        assert good["all"][f"FD_{name}_class_spread"] < 2
+        assert bad["all"][f"FD_{name}_class_spread"] > 10
 
 
 def test_time_to_quality_verdicts():
@@ -134,6 +177,5 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
         for name in ("cnn0", "cnn1", "r18"):
             assert res["ref"][part][f"FD_{name}_over_real"] == pytest.approx(1.0)
             assert res["noise"][part][f"FD_{name}_over_real"] > 2
-    assert res["ref"]["all"]["FD_cnn0_class_spread"] == pytest.approx(1.0)
-    assert res["noise"]["all"]["FD_cnn0_class_spread"] >= 1
+
     assert (tmp_path / "grid.png").stat().st_size > 1000
