@@ -56,7 +56,7 @@ def native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` computes bf16 natively (AVX-512 BF16 / AMX on a CPU, a bf16 GPU).
 
     Elsewhere torch emulates bf16 autocast, far slower than fp32: PneumoniaMNIST training took
-    13 s per step in bf16 against 0.9 s in fp32 on an AVX2-only EPYC (docs/benchmarks.md)."""
+    13 s per step in bf16 against 0.8 s in fp32 on an AVX2-only EPYC (docs/benchmarks.md)."""
     import torch
 
     if torch.device(device).type == "cuda":
