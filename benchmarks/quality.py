@@ -131,9 +131,12 @@ def score_set(
     test,
     extractors: dict[str, Classifier],
     test_feats: dict[str, np.ndarray],
+    feats: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """``{"all": {...}, "<class>": {...}}`` for one synthetic (or reference) set."""
-    feats = {n: e.features(images) for n, e in extractors.items()}
+    """``{"all": {...}, "<class>": {...}}`` for one synthetic (or reference) set; ``feats``:
+    its features per extractor when already computed."""
+    if feats is None:
+        feats = {n: e.features(images) for n, e in extractors.items()}
     pred = extractors["cnn0"].predict_proba(images).argmax(1)
     result = {"all": _set_metrics(feats, test_feats, images, test.images)}
     result["all"]["class_validity"] = float((pred == labels.numpy()).mean())
@@ -242,9 +245,12 @@ def score(args) -> None:
         name, path = spec.split("=", 1)
         z = np.load(path)
         sets[name] = (torch.from_numpy(z["images"]).float(), torch.from_numpy(z["labels"]).long())
-    results = {n: score_set(x, y, test, extractors, test_feats) for n, (x, y) in sets.items()}
+    feats = {s: {n: e.features(x) for n, e in extractors.items()} for s, (x, _) in sets.items()}
+    results = {
+        s: score_set(x, y, test, extractors, test_feats, feats[s]) for s, (x, y) in sets.items()
+    }
     if args.real_ref:
-        add_floor_ratios(results, sets, ref, test, extractors, test_feats)
+        add_floor_ratios(results, sets, feats, ref, test, test_feats)
     print_table(results, test.classes)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -265,10 +271,10 @@ def matched_subset(
 
 
 def fd_parts(
-    images: torch.Tensor, labels: torch.Tensor, test, extractors: dict, test_feats: dict
+    feats: dict[str, np.ndarray], labels: torch.Tensor, test, test_feats: dict
 ) -> dict[str, dict[str, float]]:
-    """``{part: {"FD_<x>": ...}}`` overall and per class (parts under ``MIN_N`` left out)."""
-    feats = {n: e.features(images) for n, e in extractors.items()}
+    """``{part: {"FD_<x>": ...}}`` of a set's features against the test split's, overall and
+    per class (parts under ``MIN_N`` left out)."""
     masks = {"all": (np.ones(len(labels), bool), np.ones(len(test.labels), bool))}
     for c, cls in enumerate(test.classes):
         masks[cls] = ((labels == c).numpy(), (test.labels == c).numpy())
@@ -280,7 +286,7 @@ def fd_parts(
 
 
 def add_floor_ratios(
-    results: dict, sets: dict, ref: str, test, extractors: dict, test_feats: dict
+    results: dict, sets: dict, feats: dict, ref: str, test, test_feats: dict
 ) -> None:
     """Each set's FD over the real validation reference's, per part, **at the reference's n**.
 
@@ -292,11 +298,12 @@ def add_floor_ratios(
     FD_r18 273 against 4.4 for pneumonia), so per class :func:`score_set`'s ``_over_split``
     floor, which never leaves the test split, is the one to compare classes by.
     """
-    ref_x, ref_y = sets[ref]
-    floor = fd_parts(ref_x, ref_y, test, extractors, test_feats)
-    for name, (x, y) in sets.items():
-        idx = matched_subset(y, ref_y, len(test.classes))
-        matched = fd_parts(x[idx], y[idx], test, extractors, test_feats)
+    ref_y = sets[ref][1]
+    floor = fd_parts(feats[ref], ref_y, test, test_feats)
+    for name, (_, y) in sets.items():
+        idx = matched_subset(y, ref_y, len(test.classes)).numpy()
+        cut = {n: f[idx] for n, f in feats[name].items()}
+        matched = fd_parts(cut, y[idx], test, test_feats)
         for part, row in matched.items():
             for k, v in row.items():
                 if floor.get(part, {}).get(k):
