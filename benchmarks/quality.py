@@ -23,7 +23,7 @@ Subcommands::
 
     python benchmarks/quality.py extractors INGEST --cache DIR        # train + cache extractors
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
-        --guidance 2 --n 600]                                        # medsynth samples
+        --guidance 2 --n 600 --eta 1]                                # medsynth samples
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
         [--json out.json] [--grid grid.png]
@@ -191,6 +191,8 @@ def sample_medsynth(args) -> None:
         extra["guidance_rescale"] = args.guidance_rescale
     if args.guidance_interval:
         extra["guidance_interval"] = tuple(args.guidance_interval)
+    if args.eta:
+        extra["ddim_eta"] = args.eta
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()
@@ -378,6 +380,7 @@ def main() -> None:
     s.add_argument("--guidance", type=float, default=2.0)
     s.add_argument("--guidance-rescale", type=float, default=0.0)
     s.add_argument("--guidance-interval", type=float, nargs=2)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (sampler ddim)")
     c = sub.add_parser("score")
     c.add_argument("ingest", type=Path)
     c.add_argument(

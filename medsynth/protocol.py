@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medsynth.protocol_edit import MASK_PATTERN, EditSection
+from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
 
 
 class ProtocolError(ValueError):
@@ -283,9 +283,7 @@ class TrainingSection(_Section):
     grad_clip_norm: float = Field(1.0, gt=0)
     ema_halflife_steps: float = Field(200.0, gt=0)
     label_dropout: float = Field(0.15, ge=0, lt=1, description="share of null-class labels (CFG)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
-    )
+    precision: Precision = precision_field("fp32")
     augment_hflip: bool = Field(False, description="horizontal flips (off: chest anatomy is sided)")
     augment_shift_px: int = Field(0, ge=0, description="random integer shift, reflect padding")
     checkpoint_every_steps: int = Field(500, ge=1)
@@ -363,9 +361,7 @@ class GenerationSection(_Section):
     )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
-    )
+    precision: Precision = precision_field("fp32")
     export_png: bool = Field(False, description="also write 16-bit PNGs beside the DICOM")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -404,9 +400,7 @@ class ClassifierSection(_Section):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
-    )
+    precision: Precision = precision_field("auto")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 

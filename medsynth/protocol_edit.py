@@ -8,11 +8,21 @@ ask for. Knob names are the keyword arguments of ``medsynth.diffusion.edit`` and
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MASK_PATTERN = re.compile(r"^(boxes|png|rect):(.+)$")
+
+# A stage's arithmetic precision; shared with protocol.py (which imports this module).
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def precision_field(default: str) -> Any:
+    """The ``precision`` key of a stage section, with its help text."""
+    return Field(
+        default, description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
 
 
 class _EditBase(BaseModel):
@@ -67,9 +77,7 @@ class EditSection(_EditBase):
     guidance_scale: float = Field(1.0, ge=0)
     batch_size: int = Field(32, ge=1, description="edits per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of edit identity")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
-    )
+    precision: Precision = precision_field("fp32")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     inpaint: InpaintSettings = Field(default_factory=InpaintSettings)
     vary: VarySettings = Field(default_factory=VarySettings)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from medsynth import runtime
 from medsynth.diffusion.unet import UNetConfig
+from medsynth.experiment.report import _precision_text
 from medsynth.training.checkpoint import latest_state, load_snapshot
 from medsynth.training.loop import NonFiniteLossError, train
 
@@ -134,18 +135,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path):
 
 
 def test_precision_auto_trains_in_what_it_picks(tmp_path, monkeypatch, capsys):
-    """``auto`` resolves per machine (fp32 without native bf16), says so, and records it; a
-    resume where it resolves otherwise (the run moved machines) warns: not bit-identical."""
+    """``auto`` resolves per machine (fp32 without native bf16), says so, and records it; the
+    report's model card names what ran; a resume where it resolves otherwise (the run moved
+    machines) warns: not bit-identical."""
     images, labels = torch.rand(8, 1, 16, 16) * 2 - 1, torch.randint(0, 2, (8,))
     kw = dict(unet=TINY, batch_size=4, precision="auto", progress=False)
+    out = tmp_path / "run" / "train"
+    unknown = "bf16 autocast where the machine computes bf16 natively, else fp32 (precision auto)"
+    assert _precision_text(tmp_path / "run", "auto") == unknown  # nothing trained yet
     monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
-    train(images, labels, ["a", "b"], tmp_path, max_steps=2, **kw)
-    assert latest_state(tmp_path)["precision"] == "fp32"
+    train(images, labels, ["a", "b"], out, max_steps=2, **kw)
+    assert latest_state(out)["precision"] == "fp32"
     assert " in fp32, " in capsys.readouterr().out
+    assert _precision_text(tmp_path / "run", "auto") == "fp32 (precision auto)"
     monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
     with pytest.warns(UserWarning, match="in bf16; it was trained in fp32"):
-        train(images, labels, ["a", "b"], tmp_path, max_steps=3, **kw)
-    assert latest_state(tmp_path)["precision"] == "bf16"
+        train(images, labels, ["a", "b"], out, max_steps=3, **kw)
+    assert latest_state(out)["precision"] == "bf16"
+    assert _precision_text(tmp_path / "run", "auto") == "bf16 (precision auto)"
 
 
 def test_resume_refuses_another_model(tmp_path):

@@ -526,7 +526,7 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"<div class=card>Class-conditional MONAI DiffusionModelUNet, channels {protocol.model.channels}, "
         f"{protocol.schedule.kind} schedule ({protocol.schedule.beta_schedule}, {protocol.schedule.prediction_type}), "
         f"trained {t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, EMA half-life {t.ema_halflife_steps:g} steps, "
-        f"label dropout {t.label_dropout:g} for classifier-free guidance, {_precision_text(t.precision)}. Trained only on the "
+        f"label dropout {t.label_dropout:g} for classifier-free guidance, {_precision_text(run, t.precision)}. Trained only on the "
         f"train split{'' if protocol.dataset.train_fraction >= 1 else f' ({protocol.dataset.train_fraction:g} of it)'}; "
         f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
         f"quality and diversity as measured above, on this dataset only.{_adaptation(snaps)}</div>",
@@ -560,7 +560,23 @@ def _edited_cards(run: Path, memo: dict) -> list[str]:
     return cards
 
 
-def _precision_text(precision: str) -> str:
+def _precision_text(run: Path, precision: str) -> str:
+    """The precision training ran in, read from its newest resume state (``auto`` resolves per
+    machine); the setting itself when no state records one (runs made before it was recorded)."""
+    import torch
+
+    from medsynth.training.checkpoint import list_states
+
+    for path in reversed(list_states(run / "train")):
+        try:  # mmap: only the small "precision" entry is read, not the weights
+            ran = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(
+                "precision"
+            )
+        except Exception:  # noqa: BLE001 - a torn newest state: try the previous one
+            continue
+        if ran:
+            return f"{ran} (precision {precision})" if precision == "auto" else ran
+        break
     if precision == "auto":
         return "bf16 autocast where the machine computes bf16 natively, else fp32 (precision auto)"
     return precision
