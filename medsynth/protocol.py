@@ -322,6 +322,10 @@ class DistillSection(_Section):
     solver_steps: int = Field(50, ge=2, description="teacher DDIM grid (divides T)")
     target_ema_halflife_steps: float = Field(13.5, gt=0, description="target network EMA")
     huber_c: float = Field(0.001, gt=0, description="pseudo-Huber loss constant")
+    huber_over: Literal["pixel", "image"] = Field(
+        "pixel",
+        description="pseudo-Huber per pixel (LCM; L1-like) or on each image's RMS error (iCT-style)",
+    )
     checkpoint_every_steps: int = Field(500, ge=1)
     keep_states: int = Field(2, ge=1)
     log_every_steps: int = Field(10, ge=1)
@@ -450,6 +454,7 @@ LATER_KNOBS = {
     "sweep": {"guidance_rescale": [], "guidance_interval": []},
     "model.autoencoder": {"patch_px": None},
     "upscaler": {"chain_per_class": None},
+    "distill": {"huber_over": "pixel"},
 }
 
 

@@ -61,7 +61,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
     # A distilled pool also depends on how the student was distilled (defaults if unset).
-    distill = [p.get("distill") or DistillSection().model_dump(mode="json")]
+    default = drop_later_defaults(DistillSection().model_dump(mode="json"), "distill")
+    distill = [p.get("distill") or default]
     out["generate"] = _sha([out["train"], gen] + (distill if gen["sampler"] == "distilled" else []))
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
     out["report"] = _sha([out["evaluate"], p["name"], p["description"]])

@@ -13,7 +13,7 @@ from medsynth.diffusion.schedule import ScheduleConfig
 from medsynth.diffusion.unet import UNetConfig
 from medsynth.evaluation.fidelity import fd
 from medsynth.training.checkpoint import load_snapshot
-from medsynth.training.distill import distill
+from medsynth.training.distill import _guided, _pseudo_huber, distill
 from medsynth.training.loop import train
 
 PX = 16
@@ -90,6 +90,23 @@ def test_sampling_timesteps_follow_the_grid():
     assert sampling_timesteps(1000, cc, 4) == [999, 739, 499, 239]
     with pytest.raises(ValueError, match="1..50 steps"):
         sampling_timesteps(1000, cc, 0)
+
+
+def test_teacher_guidance_one_pass_at_scale_one():
+    """At guidance 1 the null-class pass cancels: the teacher runs once, with the same result."""
+    calls = []
+
+    def teacher(x, timesteps, class_labels):
+        calls.append(len(x))
+        return x * (1 + class_labels.view(-1, 1, 1, 1)) + timesteps.view(-1, 1, 1, 1) / 1000
+
+    x, t, y = torch.randn(4, 1, 2, 2), torch.tensor([9, 19, 29, 39]), torch.tensor([0, 1, 0, 1])
+    cond, uncond = teacher(x, t, y).double(), teacher(x, t, torch.full_like(y, 2)).double()
+    calls.clear()
+    for scale in (1.0, 2.5):
+        want = uncond + scale * (cond - uncond)
+        torch.testing.assert_close(_guided(teacher, x, t, y, 2, scale), want)
+    assert calls == [4, 8]
 
 
 def test_student_is_deterministic_per_seed(models):
@@ -239,6 +256,28 @@ def test_a_distilled_pool_depends_on_the_distill_settings():
     assert fast != plain
     assert gen_hash("generation.sampler=distilled", "distill.max_steps=2000") == fast  # default
     assert gen_hash("generation.sampler=distilled", "distill.max_steps=7") != fast
+    # A knob added later keeps the hash at its old-behaviour value and changes it otherwise.
+    assert gen_hash("generation.sampler=distilled", "distill.huber_over=pixel") == fast
+    assert gen_hash("generation.sampler=distilled", "distill.huber_over=image") != fast
+
+
+def test_pseudo_huber_per_pixel_or_per_image():
+    """Per pixel (c small) every pixel pulls equally hard; per image the pull follows the error."""
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([[[[0.1, 0.2], [0.4, 0.8]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    grads = {}
+    for over in ("pixel", "image"):
+        p = pred.clone().requires_grad_(True)
+        _pseudo_huber(p, target, 1e-6, over).backward()
+        grads[over] = p.grad[0].flatten()
+    g = grads["pixel"] / grads["pixel"][0]
+    torch.testing.assert_close(g, torch.ones(4), rtol=1e-3, atol=0)
+    g = grads["image"] / grads["image"][0]
+    torch.testing.assert_close(g, torch.tensor([1.0, 2.0, 4.0, 8.0]), rtol=1e-4, atol=0)
+    rms = pred[0].pow(2).mean().sqrt()  # a perfect image adds 0; the other its RMS error
+    torch.testing.assert_close(
+        _pseudo_huber(pred, target, 1e-6, "image"), rms / 2, rtol=1e-4, atol=0
+    )
 
 
 CLI_YAML = """\
