@@ -5,9 +5,11 @@ batch of training images ``x0`` with labels ``y`` (all draws from one seeded gen
 
 1. pick a grid index ``n`` and noise ``x0`` to ``t_n``;
 2. the teacher takes one *guided* DDIM step ``t_n -> t_{n-1}`` (conditional and null-class
-   passes mixed with ``guidance_scale``): guidance is distilled in here;
-3. the loss is the pseudo-Huber distance between the student's ``f(x_{t_n}, t_n, y)`` and the
-   target network's ``f(x_{t_{n-1}}, t_{n-1}, y)`` (an EMA of the student, no gradient).
+   passes mixed with ``guidance_scale``; the conditional one alone at 1): guidance is distilled
+   in here;
+3. the loss is the pseudo-Huber distance (per pixel, or per image with ``huber_over``) between
+   the student's ``f(x_{t_n}, t_n, y)`` and the target network's ``f(x_{t_{n-1}}, t_{n-1}, y)``
+   (an EMA of the student, no gradient).
 
 The output folder looks like ``train/``: ``state-*.pt`` (resume) and ``snapshot-*/`` (the target
 network's weights, with the teacher's config plus ``distill`` and ``teacher``), so
@@ -61,8 +63,8 @@ def _pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, over: str = "pixel
 
 
 def _guided(teacher, x_t, t, y, null: int, scale: float) -> torch.Tensor:
-    """The teacher's guided output in float64; one conditional pass at scale 1, where the
-    null-class pass cancels out (a sixth of a distillation step's compute)."""
+    """The teacher's guided output in float64; at scale 1 the null-class pass cancels out, so
+    the teacher runs once (the distillation default, as generation's guidance 1)."""
     if scale == 1.0:
         return teacher(x_t, timesteps=t, class_labels=y).double()
     both = teacher(
