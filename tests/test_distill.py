@@ -278,6 +278,8 @@ def test_pseudo_huber_per_pixel_or_per_image():
     torch.testing.assert_close(
         _pseudo_huber(pred, target, 1e-6, "image"), rms / 2, rtol=1e-4, atol=0
     )
+    with pytest.raises(ValueError, match="'pixel' or 'image'"):
+        _pseudo_huber(pred, target, 1e-6, "images")
 
 
 CLI_YAML = """\

@@ -59,6 +59,8 @@ def _pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, over: str = "pixel
     if over == "image":
         rms2 = ((a - b) ** 2).flatten(1).mean(1)
         return ((rms2 + c**2).sqrt() - c).mean()
+    if over != "pixel":
+        raise ValueError(f"huber_over must be 'pixel' or 'image', not {over!r}")
     return (((a - b) ** 2 + c**2).sqrt() - c).mean()
 
 
