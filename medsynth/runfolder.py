@@ -35,6 +35,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     ``base_sha256``: the snapshot hash ``training.init_from`` resolves to, so a retrained base
     reruns the adaptation (None leaves every hash as it was without adaptation).
     """
+    from medsynth.diffusion.sampler import sampler_revision  # torch: only when hashing
+
     # Knobs added later, at their old-behaviour value, leave every hash as it was.
     p = drop_later_defaults(protocol.dump())
     ds = p["dataset"]
@@ -60,6 +62,11 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
+    gen |= sampler_revision(gen["sampler"], gen["steps"], p["schedule"]["num_train_timesteps"])
+    up = p.get("upscaler") or {}
+    if up.get("chain"):  # the chained upscale is written by the generate stage
+        rev = sampler_revision(up["sampler"], up["steps"], p["schedule"]["num_train_timesteps"])
+        gen |= {f"upscaler_{k}": v for k, v in rev.items()}
     # A distilled pool also depends on how the student was distilled (defaults if unset).
     default = drop_later_defaults(DistillSection().model_dump(mode="json"), "distill")
     distill = [p.get("distill") or default]

@@ -93,26 +93,56 @@ def test_class_embedding_survives_groupnorm():
     assert np.isfinite(a.detach().numpy()).all()
 
 
-def test_ddim_eta_zero_matches_monai_and_eta_adds_per_sample_noise(perturbed_unet):
-    from functools import partial
+def _diffusers_ddim(denoise, x, noise, cfg, steps, progress):
+    """diffusers' DDIM, trailing spacing: its fixed stride T // n is exact when n divides T."""
+    from diffusers import DDIMScheduler
 
+    sched = DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
+    sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        x = sched.step(denoise(x, int(t)), t, x).prev_sample
+    return x
+
+
+def test_ddim_matches_diffusers_at_eta_zero_and_ddpm_at_eta_one(perturbed_unet, monkeypatch):
     import medsynth.diffusion.sampler as smp
 
     kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="ddim", steps=8, guidance_scale=2.0)
-    monai = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], **kw)
-    # The written-out update at eta = 0 must be MONAI's deterministic DDIM.
-    orig = smp.SAMPLERS.get("ddim")
-    smp.SAMPLERS._items["ddim"] = partial(smp._ddim_eta_step, eta=0.0)
-    try:
-        ours = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], **kw)
-    finally:
-        smp.SAMPLERS._items["ddim"] = orig
-    assert torch.allclose(monai, ours, atol=1e-4), (monai - ours).abs().max()
-    eta = sample(perturbed_unet, ScheduleConfig(), [0, 1, 1], [5, 6, 7], ddim_eta=1.0, **kw)
+    labels, seeds = [0, 1, 1], [5, 6, 7]
+    ours = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **kw)
+    with monkeypatch.context() as m:
+        m.setitem(smp.SAMPLERS._items, "ddim", _diffusers_ddim)
+        ref = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **kw)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    # eta = 1 is the DDPM posterior (Song et al. 2021): the ancestral sampler, draw for draw.
+    eta = sample(perturbed_unet, ScheduleConfig(), labels, seeds, ddim_eta=1.0, **kw)
+    ddpm = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **dict(kw, sampler="ddpm"))
+    assert torch.allclose(eta, ddpm, atol=1e-4), (eta - ddpm).abs().max()
+    assert (eta - ours).abs().max() > 1e-2  # stochastic steps move the sample
     again = sample(perturbed_unet, ScheduleConfig(), [1], [7], ddim_eta=1.0, **kw)
-    assert (eta - monai).abs().max() > 1e-2  # stochastic steps move the sample
     assert torch.equal(eta[2], again[0])  # noise is the sample's own, whatever the batch
     with pytest.raises(ValueError, match="ddim_eta"):
         sample(
             perturbed_unet, ScheduleConfig(), [0], [1], **dict(kw, sampler="dpmpp"), ddim_eta=0.5
         )
+
+
+def test_trailing_timesteps():
+    from medsynth.diffusion.sampler import trailing_timesteps
+
+    assert trailing_timesteps(1000, 10) == list(range(999, 0, -100))
+    assert trailing_timesteps(1000, 1) == [999]
+    ts = trailing_timesteps(1000, 30)
+    assert len(ts) == 30 and ts[0] == 999 and ts[-1] == 32
+    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    with pytest.raises(ValueError, match="steps"):
+        trailing_timesteps(1000, 0)

@@ -30,22 +30,17 @@ class ZeroDataSpy(torch.nn.Module):
         return (a.sqrt() * x.double() / (1 - a).sqrt()).float()  # v for x0 = 0
 
 
-# DDIM below 50 steps: MONAI's DDIMScheduler lists linspace(999, 0, n) timesteps but steps by a
-# fixed 1000 // n, so its last call (t = 0) sees an image still at level 11 (10 steps) or 3 (20).
-DDIM_GRID = pytest.mark.xfail(
-    strict=True, reason="known defect: DDIM steps by a fixed stride over a linspace grid"
-)
-
-
 @pytest.mark.parametrize(
     ("sampler", "steps", "eta"),
     [
         ("dpmpp", 10, 0.0),
         ("ddpm", 25, 0.0),
         ("ddim", 50, 0.0),
-        pytest.param("ddim", 10, 0.0, marks=DDIM_GRID),
-        pytest.param("ddim", 20, 0.0, marks=DDIM_GRID),
-        pytest.param("ddim", 10, 1.0, marks=DDIM_GRID),
+        ("ddim", 10, 0.0),
+        ("ddim", 20, 0.0),
+        ("ddim", 10, 1.0),
+        ("ddim", 30, 0.0),
+        ("ddpm", 30, 0.0),
     ],
 )
 def test_network_is_told_the_noise_level_the_image_is_at(sampler, steps, eta):
@@ -60,3 +55,47 @@ def test_network_is_told_the_noise_level_the_image_is_at(sampler, steps, eta):
         assert abs(std / want - 1) < 0.05, (
             f"{sampler}-{steps} called at t={t}: std {std:.4f}, level says {want:.4f}"
         )
+
+
+# Generate-stage hashes of the quickstart (precision bf16, as pinned in test_quality_knobs)
+# computed by the code before the revision-2 samplers.
+BEFORE_REVISION_2 = {
+    ("ddim", 10): "bba3d4a953306eac87f81446d815f6318bb566bd60cc0228037163aac403cb8c",
+    ("ddpm", 20): "183999e22f4b85012819c62719ad985957622389b64ad6c7ad9b463119a2c1f9",
+    ("ddpm", 30): "635e9a63be5ffe053a8d531e1dd3a07297ef7f29bf775b11c018aa7ec68def9e",
+    ("dpmpp", 20): "b922454887e22ebbc1595e69c85648cb0b8da2f9888e8af955cd8f28805c29aa",
+}
+
+
+@pytest.mark.parametrize(("sampler", "steps"), list(BEFORE_REVISION_2))
+def test_a_pool_of_a_revised_sampler_is_remade_and_no_other(sampler, steps):
+    """DDIM, and DDPM where ``steps`` does not divide T, changed pixels: their old pools must
+    not be resumed into. Every other pool keeps its hash (no needless regeneration)."""
+    from pathlib import Path
+
+    from medsynth.protocol import load_protocol
+    from medsynth.runfolder import stage_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    sets = ["training.precision=bf16", f"generation.sampler={sampler}", f"generation.steps={steps}"]
+    now = stage_inputs(load_protocol(root / "protocols" / "quickstart.yaml", sets))["generate"]
+    changed = sampler == "ddim" or 1000 % steps != 0
+    assert (now != BEFORE_REVISION_2[sampler, steps]) == changed
+
+
+def test_a_sweep_pool_of_ddim_is_remade_and_dpmpp_is_kept():
+    from pathlib import Path
+
+    from medsynth.experiment.sweep import _pool_sha, expand
+    from medsynth.protocol import load_protocol
+
+    root = Path(__file__).resolve().parents[1]
+    p = load_protocol(root / "protocols" / "smoke_sweep.yaml")
+    pools = {pool.name: pool for pool in expand(p).pools_at(0.5)}
+    before = {  # the code before revision 2
+        "g2-ddim3-eta0-p1": "79b43d91d5b4d86d617fa105f773ed42947172888d81b0d1f15fb5c9dd3bc771",
+        "g2-ddim3-eta1-p1": "3de1dd72de30fce237f75ce12fa342769ad2d80f92ec49cd5e10099f75b5686c",
+        "g2-dpmpp3-p1": "6f01eb203566cbdbbb689ba90b016862305dc254c376e97094d247bbbe5d55c6",
+    }
+    for name, sha in before.items():
+        assert (_pool_sha(p, 0.5, pools[name]) != sha) == ("ddim" in name), name

@@ -1,6 +1,6 @@
 """The denoising loop, written out: network and scheduler meet only here.
 
-Samplers: ``ddpm`` (ancestral, stochastic), ``ddim`` (MONAI, eta = 0), ``dpmpp`` (diffusers'
+Samplers: ``ddpm`` (ancestral, stochastic), ``ddim`` (deterministic at eta = 0), ``dpmpp`` (diffusers'
 DPM-Solver++ multistep driving the MONAI UNet), ``euler`` (MONAI RFlow, for ``rflow``
 schedules) and ``distilled`` (1-4 step consistency sampling of a student made by
 ``medsynth distill``, guidance distilled in: see :mod:`medsynth.diffusion.consistency`). Classifier-free guidance mixes a conditional and a null-class pass; a scale of 1.0
@@ -18,7 +18,6 @@ import torch
 from medsynth.diffusion.consistency import consistency_sample, x0_from_prediction
 from medsynth.diffusion.schedule import (
     ScheduleConfig,
-    ddim_scheduler,
     dpmpp_scheduler,
     training_scheduler,
 )
@@ -142,61 +141,78 @@ def _x0_maps(cfg: ScheduleConfig, x: torch.Tensor, t: int, acp: torch.Tensor | N
 _x0_from = x0_from_prediction
 
 
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps from ``T - 1`` down, evenly spaced, the last at ``T / steps - 1``.
+
+    "Trailing" spacing (Lin et al. 2024, as diffusers' DPM-Solver++ here): every call does
+    work, none is spent at t = 0, and for ``steps`` dividing ``T`` it is the DDPM sampler's grid.
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_train_timesteps}], got {steps}")
+    return [round(num_train_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
+
+
+@SAMPLERS.register("ddim")
+def _ddim(
+    denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress, *, eta=0.0
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on the trailing grid, stochasticity ``eta`` in [0, 1].
+
+    Written out rather than MONAI's ``DDIMScheduler``, whose ``step`` moves by a fixed
+    ``T // n`` over a ``linspace(T - 1, 0, n)`` grid, so the image is noisier than the level
+    the next call is told; it also takes one generator per batch, where here every sample
+    draws from its own seed. Float64 update; ``eta = 0`` draws no noise.
+    """
+    acp = training_scheduler(cfg).alphas_cumprod.to(x.device, torch.float64)
+    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
+    one = torch.tensor(1.0, dtype=torch.float64, device=x.device)
+    for i, t in enumerate(progress(ts)):
+        a_t = acp[t]
+        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else one
+        xd = x.double()
+        x0 = _x0_from(denoise(x, t).double(), xd, a_t, cfg.prediction_type)
+        eps = (xd - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+        xd = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta:
+            xd = xd + sigma * noise.randn(tuple(x.shape[1:]), x.device).double()
+        x = xd.float()
+    return x
+
+
 @SAMPLERS.register("ddpm")
 def _ddpm(
     denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress
 ) -> torch.Tensor:
     # Ancestral DDPM with fixed_small variance (as MONAI's DDPMScheduler), per-sample noise.
     acp = training_scheduler(cfg).alphas_cumprod.to(x.device, torch.float64)
-    ratio = cfg.num_train_timesteps // steps
+    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
     one = torch.tensor(1.0, dtype=torch.float64, device=x.device)
-    for t in progress(range(cfg.num_train_timesteps - 1, -1, -ratio)):
-        a_t, a_prev = acp[t], acp[t - ratio] if t - ratio >= 0 else one
+    for i, t in enumerate(progress(ts)):
+        last = i + 1 == len(ts)
+        a_t, a_prev = acp[t], one if last else acp[ts[i + 1]]
         x0 = _x0_from(denoise(x, t).double(), x.double(), a_t, cfg.prediction_type)
         alpha = a_t / a_prev
         mean = (a_prev.sqrt() * (1 - alpha) / (1 - a_t)) * x0 + (
             alpha.sqrt() * (1 - a_prev) / (1 - a_t)
         ) * x
-        if t - ratio >= 0:
+        if not last:
             var = ((1 - a_prev) / (1 - a_t) * (1 - alpha)).clamp(min=1e-20)
             mean = mean + var.sqrt() * noise.randn(tuple(x.shape[1:]), x.device).double()
         x = mean.float()
     return x
 
 
-@SAMPLERS.register("ddim")
-def _ddim(denoise, x, noise, cfg: ScheduleConfig, steps: int, progress) -> torch.Tensor:
-    sched = ddim_scheduler(cfg)
-    sched.set_timesteps(steps, device=x.device)
-    for t in progress(sched.timesteps):
-        x, _ = sched.step(denoise(x, int(t)), int(t), x)
-    return x
-
-
-def _ddim_eta_step(
-    denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress, *, eta: float
-) -> torch.Tensor:
-    """DDIM with stochasticity ``eta`` (Song et al. 2021, eq. 12) and per-sample noise.
-
-    MONAI's ``DDIMScheduler.step`` takes one generator for the whole batch, which would tie a
-    sample to its batch; the update is written out so noise comes from ``noise`` instead.
-    """
-    sched = ddim_scheduler(cfg)
-    sched.set_timesteps(steps, device=x.device)
-    acp = sched.alphas_cumprod.to(x.device, torch.float64)
-    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64, device=x.device)
-    stride = cfg.num_train_timesteps // steps
-    for t in progress(sched.timesteps):
-        t = int(t)
-        a_t = acp[t]
-        a_prev = acp[t - stride] if t - stride >= 0 else final
-        xd = x.double()
-        x0 = _x0_from(denoise(x, t).double(), xd, a_t, cfg.prediction_type)
-        eps = (xd - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        x = (x + sigma * noise.randn(tuple(x.shape[1:]), x.device).double()).float()
-    return x
+# Samplers whose pixels changed after pools were made with them. The revision joins a pool's
+# request and its stage hash, so an older pool is regenerated, never resumed into or mixed.
+# Revision 2 steps every sampler over `trailing_timesteps`. Before it, ddim stepped a fixed
+# T // n over MONAI's linspace(T - 1, 0, n) grid (the image noisier than the level the network
+# was told: residual noise of sigma ~0.14 at 10 steps) and ddpm made n + 1 calls when n does
+# not divide T; ddpm with n dividing T is unchanged and keeps its hashes.
+def sampler_revision(sampler: str, steps: int, num_train_timesteps: int) -> dict:
+    """``{"sampler_revision": 2}`` where revision 2 changed the pixels, else ``{}``."""
+    changed = sampler == "ddim" or (sampler == "ddpm" and num_train_timesteps % steps != 0)
+    return {"sampler_revision": 2} if changed else {}
 
 
 @SAMPLERS.register("dpmpp")
@@ -303,7 +319,7 @@ def sample(
         fn = partial(_distilled, params=distilled)
         guidance_scale = 1.0  # one conditional pass per step: guidance lives in the weights
     if ddim_eta:
-        fn = partial(_ddim_eta_step, eta=float(ddim_eta))
+        fn = partial(_ddim, eta=float(ddim_eta))
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = StackedNoise(seeds)

@@ -1,4 +1,4 @@
-"""Noise schedules: MONAI's DDPM/DDIM (and RFlow) schedulers plus a matching diffusers one.
+"""Noise schedules: MONAI's DDPM (and RFlow) schedulers plus a matching diffusers one.
 
 All samplers are built from one :class:`ScheduleConfig`, so DDPM, DDIM and DPM-Solver++ share
 the same betas and prediction type as training.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 # MONAI schedule name -> diffusers beta_schedule name with the same betas.
 _DIFFUSERS_BETAS = {
@@ -41,16 +41,6 @@ def training_scheduler(cfg: ScheduleConfig) -> DDPMScheduler | RFlowScheduler:
     if cfg.kind == "rflow":
         return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, spatial_dim=2)
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,
-        **cfg._beta_args(),
-    )
-
-
-def ddim_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
-    return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type,

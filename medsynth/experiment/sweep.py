@@ -323,8 +323,11 @@ def _train_sha(protocol: Protocol, fraction: float) -> str:
 
 
 def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
+    from medsynth.diffusion.sampler import sampler_revision  # torch: only when hashing
+
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
+    gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)
     return _sha([_train_sha(protocol, fraction), gen])
 
 

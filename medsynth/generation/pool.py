@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
-from medsynth.diffusion.sampler import sample
+from medsynth.diffusion.sampler import sample, sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
@@ -232,6 +232,7 @@ def generate_pool(
         "net_batch": net_batch,
         "precision": precision,
     }
+    request |= sampler_revision(sampler, steps, sched_cfg.num_train_timesteps)
     if ddim_eta:
         request["ddim_eta"] = ddim_eta  # only when set: pools made before the knob still match
     interval = [float(v) for v in guidance_interval]

@@ -25,6 +25,7 @@ from medsynth.dicom.write import (
     synthetic_instance,
     to_bytes,
 )
+from medsynth.diffusion.sampler import sampler_revision
 from medsynth.diffusion.upsampler import upscale
 from medsynth.generation.dataset import read_manifest
 from medsynth.generation.pool import (
@@ -94,6 +95,7 @@ def upscale_pool(
         "steps": steps,
         "net_batch": net_batch,
     }
+    request |= sampler_revision(sampler, steps, sched.num_train_timesteps)
     _check_request(out, request)
     done = _verified(out)
     part = out / "parts" / "shard-0-of-1.csv"
