@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import EXTRACTORS, _extractor_path  # noqa: E402
+from medsynth.diffusion.timesteps import sampler_revision  # noqa: E402
 from medsynth.training.checkpoint import list_snapshots  # noqa: E402
 
 SMOKE_SETS = ["dataset.phantoms.n_patients=160"]  # >= 10 test images per class for scoring
@@ -111,10 +112,14 @@ def train_medsynth(args, run: Path, log: Path) -> list[dict]:
         seen = timed_checkpoints(cmd, lambda: list_snapshots(run / "train"), log)
         times.write_text(json.dumps(seen, indent=1))
     seen = json.loads(times.read_text())
-    gen = _protocol(args).generation
+    proto = _protocol(args)
+    gen, T = proto.generation, proto.schedule.num_train_timesteps
     rows = []
     for name, seconds in sorted(seen.items(), key=lambda kv: kv[1]):
-        npz = args.out / f"medsynth-{name}.npz"
+        # Named by what made it, so a cache of another sampler or sampler revision is not reused.
+        rev = sampler_revision(gen.sampler, gen.steps, T).get("sampler_revision", 1)
+        made = f"{gen.sampler}{gen.steps}-g{gen.guidance_scale:g}-rev{rev}"
+        npz = args.out / f"medsynth-{name}-{made}.npz"
         if not npz.exists():
             cmd = [sys.executable, "benchmarks/quality.py", "sample", str(run / "train" / name)]
             cmd += ["--ingest", str(run / "ingest"), "--out", str(npz), "--n", str(args.n)]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from medsynth import __version__
+from medsynth.diffusion.timesteps import sampler_revision
 from medsynth.protocol import DistillSection, Protocol, canonical_json, drop_later_defaults
 
 STAGES = ("ingest", "train", "generate", "evaluate", "report")
@@ -35,11 +36,9 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     ``base_sha256``: the snapshot hash ``training.init_from`` resolves to, so a retrained base
     reruns the adaptation (None leaves every hash as it was without adaptation).
     """
-    from medsynth.diffusion.sampler import sampler_revision  # torch: only when hashing
-
     # Knobs added later, at their old-behaviour value, leave every hash as it was.
     p = drop_later_defaults(protocol.dump())
-    ds = p["dataset"]
+    ds, up, T = p["dataset"], p.get("upscaler"), p["schedule"]["num_train_timesteps"]
     out: dict[str, str] = {}
     skip = ("train_fraction", "fraction_seed", "workers")
     if not ds.get("split_stratify"):
@@ -55,18 +54,15 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
             p["training"],
         ]
         + ([base_sha256] if base_sha256 else [])
-        # An upsampler is trained in the train stage too; absent, hashes stay as they were.
-        + ([p["upscaler"]] if p.get("upscaler") else [])
+        # An upsampler is trained (and compared with bicubic, with its sampler) in the train
+        # stage too; absent, hashes stay as they were.
+        + ([up | sampler_revision(up["sampler"], up["steps"], T)] if up else [])
     )
     # The write batch does not change a sample (its seed names it): not an input.
     gen = {k: v for k, v in p["generation"].items() if k != "batch_size"}
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
-    gen |= sampler_revision(gen["sampler"], gen["steps"], p["schedule"]["num_train_timesteps"])
-    up = p.get("upscaler") or {}
-    if up.get("chain"):  # the chained upscale is written by the generate stage
-        rev = sampler_revision(up["sampler"], up["steps"], p["schedule"]["num_train_timesteps"])
-        gen |= {f"upscaler_{k}": v for k, v in rev.items()}
+    gen |= sampler_revision(gen["sampler"], gen["steps"], T)
     # A distilled pool also depends on how the student was distilled (defaults if unset).
     default = drop_later_defaults(DistillSection().model_dump(mode="json"), "distill")
     distill = [p.get("distill") or default]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth.diffusion.consistency import x0_from_prediction
 from medsynth.diffusion.sampler import SAMPLERS, StackedNoise, sample
 from medsynth.diffusion.schedule import ScheduleConfig, dpmpp_scheduler, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet
@@ -113,36 +114,74 @@ def _diffusers_ddim(denoise, x, noise, cfg, steps, progress):
     return x
 
 
-def test_ddim_matches_diffusers_at_eta_zero_and_ddpm_at_eta_one(perturbed_unet, monkeypatch):
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_ddim_matches_diffusers_at_eta_zero_and_ddpm_at_eta_one(
+    perturbed_unet, monkeypatch, prediction
+):
     import medsynth.diffusion.sampler as smp
 
+    cfg = ScheduleConfig(prediction_type=prediction)
     kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="ddim", steps=8, guidance_scale=2.0)
     labels, seeds = [0, 1, 1], [5, 6, 7]
-    ours = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **kw)
+    ours = sample(perturbed_unet, cfg, labels, seeds, **kw)
     with monkeypatch.context() as m:
         m.setitem(smp.SAMPLERS._items, "ddim", _diffusers_ddim)
-        ref = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **kw)
+        ref = sample(perturbed_unet, cfg, labels, seeds, **kw)
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
     # eta = 1 is the DDPM posterior (Song et al. 2021): the ancestral sampler, draw for draw.
-    eta = sample(perturbed_unet, ScheduleConfig(), labels, seeds, ddim_eta=1.0, **kw)
-    ddpm = sample(perturbed_unet, ScheduleConfig(), labels, seeds, **dict(kw, sampler="ddpm"))
+    eta = sample(perturbed_unet, cfg, labels, seeds, ddim_eta=1.0, **kw)
+    ddpm = sample(perturbed_unet, cfg, labels, seeds, **dict(kw, sampler="ddpm"))
     assert torch.allclose(eta, ddpm, atol=1e-4), (eta - ddpm).abs().max()
     assert (eta - ours).abs().max() > 1e-2  # stochastic steps move the sample
-    again = sample(perturbed_unet, ScheduleConfig(), [1], [7], ddim_eta=1.0, **kw)
+    again = sample(perturbed_unet, cfg, [1], [7], ddim_eta=1.0, **kw)
     assert torch.equal(eta[2], again[0])  # noise is the sample's own, whatever the batch
     with pytest.raises(ValueError, match="ddim_eta"):
-        sample(
-            perturbed_unet, ScheduleConfig(), [0], [1], **dict(kw, sampler="dpmpp"), ddim_eta=0.5
-        )
+        sample(perturbed_unet, cfg, [0], [1], **dict(kw, sampler="dpmpp"), ddim_eta=0.5)
+
+
+def _ddpm_before_revision_2(denoise, x, noise, cfg, steps, progress):
+    """The ancestral sampler as it was before the trailing grid (a stride over range)."""
+    acp = training_scheduler(cfg).alphas_cumprod.to(x.device, torch.float64)
+    ratio = cfg.num_train_timesteps // steps
+    one = torch.tensor(1.0, dtype=torch.float64)
+    for t in range(cfg.num_train_timesteps - 1, -1, -ratio):
+        a_t, a_prev = acp[t], acp[t - ratio] if t - ratio >= 0 else one
+        x0 = x0_from_prediction(denoise(x, t).double(), x.double(), a_t, cfg.prediction_type)
+        alpha = a_t / a_prev
+        mean = (a_prev.sqrt() * (1 - alpha) / (1 - a_t)) * x0 + (
+            alpha.sqrt() * (1 - a_prev) / (1 - a_t)
+        ) * x
+        if t - ratio >= 0:
+            var = ((1 - a_prev) / (1 - a_t) * (1 - alpha)).clamp(min=1e-20)
+            mean = mean + var.sqrt() * noise.randn(tuple(x.shape[1:]), x.device).double()
+        x = mean.float()
+    return x
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_ddpm_is_unchanged_where_steps_divide_t(perturbed_unet, monkeypatch, steps):
+    """Its pools keep their hashes there (sampler_revision), so the pixels must not move."""
+    import medsynth.diffusion.sampler as smp
+
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="ddpm", steps=steps)
+    now = sample(perturbed_unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=2.0, **kw)
+    with monkeypatch.context() as m:
+        m.setitem(smp.SAMPLERS._items, "ddpm", _ddpm_before_revision_2)
+        before = sample(perturbed_unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=2.0, **kw)
+    assert torch.equal(now, before)
 
 
 def test_trailing_timesteps():
-    from medsynth.diffusion.sampler import trailing_timesteps
+    from medsynth.diffusion.timesteps import trailing_timesteps
 
     assert trailing_timesteps(1000, 10) == list(range(999, 0, -100))
     assert trailing_timesteps(1000, 1) == [999]
     ts = trailing_timesteps(1000, 30)
     assert len(ts) == 30 and ts[0] == 999 and ts[-1] == 32
-    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    assert trailing_timesteps(1000, 16)[-1] == 62  # 62.5 rounds half up, in integers
+    for n in range(1, 1001):  # n distinct steps from T - 1 down, never below 0
+        ts = trailing_timesteps(1000, n)
+        assert len(ts) == n and ts[0] == 999 and ts[-1] >= 0
+        assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
     with pytest.raises(ValueError, match="steps"):
         trailing_timesteps(1000, 0)

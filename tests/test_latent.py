@@ -224,19 +224,17 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
     from medsynth.protocol import load_protocol
     from tests.conftest import REPO
 
-    proto = load_protocol(
-        REPO / "protocols" / "smoke.yaml",
-        [
-            "model.kind=monai_ldm",
-            "model.autoencoder={channels: [8, 16], latent_channels: 2, max_steps: 4, "
-            "batch_size: 4, checkpoint_every_steps: 2}",
-            "model.attention_levels=[false, false]",
-            "training.max_steps=2",
-            "generation.per_class=2",
-            "upscaler={factor: 2, channels: [8, 16], patch_px: 8, tile_px: 16, overlap_px: 4, "
-            "max_steps: 2, batch_size: 4, steps: 2, chain: true}",
-        ],
-    )
+    sets = [
+        "model.kind=monai_ldm",
+        "model.autoencoder={channels: [8, 16], latent_channels: 2, max_steps: 4, "
+        "batch_size: 4, checkpoint_every_steps: 2}",
+        "model.attention_levels=[false, false]",
+        "training.max_steps=2",
+        "generation.per_class=2",
+        "upscaler={factor: 2, channels: [8, 16], patch_px: 8, tile_px: 16, overlap_px: 4, "
+        "max_steps: 2, batch_size: 4, steps: 2, chain: true}",
+    ]
+    proto = load_protocol(REPO / "protocols" / "smoke.yaml", sets)
     log = []
     run_protocol(
         proto,
@@ -298,6 +296,20 @@ def test_latent_study_trains_generates_and_chains_the_upscaler(tmp_path):
     assert res.exit_code == 0 and "upscaled 2 " in res.output
     assert "2 already present, 0 missing" in res.output
     assert (part / "dicom" / "normal" / "000000.dcm").read_bytes() == a
+
+    # A rerun of generate with other inputs remakes the chained pool from the new pool (its
+    # stale upscale from the old pool must not block the rerun nor be kept).
+    import hashlib
+
+    old_manifest = (tmp_path / "generate" / "main" / "manifest.csv").read_bytes()
+    again = load_protocol(
+        REPO / "protocols" / "smoke.yaml", [*sets, "generation.guidance_scale=1.5"]
+    )
+    run_protocol(again, stages=["generate"], run_dir=tmp_path, log=log.append, progress=False)
+    new_manifest = (tmp_path / "generate" / "main" / "manifest.csv").read_bytes()
+    request = json.loads((tmp_path / "generate" / "main_x2" / "request.json").read_text())
+    assert request["source_manifest_sha256"] == hashlib.sha256(new_manifest).hexdigest()
+    assert new_manifest != old_manifest  # the pool was made again (another guidance scale)
 
     # The chained pool has no stage marker of its own: show names it as upscaled, not stalled.
     from medsynth.experiment.runner import show

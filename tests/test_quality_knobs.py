@@ -1,6 +1,7 @@
 """Issue 18 candidate knobs: Min-SNR loss weighting, class-balanced batches, rescaled guidance
 and guidance interval; their protocol fields, hashes, resume and sweep expansion."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -338,6 +339,16 @@ def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):
     generate_pool(snap, tmp_path / "plain", {"a": 1}, **kw)
     request = (tmp_path / "plain" / "request.json").read_text()
     assert "rescale" not in request and "interval" not in request  # older pools still match
+    # DDIM since its timestep fix (revision 2): recorded, and a pool of the code before it (a
+    # request without the revision) is refused rather than resumed into.
+    req = json.loads(request)
+    assert req["sampler_revision"] == 2 and "rev=2" in ds.DerivationDescription
+    del req["sampler_revision"]
+    (tmp_path / "plain" / "request.json").write_text(json.dumps(req))
+    with pytest.raises(ValueError, match="another request"):
+        generate_pool(snap, tmp_path / "plain", {"a": 1}, **kw)
+    generate_pool(snap, tmp_path / "dpmpp", {"a": 1}, **dict(kw, sampler="dpmpp"))
+    assert "sampler_revision" not in (tmp_path / "dpmpp" / "request.json").read_text()
 
 
 def test_report_names_the_guidance_knobs_only_when_set():

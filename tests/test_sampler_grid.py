@@ -99,3 +99,24 @@ def test_a_sweep_pool_of_ddim_is_remade_and_dpmpp_is_kept():
     }
     for name, sha in before.items():
         assert (_pool_sha(p, 0.5, pools[name]) != sha) == ("ddim" in name), name
+
+
+@pytest.mark.parametrize(
+    ("sampler", "before"),
+    [
+        ("ddim", "ee6d7f5b5103fcb2fa81b5b5927bae83ac013bb8b61f6cdde7f85a6bb429f0e4"),
+        ("dpmpp", "7dd026f463019e42440703a23a4b41b92274c72dc782572d8214a3a2ef1f9d65"),
+    ],
+)
+def test_an_upscaler_sampling_with_ddim_is_compared_again(sampler, before):
+    """The train stage compares the upsampler with bicubic using its sampler: a ddim comparison
+    of the code before revision 2 is redone (train hash), a dpmpp one is kept."""
+    from pathlib import Path
+
+    from medsynth.protocol import load_protocol
+    from medsynth.runfolder import stage_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    sets = ["training.precision=bf16", f"upscaler={{sampler: {sampler}}}"]
+    now = stage_inputs(load_protocol(root / "protocols" / "quickstart.yaml", sets))["train"]
+    assert (now != before) == (sampler == "ddim")

@@ -21,6 +21,7 @@ from medsynth.diffusion.schedule import (
     dpmpp_scheduler,
     training_scheduler,
 )
+from medsynth.diffusion.timesteps import trailing_timesteps
 from medsynth.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
@@ -141,17 +142,6 @@ def _x0_maps(cfg: ScheduleConfig, x: torch.Tensor, t: int, acp: torch.Tensor | N
 _x0_from = x0_from_prediction
 
 
-def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """``steps`` timesteps from ``T - 1`` down, evenly spaced, the last at ``T / steps - 1``.
-
-    "Trailing" spacing (Lin et al. 2024, as diffusers' DPM-Solver++ here): every call does
-    work, none is spent at t = 0, and for ``steps`` dividing ``T`` it is the DDPM sampler's grid.
-    """
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_train_timesteps}], got {steps}")
-    return [round(num_train_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
-
-
 @SAMPLERS.register("ddim")
 def _ddim(
     denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress, *, eta=0.0
@@ -174,7 +164,7 @@ def _ddim(
         eps = (xd - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         xd = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta:
+        if eta and i + 1 < len(ts):  # the last step (to a_prev = 1) has sigma = 0
             xd = xd + sigma * noise.randn(tuple(x.shape[1:]), x.device).double()
         x = xd.float()
     return x
@@ -201,18 +191,6 @@ def _ddpm(
             mean = mean + var.sqrt() * noise.randn(tuple(x.shape[1:]), x.device).double()
         x = mean.float()
     return x
-
-
-# Samplers whose pixels changed after pools were made with them. The revision joins a pool's
-# request and its stage hash, so an older pool is regenerated, never resumed into or mixed.
-# Revision 2 steps every sampler over `trailing_timesteps`. Before it, ddim stepped a fixed
-# T // n over MONAI's linspace(T - 1, 0, n) grid (the image noisier than the level the network
-# was told: residual noise of sigma ~0.14 at 10 steps) and ddpm made n + 1 calls when n does
-# not divide T; ddpm with n dividing T is unchanged and keeps its hashes.
-def sampler_revision(sampler: str, steps: int, num_train_timesteps: int) -> dict:
-    """``{"sampler_revision": 2}`` where revision 2 changed the pixels, else ``{}``."""
-    changed = sampler == "ddim" or (sampler == "ddpm" and num_train_timesteps % steps != 0)
-    return {"sampler_revision": 2} if changed else {}
 
 
 @SAMPLERS.register("dpmpp")

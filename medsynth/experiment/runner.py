@@ -11,6 +11,7 @@ The stage commands (``medsynth ingest|train|generate|evaluate|report``) go throu
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import shutil
@@ -250,6 +251,8 @@ def run_protocol(
         elif p.stage == "generate":
             from medsynth.generation.api import generate_from_protocol
 
+            if p.action != "resume":
+                _remove_chained(p.folder)
             _begin(p)
             res = generate_from_protocol(protocol, run, progress=progress)
             if not res["pool_complete"]:
@@ -295,6 +298,18 @@ def run_protocol(
         _invalidate_after(protocol, run, p.stage)
         _finish(p, result.seconds[p.stage], {"threads": threads})
     return result
+
+
+def _remove_chained(pool_dir: Path) -> None:
+    """Remove the ``upscaler.chain`` pools of ``RUN/generate/<pool>`` (``<pool>_x<k>``, no
+    marker of their own): a pool made again leaves them stale, and their request would refuse
+    the new pool's upscale."""
+    for folder in pool_dir.parent.glob(f"{glob.escape(pool_dir.name)}_x*"):
+        if (
+            re.fullmatch(r"_x\d+", folder.name[len(pool_dir.name) :])
+            and not (folder / MARKER).exists()
+        ):
+            shutil.rmtree(folder)
 
 
 def _chained_pool(folder: Path) -> str | None:

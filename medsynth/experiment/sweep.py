@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from medsynth.diffusion.timesteps import sampler_revision
 from medsynth.experiment.runner import (
     StagePlan,
     StudyError,
@@ -323,8 +324,6 @@ def _train_sha(protocol: Protocol, fraction: float) -> str:
 
 
 def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
-    from medsynth.diffusion.sampler import sampler_revision  # torch: only when hashing
-
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
     gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
-from medsynth.diffusion.sampler import sample, sampler_revision
+from medsynth.diffusion.sampler import sample
+from medsynth.diffusion.timesteps import sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
@@ -232,7 +233,8 @@ def generate_pool(
         "net_batch": net_batch,
         "precision": precision,
     }
-    request |= sampler_revision(sampler, steps, sched_cfg.num_train_timesteps)
+    revision = sampler_revision(sampler, steps, sched_cfg.num_train_timesteps)
+    request |= revision
     if ddim_eta:
         request["ddim_eta"] = ddim_eta  # only when set: pools made before the knob still match
     interval = [float(v) for v in guidance_interval]
@@ -257,6 +259,8 @@ def generate_pool(
     )
     if ddim_eta:
         derivation += f" eta={ddim_eta:g}"
+    if revision:
+        derivation += f" rev={revision['sampler_revision']}"
     derivation += extra
 
     t0, t_write = time.perf_counter(), 0.0

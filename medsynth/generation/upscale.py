@@ -25,7 +25,7 @@ from medsynth.dicom.write import (
     synthetic_instance,
     to_bytes,
 )
-from medsynth.diffusion.sampler import sampler_revision
+from medsynth.diffusion.timesteps import sampler_revision
 from medsynth.diffusion.upsampler import upscale
 from medsynth.generation.dataset import read_manifest
 from medsynth.generation.pool import (
@@ -95,7 +95,8 @@ def upscale_pool(
         "steps": steps,
         "net_batch": net_batch,
     }
-    request |= sampler_revision(sampler, steps, sched.num_train_timesteps)
+    revision = sampler_revision(sampler, steps, sched.num_train_timesteps)
+    request |= revision
     _check_request(out, request)
     done = _verified(out)
     part = out / "parts" / "shard-0-of-1.csv"
@@ -104,6 +105,8 @@ def upscale_pool(
         f"medsynth {__version__} upscaled x{factor} from pool {src.name} by diffusion upsampler "
         f"sha256:{sr_sha[:16]} sampler={sampler} steps={steps} tile={tile_px} overlap={overlap_px}"
     )
+    if revision:
+        derivation += f" rev={revision['sampler_revision']}"
     t0, n = time.perf_counter(), 0
     for r in tqdm(rows, disable=not progress, unit="img", desc=f"upscale {pool}"):
         it = Item(int(r["class_index"]), int(r["index"]))
