@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import EXTRACTORS, _extractor_path  # noqa: E402
-from medsynth.diffusion.timesteps import sampler_revision  # noqa: E402
+from medsynth.protocol import sampler_revision  # noqa: E402
 from medsynth.training.checkpoint import list_snapshots  # noqa: E402
 
 SMOKE_SETS = ["dataset.phantoms.n_patients=160"]  # >= 10 test images per class for scoring

@@ -458,6 +458,18 @@ LATER_KNOBS = {
 }
 
 
+# Samplers whose pixels changed after pools were made with them. The revision joins a pool's
+# request, its derivation and its stage hash, so an older pool is regenerated, never resumed
+# into or mixed. Revision 2 steps over `diffusion.timesteps.trailing_timesteps`. Before it,
+# ddim stepped a fixed T // n over MONAI's linspace(T - 1, 0, n) grid (the image noisier than
+# the level the network was told: residual noise of sigma ~0.14 at 10 steps) and ddpm made
+# n + 1 calls when n does not divide T; ddpm with n dividing T is unchanged (same hashes).
+def sampler_revision(sampler: str, steps: int, num_train_timesteps: int) -> dict:
+    """``{"sampler_revision": 2}`` where revision 2 changed the pixels, else ``{}``."""
+    changed = sampler == "ddim" or (sampler == "ddpm" and num_train_timesteps % steps != 0)
+    return {"sampler_revision": 2} if changed else {}
+
+
 def drop_later_defaults(data: dict, prefix: str = "") -> dict:
     """Remove the ``LATER_KNOBS`` that hold their old-behaviour value from dumped sections.
 

@@ -15,8 +15,13 @@ import sys
 from pathlib import Path
 
 from medsynth import __version__
-from medsynth.diffusion.timesteps import sampler_revision
-from medsynth.protocol import DistillSection, Protocol, canonical_json, drop_later_defaults
+from medsynth.protocol import (
+    DistillSection,
+    Protocol,
+    canonical_json,
+    drop_later_defaults,
+    sampler_revision,
+)
 
 STAGES = ("ingest", "train", "generate", "evaluate", "report")
 

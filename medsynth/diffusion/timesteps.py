@@ -1,4 +1,4 @@
-"""Timestep grids and sampler revisions: plain Python, so stage hashing does not import torch."""
+"""Timestep grids of the samplers (plain Python)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,3 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     if not 1 <= n <= T:
         raise ValueError(f"steps must lie in [1, {T}], got {n}")
     return [(2 * T * (n - i) + n) // (2 * n) - 1 for i in range(n)]
-
-
-# Samplers whose pixels changed after pools were made with them. The revision joins a pool's
-# request, its derivation and its stage hash, so an older pool is regenerated, never resumed
-# into or mixed. Revision 2 steps over `trailing_timesteps`. Before it, ddim stepped a fixed
-# T // n over MONAI's linspace(T - 1, 0, n) grid (the image noisier than the level the network
-# was told: residual noise of sigma ~0.14 at 10 steps) and ddpm made n + 1 calls when n does
-# not divide T; ddpm with n dividing T is unchanged and keeps its hashes.
-def sampler_revision(sampler: str, steps: int, num_train_timesteps: int) -> dict:
-    """``{"sampler_revision": 2}`` where revision 2 changed the pixels, else ``{}``."""
-    changed = sampler == "ddim" or (sampler == "ddpm" and num_train_timesteps % steps != 0)
-    return {"sampler_revision": 2} if changed else {}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.sampler import sample
-from medsynth.diffusion.timesteps import sampler_revision
+from medsynth.protocol import sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder

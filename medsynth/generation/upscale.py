@@ -25,7 +25,6 @@ from medsynth.dicom.write import (
     synthetic_instance,
     to_bytes,
 )
-from medsynth.diffusion.timesteps import sampler_revision
 from medsynth.diffusion.upsampler import upscale
 from medsynth.generation.dataset import read_manifest
 from medsynth.generation.pool import (
@@ -35,6 +34,7 @@ from medsynth.generation.pool import (
     _verified,
     write_manifest,
 )
+from medsynth.protocol import sampler_revision
 from medsynth.training.checkpoint import snapshot_sha256
 from medsynth.training.loop import pick_device
 from medsynth.training.upscaler import load_upsampler
