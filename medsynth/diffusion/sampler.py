@@ -1,10 +1,12 @@
 """The denoising loop, written out: network and scheduler meet only here.
 
-Samplers: ``ddpm`` (ancestral, stochastic), ``ddim`` (deterministic at eta = 0), ``dpmpp`` (diffusers'
-DPM-Solver++ multistep driving the MONAI UNet), ``euler`` (MONAI RFlow, for ``rflow``
-schedules) and ``distilled`` (1-4 step consistency sampling of a student made by
-``medsynth distill``, guidance distilled in: see :mod:`medsynth.diffusion.consistency`). Classifier-free guidance mixes a conditional and a null-class pass; a scale of 1.0
-takes the single-pass path. Every random draw for sample ``k`` comes from its own generator
+Samplers: ``ddpm`` (ancestral, stochastic), ``ddim`` (deterministic at eta = 0), ``dpmpp``
+(diffusers' DPM-Solver++ multistep driving the MONAI UNet), ``euler`` (MONAI RFlow, for
+``rflow`` schedules) and ``distilled`` (1-4 step consistency sampling of a student made by
+``medsynth distill``, guidance distilled in: see :mod:`medsynth.diffusion.consistency`).
+ddpm and ddim step over :func:`~medsynth.diffusion.timesteps.trailing_timesteps`.
+Classifier-free guidance mixes a conditional and a null-class pass; a scale of 1.0 takes the
+single-pass path. Every random draw for sample ``k`` comes from its own generator
 seeded with ``seeds[k]`` on the CPU, so a sample does not depend on batch size, order or device.
 """
 
