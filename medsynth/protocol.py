@@ -339,6 +339,9 @@ class CountMode(str, Enum):
     balance = "balance"  # top every class up to ratio x the largest real class
 
 
+GRID_SAMPLERS = ("ddim", "ddpm", "dpmpp")  # the samplers generation.timestep_spacing applies to
+
+
 class GenerationSection(_Section):
     pool: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="pool name (folder, seeds)")
     count_mode: CountMode = CountMode.per_class
@@ -363,6 +366,11 @@ class GenerationSection(_Section):
         description="[lo, hi] share of the timestep range where guidance applies; "
         "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
     )
+    timestep_spacing: Literal["trailing", "karras"] = Field(
+        "trailing",
+        description="ddim/ddpm/dpmpp timestep grid: trailing (even in t, last call at "
+        "T / steps - 1) or karras (EDM's sigma spacing, most calls at low noise, last at t = 0)",
+    )
     batch_size: int = Field(64, ge=1, description="samples per write batch")
     net_batch: int = Field(16, ge=1, description="rows per network call; part of sample identity")
     precision: Precision = precision_field("fp32")
@@ -373,6 +381,15 @@ class GenerationSection(_Section):
     @classmethod
     def _interval(cls, v: list[float]) -> list[float]:
         return check_interval(v)
+
+    @model_validator(mode="after")
+    def _spacing(self) -> GenerationSection:
+        if self.timestep_spacing != "trailing" and self.sampler not in GRID_SAMPLERS:
+            raise ValueError(
+                f"generation.timestep_spacing {self.timestep_spacing!r} applies to the samplers "
+                f"{', '.join(GRID_SAMPLERS)}; {self.sampler!r} keeps its own grid"
+            )
+        return self
 
 
 def check_interval(v: list[float]) -> list[float]:
@@ -450,7 +467,11 @@ PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
 # out of every hash while at that value, so existing run folders and pools stay valid.
 LATER_KNOBS = {
     "training": {"loss_weighting": "uniform", "min_snr_gamma": 5.0, "class_balance": "none"},
-    "generation": {"guidance_rescale": 0.0, "guidance_interval": [0.0, 1.0]},
+    "generation": {
+        "guidance_rescale": 0.0,
+        "guidance_interval": [0.0, 1.0],
+        "timestep_spacing": "trailing",
+    },
     "sweep": {"guidance_rescale": [], "guidance_interval": []},
     "model.autoencoder": {"patch_px": None},
     "upscaler": {"chain_per_class": None},

@@ -179,3 +179,14 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
             assert res["noise"][part][f"FD_{name}_over_real"] > 2
 
     assert (tmp_path / "grid.png").stat().st_size > 1000
+
+    # Against validation: the validation images themselves score 0, the test images do not.
+    val = load_split(ingest, "val")
+    np.savez(tmp_path / "val.npz", images=val.images.numpy(), labels=val.labels.numpy())
+    args = ["benchmarks/quality.py", "score", str(ingest), "--cache", str(cache), "--json"]
+    sets = ["--set", f"val={tmp_path / 'val.npz'}", "--set", f"real={tmp_path / 'real.npz'}"]
+    _run(*args, str(out_json), "--against", "val", *sets)
+    res = json.loads(out_json.read_text())
+    assert res["val"]["all"]["FD_cnn0"] < 1e-6 < res["real"]["all"]["FD_cnn0"]
+    with pytest.raises(AssertionError, match="it needs --against test"):
+        _run(*args, str(out_json), "--against", "val", "--real-ref", "40", *sets)

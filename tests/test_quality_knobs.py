@@ -242,6 +242,8 @@ def test_every_sampler_takes_rescale_and_interval_per_sample(unet, sched, sample
     plain = sample(unet, cfg, [0, 1, 1], [4, 5, 6], **kw)
     assert torch.equal(plain, sample(unet, cfg, [0, 1, 1], [4, 5, 6], guidance_rescale=0.0, **kw))
     knobs = dict(guidance_rescale=0.7, guidance_interval=[0.2, 0.8])
+    if sampler != "euler":  # the Karras grid too: still per sample, whatever the batch
+        knobs["timestep_spacing"] = "karras"
     a = sample(unet, cfg, [0, 1, 1], [4, 5, 6], **knobs, **kw)
     b = sample(unet, cfg, [1], [6], **knobs, **kw)
     assert torch.isfinite(a).all() and torch.equal(a[2], b[0])
@@ -330,15 +332,15 @@ def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):
 
     snap = _fit(tmp_path / "train", max_steps=3)
     kw = dict(sampler="ddim", steps=3, device="cpu", progress=False, net_batch=2)
-    knobs = dict(guidance_rescale=0.7, guidance_interval=[0.2, 0.8])
+    knobs = dict(guidance_rescale=0.7, guidance_interval=[0.2, 0.8], timestep_spacing="karras")
     generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **knobs, **kw)
     ds = pydicom.dcmread(next((tmp_path / "pool" / "dicom" / "b").glob("*.dcm")))
-    assert "rescale=0.7 interval=0.2-0.8" in ds.DerivationDescription
+    assert "rescale=0.7 interval=0.2-0.8 spacing=karras" in ds.DerivationDescription
     with pytest.raises(ValueError, match="another request"):
         generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **kw)
     generate_pool(snap, tmp_path / "plain", {"a": 1}, **kw)
     request = (tmp_path / "plain" / "request.json").read_text()
-    assert "rescale" not in request and "interval" not in request  # older pools still match
+    assert not {"rescale", "interval", "spacing"} & set(request.split('"'))  # older pools match
     # DDIM since its timestep fix (revision 2): recorded, and a pool of the code before it (a
     # request without the revision) is refused rather than resumed into.
     req = json.loads(request)
@@ -359,3 +361,11 @@ def test_report_names_the_guidance_knobs_only_when_set():
         BASE, ["generation.guidance_rescale=0.7", "generation.guidance_interval=[0.2, 0.8]"]
     ).generation
     assert _guidance(g) == "guidance 1 (rescaled, φ 0.7) within t/T ∈ [0.2, 0.8]"
+
+
+def test_report_names_the_timestep_grid_only_off_the_default():
+    from medsynth.experiment.report import _sampler
+
+    assert _sampler(parse_protocol(BASE).generation) == "dpmpp-20"
+    g = parse_protocol(BASE, ["generation.timestep_spacing=karras"]).generation
+    assert _sampler(g) == "dpmpp-20 on the Karras timestep grid"

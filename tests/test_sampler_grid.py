@@ -31,25 +31,42 @@ class ZeroDataSpy(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("sampler", "steps", "eta"),
+    ("sampler", "steps", "eta", "spacing"),
     [
-        ("dpmpp", 10, 0.0),
-        ("ddpm", 25, 0.0),
-        ("ddim", 50, 0.0),
-        ("ddim", 10, 0.0),
-        ("ddim", 20, 0.0),
-        ("ddim", 10, 1.0),
-        ("ddim", 30, 0.0),
-        ("ddpm", 30, 0.0),
+        ("dpmpp", 10, 0.0, "trailing"),
+        ("ddpm", 25, 0.0, "trailing"),
+        ("ddim", 50, 0.0, "trailing"),
+        ("ddim", 10, 0.0, "trailing"),
+        ("ddim", 20, 0.0, "trailing"),
+        ("ddim", 10, 1.0, "trailing"),
+        ("ddim", 30, 0.0, "trailing"),
+        ("ddpm", 30, 0.0, "trailing"),
+        ("dpmpp", 50, 0.0, "karras"),
+        ("dpmpp", 10, 0.0, "karras"),
+        ("ddim", 50, 0.0, "karras"),
+        ("ddim", 20, 1.0, "karras"),
+        ("ddpm", 30, 0.0, "karras"),
     ],
 )
-def test_network_is_told_the_noise_level_the_image_is_at(sampler, steps, eta):
+def test_network_is_told_the_noise_level_the_image_is_at(sampler, steps, eta, spacing):
     cfg = ScheduleConfig()
     spy = ZeroDataSpy(cfg)
     n = 64
     kw = dict(image_shape=(1, 16, 16), null_label=1, net_batch=n, clip=False)
-    sample(spy, cfg, [0] * n, list(range(n)), sampler=sampler, steps=steps, ddim_eta=eta, **kw)
+    sample(
+        spy,
+        cfg,
+        [0] * n,
+        list(range(n)),
+        sampler=sampler,
+        steps=steps,
+        ddim_eta=eta,
+        timestep_spacing=spacing,
+        **kw,
+    )
     assert len(spy.calls) == steps
+    if spacing == "karras":  # EDM's grid ends at t = 0, with distinct calls
+        assert spy.calls[-1][0] == 0 and len({t for t, _ in spy.calls}) == steps
     for t, std in spy.calls:
         want = (1 - spy.acp[t]).sqrt().item()
         assert abs(std / want - 1) < 0.05, (
@@ -120,3 +137,54 @@ def test_an_upscaler_sampling_with_ddim_is_compared_again(sampler, before):
     sets = ["training.precision=bf16", f"upscaler={{sampler: {sampler}}}"]
     now = stage_inputs(load_protocol(root / "protocols" / "quickstart.yaml", sets))["train"]
     assert (now != before) == (sampler == "ddim")
+
+
+def test_karras_grid_is_distinct_descending_and_denser_at_low_noise():
+    from medsynth.diffusion.timesteps import karras_timesteps
+
+    for beta in ("scaled_linear_beta", "linear_beta", "cosine"):
+        acp = training_scheduler(ScheduleConfig(beta_schedule=beta)).alphas_cumprod.double()
+        sigmas = ((1 - acp) / acp).sqrt().tolist()
+        assert karras_timesteps(sigmas, 1) == [999]
+        for n in (2, 3, 10, 50, 100, 500, 999, 1000):
+            ts = karras_timesteps(sigmas, n)
+            assert ts[0] == 999 and ts[-1] == 0 and len(ts) == n, (beta, n)
+            assert all(a > b for a, b in zip(ts, ts[1:], strict=False)), (beta, n)
+    acp = training_scheduler(ScheduleConfig()).alphas_cumprod.double()
+    ts = karras_timesteps(((1 - acp) / acp).sqrt().tolist(), 50)
+    assert ts[-6:] == [12, 7, 4, 2, 1, 0]  # where the trailing grid has one call, at t = 19
+    assert sum(t < 100 for t in ts) >= 10
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 1000\]"):
+        karras_timesteps(acp.tolist(), 0)
+
+
+def test_karras_spacing_is_refused_where_a_sampler_keeps_its_own_grid():
+    cfg = ScheduleConfig()
+    spy = ZeroDataSpy(cfg)
+    kw = dict(image_shape=(1, 8, 8), null_label=1, steps=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        sample(spy, cfg, [0], [0], sampler="ddim", timestep_spacing="leading", **kw)
+    rflow = ScheduleConfig(kind="rflow")
+    with pytest.raises(ValueError, match="applies to ddim, ddpm and dpmpp"):
+        sample(spy, rflow, [0], [0], sampler="euler", timestep_spacing="karras", **kw)
+
+
+def test_timestep_spacing_is_validated_and_part_of_a_pools_identity_off_its_default():
+    from pathlib import Path
+
+    from medsynth.protocol import ProtocolError, load_protocol
+    from medsynth.runfolder import stage_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    quick = root / "protocols" / "quickstart.yaml"
+    sets = ["training.precision=bf16", "generation.sampler=dpmpp", "generation.steps=20"]
+    q = load_protocol(quick, sets)
+    k = load_protocol(quick, [*sets, "generation.timestep_spacing=karras"])
+    a, b = stage_inputs(q), stage_inputs(k)
+    assert q.generation.timestep_spacing == "trailing"
+    assert a["train"] == b["train"] and a["generate"] != b["generate"]
+    assert a["generate"] == BEFORE_REVISION_2["dpmpp", 20]  # the default keeps every hash
+    with pytest.raises(ProtocolError, match="trailing.*karras"):
+        load_protocol(quick, ["generation.timestep_spacing=leading"])
+    with pytest.raises(ProtocolError, match="keeps its own grid"):
+        load_protocol(quick, ["generation.timestep_spacing=karras", "generation.sampler=distilled"])

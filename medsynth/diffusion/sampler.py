@@ -4,7 +4,9 @@ Samplers: ``ddpm`` (ancestral, stochastic), ``ddim`` (deterministic at eta = 0),
 (diffusers' DPM-Solver++ multistep driving the MONAI UNet), ``euler`` (MONAI RFlow, for
 ``rflow`` schedules) and ``distilled`` (1-4 step consistency sampling of a student made by
 ``medsynth distill``, guidance distilled in: see :mod:`medsynth.diffusion.consistency`).
-ddpm and ddim step over :func:`~medsynth.diffusion.timesteps.trailing_timesteps`.
+ddpm and ddim step over :func:`~medsynth.diffusion.timesteps.trailing_timesteps` (dpmpp over
+diffusers' identical "trailing" grid); ``timestep_spacing="karras"`` puts all three on
+:func:`~medsynth.diffusion.timesteps.karras_timesteps` instead (EDM's spacing, down to t = 0).
 Classifier-free guidance mixes a conditional and a null-class pass; a scale of 1.0 takes the
 single-pass path. Every random draw for sample ``k`` comes from its own generator
 seeded with ``seeds[k]`` on the CPU, so a sample does not depend on batch size, order or device.
@@ -23,7 +25,7 @@ from medsynth.diffusion.schedule import (
     dpmpp_scheduler,
     training_scheduler,
 )
-from medsynth.diffusion.timesteps import trailing_timesteps
+from medsynth.diffusion.timesteps import karras_timesteps, trailing_timesteps
 from medsynth.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
@@ -143,10 +145,30 @@ def _x0_maps(cfg: ScheduleConfig, x: torch.Tensor, t: int, acp: torch.Tensor | N
 
 _x0_from = x0_from_prediction
 
+SPACINGS = ("trailing", "karras")
+
+
+def sampling_timesteps(cfg: ScheduleConfig, steps: int, spacing: str = "trailing") -> list[int]:
+    """The descending timesteps a ddim, ddpm or dpmpp sampler of ``steps`` calls visits."""
+    if spacing == "trailing":
+        return trailing_timesteps(cfg.num_train_timesteps, steps)
+    if spacing != "karras":
+        raise ValueError(f"timestep_spacing must be one of {list(SPACINGS)}, not {spacing!r}")
+    acp = training_scheduler(cfg).alphas_cumprod.double()
+    return karras_timesteps(((1 - acp) / acp).sqrt().tolist(), steps)
+
 
 @SAMPLERS.register("ddim")
 def _ddim(
-    denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress, *, eta=0.0
+    denoise,
+    x,
+    noise: StackedNoise,
+    cfg: ScheduleConfig,
+    steps: int,
+    progress,
+    *,
+    eta=0.0,
+    spacing="trailing",
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) on the trailing grid, stochasticity ``eta`` in [0, 1].
 
@@ -156,7 +178,7 @@ def _ddim(
     draws from its own seed. Float64 update; ``eta = 0`` draws no noise.
     """
     acp = training_scheduler(cfg).alphas_cumprod.to(x.device, torch.float64)
-    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
+    ts = sampling_timesteps(cfg, steps, spacing)
     one = torch.tensor(1.0, dtype=torch.float64, device=x.device)
     for i, t in enumerate(progress(ts)):
         a_t = acp[t]
@@ -174,11 +196,18 @@ def _ddim(
 
 @SAMPLERS.register("ddpm")
 def _ddpm(
-    denoise, x, noise: StackedNoise, cfg: ScheduleConfig, steps: int, progress
+    denoise,
+    x,
+    noise: StackedNoise,
+    cfg: ScheduleConfig,
+    steps: int,
+    progress,
+    *,
+    spacing="trailing",
 ) -> torch.Tensor:
     # Ancestral DDPM with fixed_small variance (as MONAI's DDPMScheduler), per-sample noise.
     acp = training_scheduler(cfg).alphas_cumprod.to(x.device, torch.float64)
-    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
+    ts = sampling_timesteps(cfg, steps, spacing)
     one = torch.tensor(1.0, dtype=torch.float64, device=x.device)
     for i, t in enumerate(progress(ts)):
         last = i + 1 == len(ts)
@@ -196,9 +225,14 @@ def _ddpm(
 
 
 @SAMPLERS.register("dpmpp")
-def _dpmpp(denoise, x, noise, cfg: ScheduleConfig, steps: int, progress) -> torch.Tensor:
+def _dpmpp(
+    denoise, x, noise, cfg: ScheduleConfig, steps: int, progress, *, spacing="trailing"
+) -> torch.Tensor:
     sched = dpmpp_scheduler(cfg)
-    sched.set_timesteps(steps, device=x.device)
+    if spacing == "trailing":  # diffusers' own trailing grid: the pools made before the knob
+        sched.set_timesteps(steps, device=x.device)
+    else:
+        sched.set_timesteps(timesteps=sampling_timesteps(cfg, steps, spacing), device=x.device)
     for t in progress(sched.timesteps):
         x = sched.step(denoise(x, int(t)), t, x, return_dict=False)[0]
     return x
@@ -241,6 +275,7 @@ def sample(
     ddim_eta: float = 0.0,
     guidance_rescale: float = 0.0,
     guidance_interval: Sequence[float] = (0.0, 1.0),
+    timestep_spacing: str = "trailing",
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -259,6 +294,8 @@ def sample(
     ``guidance_rescale``: phi in [0, 1] of rescaled guidance (0 = plain CFG);
     ``guidance_interval``: ``[lo, hi]`` share of the timestep range ``t / T`` that is guided
     (``[0, 1]`` = every step); other steps take one conditional pass.
+    ``timestep_spacing``: ``trailing`` (even in t, the last call at ``T / steps - 1``) or
+    ``karras`` (EDM's sigma spacing, the last call at t = 0); ddim, ddpm and dpmpp only.
     ``distilled``: the student's :class:`ConsistencyConfig` as a dict (its snapshot's
     ``distill``); only with sampler ``distilled``, whose guidance is the distilled-in scale.
     ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
@@ -276,6 +313,15 @@ def sample(
         raise ValueError("the 'euler' sampler needs schedule kind 'rflow'")
     if ddim_eta and sampler != "ddim":
         raise ValueError(f"ddim_eta applies to sampler 'ddim' only, not {sampler!r}")
+    if timestep_spacing not in SPACINGS:
+        raise ValueError(
+            f"timestep_spacing must be one of {list(SPACINGS)}, not {timestep_spacing!r}"
+        )
+    if timestep_spacing != "trailing" and sampler not in ("ddim", "ddpm", "dpmpp"):
+        raise ValueError(
+            f"timestep_spacing {timestep_spacing!r} applies to ddim, ddpm and dpmpp; "
+            f"{sampler!r} keeps its own grid"
+        )
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
     lo, hi = (float(v) for v in guidance_interval)
@@ -300,6 +346,8 @@ def sample(
         guidance_scale = 1.0  # one conditional pass per step: guidance lives in the weights
     if ddim_eta:
         fn = partial(_ddim, eta=float(ddim_eta))
+    if timestep_spacing != "trailing":
+        fn = partial(fn, spacing=timestep_spacing)
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = StackedNoise(seeds)

@@ -32,7 +32,7 @@ from medsynth.experiment.runner import (
     stage_hashes,
     stage_status,
 )
-from medsynth.protocol import Protocol, SamplerSetting, sampler_revision
+from medsynth.protocol import GRID_SAMPLERS, Protocol, SamplerSetting, sampler_revision
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
 
 # A pool unit fits real-only too (seed 0 is its feature extractor; deterministic, so identical
@@ -171,6 +171,12 @@ def expand(protocol: Protocol) -> SweepPlan:
         raise StudyError("rflow schedules sample with 'euler' only; fix sweep.samplers")
     if protocol.schedule.kind != "rflow" and any(p.sampler == "euler" for p in pools):
         raise StudyError("the 'euler' sampler needs schedule.kind 'rflow'; fix sweep.samplers")
+    off_grid = sorted({p.sampler for p in pools if p.sampler not in GRID_SAMPLERS})
+    if g.timestep_spacing != "trailing" and off_grid:
+        raise StudyError(
+            f"generation.timestep_spacing {g.timestep_spacing!r} applies to "
+            f"{', '.join(GRID_SAMPLERS)}; sweep.samplers also lists {off_grid}"
+        )
     return plan
 
 
@@ -326,6 +332,8 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
     gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)
+    if gen["timestep_spacing"] == "trailing":
+        del gen["timestep_spacing"]  # added later: sweep pools made before it keep their hash
     return _sha([_train_sha(protocol, fraction), gen])
 
 

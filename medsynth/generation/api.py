@@ -56,6 +56,7 @@ def generate_from_protocol(
         ddim_eta=g.ddim_eta,
         guidance_rescale=g.guidance_rescale,
         guidance_interval=g.guidance_interval,
+        timestep_spacing=g.timestep_spacing,
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,

@@ -182,6 +182,7 @@ def generate_pool(
     ddim_eta: float = 0.0,
     guidance_rescale: float = 0.0,  # rescaled-guidance mix phi in [0, 1]; 0 = plain CFG
     guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
+    timestep_spacing: str = "trailing",  # trailing | karras (ddim, ddpm, dpmpp)
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",  # auto | fp32 | bf16 (autocast)
@@ -245,6 +246,9 @@ def generate_pool(
     if interval != [0.0, 1.0]:
         request["guidance_interval"] = interval
         extra += f" interval={interval[0]:g}-{interval[1]:g}"
+    if timestep_spacing != "trailing":
+        request["timestep_spacing"] = timestep_spacing
+        extra += f" spacing={timestep_spacing}"
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -287,6 +291,7 @@ def generate_pool(
             ddim_eta=ddim_eta,
             guidance_rescale=guidance_rescale,
             guidance_interval=interval,
+            timestep_spacing=timestep_spacing,
             device=dev,
             bf16=precision == "bf16",
             net_batch=net_batch,
