@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medsynth.diffusion.timesteps import GRID_SAMPLERS
 from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
 
 
@@ -337,9 +338,6 @@ class CountMode(str, Enum):
     per_class = "per_class"  # per_class images of every class (counts overrides single classes)
     ratio = "ratio"  # ratio x the real training images of each class
     balance = "balance"  # top every class up to ratio x the largest real class
-
-
-GRID_SAMPLERS = ("ddim", "ddpm", "dpmpp")  # the samplers generation.timestep_spacing applies to
 
 
 class GenerationSection(_Section):

@@ -25,7 +25,12 @@ from medsynth.diffusion.schedule import (
     dpmpp_scheduler,
     training_scheduler,
 )
-from medsynth.diffusion.timesteps import karras_timesteps, trailing_timesteps
+from medsynth.diffusion.timesteps import (
+    GRID_SAMPLERS,
+    SPACINGS,
+    karras_timesteps,
+    trailing_timesteps,
+)
 from medsynth.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
@@ -144,8 +149,6 @@ def _x0_maps(cfg: ScheduleConfig, x: torch.Tensor, t: int, acp: torch.Tensor | N
 
 
 _x0_from = x0_from_prediction
-
-SPACINGS = ("trailing", "karras")
 
 
 def sampling_timesteps(cfg: ScheduleConfig, steps: int, spacing: str = "trailing") -> list[int]:
@@ -317,9 +320,9 @@ def sample(
         raise ValueError(
             f"timestep_spacing must be one of {list(SPACINGS)}, not {timestep_spacing!r}"
         )
-    if timestep_spacing != "trailing" and sampler not in ("ddim", "ddpm", "dpmpp"):
+    if timestep_spacing != "trailing" and sampler not in GRID_SAMPLERS:
         raise ValueError(
-            f"timestep_spacing {timestep_spacing!r} applies to ddim, ddpm and dpmpp; "
+            f"timestep_spacing {timestep_spacing!r} applies to {', '.join(GRID_SAMPLERS)}; "
             f"{sampler!r} keeps its own grid"
         )
     if not 0 <= guidance_rescale <= 1:
