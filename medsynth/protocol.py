@@ -17,7 +17,6 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medsynth.diffusion.timesteps import GRID_SAMPLERS
 from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
 
 
@@ -338,6 +337,11 @@ class CountMode(str, Enum):
     per_class = "per_class"  # per_class images of every class (counts overrides single classes)
     ratio = "ratio"  # ratio x the real training images of each class
     balance = "balance"  # top every class up to ratio x the largest real class
+
+
+# Sampler vocabulary shared by the protocol and the samplers (level 0, so both can import it).
+SPACINGS = ("trailing", "karras")  # generation.timestep_spacing
+GRID_SAMPLERS = ("ddim", "ddpm", "dpmpp")  # the samplers that step over one of those grids
 
 
 class GenerationSection(_Section):

@@ -25,12 +25,8 @@ from medsynth.diffusion.schedule import (
     dpmpp_scheduler,
     training_scheduler,
 )
-from medsynth.diffusion.timesteps import (
-    GRID_SAMPLERS,
-    SPACINGS,
-    karras_timesteps,
-    trailing_timesteps,
-)
+from medsynth.diffusion.timesteps import karras_timesteps, trailing_timesteps
+from medsynth.protocol import GRID_SAMPLERS, SPACINGS
 from medsynth.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")

@@ -6,9 +6,6 @@ import bisect
 import math
 from collections.abc import Sequence
 
-SPACINGS = ("trailing", "karras")  # generation.timestep_spacing
-GRID_SAMPLERS = ("ddim", "ddpm", "dpmpp")  # the samplers that step over one of these grids
-
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     """``steps`` timesteps from ``T - 1`` down, evenly spaced, the last at ``T / steps - 1``.

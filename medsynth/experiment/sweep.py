@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from medsynth.diffusion.timesteps import GRID_SAMPLERS
 from medsynth.experiment.runner import (
     StagePlan,
     StudyError,
@@ -33,7 +32,7 @@ from medsynth.experiment.runner import (
     stage_hashes,
     stage_status,
 )
-from medsynth.protocol import Protocol, SamplerSetting, sampler_revision
+from medsynth.protocol import GRID_SAMPLERS, Protocol, SamplerSetting, sampler_revision
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
 
 # A pool unit fits real-only too (seed 0 is its feature extractor; deterministic, so identical
