@@ -32,7 +32,13 @@ from medsynth.experiment.runner import (
     stage_hashes,
     stage_status,
 )
-from medsynth.protocol import GRID_SAMPLERS, Protocol, SamplerSetting, sampler_revision
+from medsynth.protocol import (
+    GRID_SAMPLERS,
+    LATER_KNOBS,
+    Protocol,
+    SamplerSetting,
+    sampler_revision,
+)
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
 
 # A pool unit fits real-only too (seed 0 is its feature extractor; deterministic, so identical
@@ -332,8 +338,9 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
     gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)
-    if gen["timestep_spacing"] == "trailing":
-        del gen["timestep_spacing"]  # added later: sweep pools made before it keep their hash
+    # Added after the pinned pool hashes (unlike the guidance knobs): left out at its default.
+    if gen["timestep_spacing"] == LATER_KNOBS["generation"]["timestep_spacing"]:
+        del gen["timestep_spacing"]
     return _sha([_train_sha(protocol, fraction), gen])
 
 
