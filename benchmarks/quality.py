@@ -22,15 +22,19 @@ on; see below), and named after its extractor:
 ``score --against val`` takes the validation split as the reference instead (and its halves as
 the floor): on PneumoniaMNIST the test split is shifted from train/val (a separate source test
 set), so a generator that follows its training distribution more closely can score *worse*
-against test; validation is the split to choose settings on.
+against test; validation is the split to choose settings on. ``score --against heldout`` takes
+the train images outside a patient-level fraction (extractors fitted with ``--train-fraction``
+on the rest, the generator trained with ``dataset.train_fraction`` on the same rest): an unseen,
+in-distribution reference larger than validation.
 
 Subcommands::
 
-    python benchmarks/quality.py extractors INGEST --cache DIR        # train + cache extractors
+    python benchmarks/quality.py extractors INGEST --cache DIR [--train-fraction 0.8]
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
-        --guidance 2 --n 600 --eta 1]                                # medsynth samples
+        --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train]
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
+        [--against test|val|heldout]
         [--json out.json] [--grid grid.png]
 
 A sample set is an ``.npz`` with ``images`` ``(N, C, H, W)`` float in [-1, 1] and ``labels``
@@ -70,14 +74,27 @@ def _extractor_path(cache: Path, name: str) -> Path:
 
 
 def train_extractors(
-    ingest: Path, cache: Path, epochs: int | None = None, only: list[str] | None = None
+    ingest: Path,
+    cache: Path,
+    epochs: int | None = None,
+    only: list[str] | None = None,
+    fraction: float = 1.0,
+    fraction_seed: int = 0,
 ) -> None:
     """Fit each extractor (``only``: these names; cnn0 is always needed) on the real train
     split (best validation-AUC epoch) and save it.
 
-    ``epochs`` overrides every extractor's epoch count (a smoke run uses 1)."""
+    ``epochs`` overrides every extractor's epoch count (a smoke run uses 1); ``fraction`` < 1
+    fits them on that patient-level part of train only, so the rest can serve as an unseen
+    in-distribution reference (``score --against heldout``)."""
     cache.mkdir(parents=True, exist_ok=True)
-    train, val = load_split(ingest, "train"), load_split(ingest, "val")
+    meta = {"train_fraction": fraction, "fraction_seed": fraction_seed}
+    old = _cache_meta(cache)
+    if any(_extractor_path(cache, n).exists() for n in EXTRACTORS) and old != meta:
+        sys.exit(f"{cache} holds extractors fitted on {old}, not {meta}: use another --cache")
+    (cache / "meta.json").write_text(json.dumps(meta))
+    train = load_split(ingest, "train", fraction, fraction_seed)
+    val = load_split(ingest, "val")
     names = set(only or EXTRACTORS) | {"cnn0"}
     for name, (kind, seed, n_epochs) in EXTRACTORS.items():
         if name not in names:
@@ -95,6 +112,31 @@ def train_extractors(
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
+
+
+def _cache_meta(cache: Path) -> dict:
+    """The train part an extractor cache was fitted on (caches from before it: all of train)."""
+    path = cache / "meta.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"train_fraction": 1.0, "fraction_seed": 0}
+
+
+def reference_split(ingest: Path, against: str, cache: Path):
+    """The split every figure is measured against: ``test``, ``val``, or ``heldout`` — the
+    train images outside the patient-level fraction the extractors (and, by the caller's
+    protocol, the generator) were fitted on: unseen, and from the training distribution."""
+    if against != "heldout":
+        return load_split(ingest, against)
+    meta = _cache_meta(cache)
+    if meta["train_fraction"] >= 1.0:
+        sys.exit(f"--against heldout needs extractors fitted on a train fraction; {cache} has all")
+    train = load_split(ingest, "train")
+    seen = load_split(ingest, "train", meta["train_fraction"], meta["fraction_seed"])
+    kept = {r["row"] for r in seen.rows}
+    m = torch.tensor([r["row"] not in kept for r in train.rows])
+    rows = [r for r, k in zip(train.rows, m.tolist(), strict=True) if k]
+    return type(train)(train.images[m], train.labels[m], train.classes, rows)
 
 
 def load_extractors(cache: Path) -> dict[str, Classifier]:
@@ -178,19 +220,21 @@ def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
     from medsynth.training.checkpoint import latest_snapshot, load_snapshot
+    from medsynth.training.loop import pick_device
 
     src = Path(args.source)
     for cand in (src / "train", src):
         if cand.is_dir() and any(cand.glob("snapshot*")):
             src = latest_snapshot(cand)
             break
-    unet, sched, config = load_snapshot(src)
-    test = load_split(args.ingest, "test")
-    counts = class_counts(test.labels, args.n, len(test.classes))
+    device = pick_device(args.device)
+    unet, sched, config = load_snapshot(src, device)
+    like = load_split(args.ingest, args.like)
+    counts = class_counts(like.labels, args.n, len(like.classes))
     labels = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
     seeds = list(range(1_000_000, 1_000_000 + args.n))
     u = config["unet"]
-    shape = (u["in_channels"], test.images.shape[-2], test.images.shape[-1])
+    shape = (u["in_channels"], like.images.shape[-2], like.images.shape[-1])
     extra = {}
     if args.guidance_rescale:
         extra["guidance_rescale"] = args.guidance_rescale
@@ -213,14 +257,15 @@ def sample_medsynth(args) -> None:
         sampler=args.sampler,
         steps=args.steps,
         guidance_scale=args.guidance,
-        net_batch=64,
+        device=device,
+        net_batch=args.net_batch,
         **extra,
     )
     seconds = time.perf_counter() - t0
     print(
         f"sampled {args.n} ({counts}) from {src} in {seconds:.0f} s ({seconds / args.n:.3f} s/image)"
     )
-    np.savez_compressed(args.out, images=x.numpy(), labels=labels.numpy())
+    np.savez_compressed(args.out, images=x.cpu().numpy(), labels=labels.numpy())
 
 
 def real_reference(ingest: Path, test, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +291,7 @@ def score(args) -> None:
     if args.against == "val" and args.real_ref:
         sys.exit("--real-ref draws validation images: it needs --against test")
     # ``test`` below is the reference split: test by default, or validation (--against val).
-    test = load_split(args.ingest, args.against)
+    test = reference_split(args.ingest, args.against, args.cache)
     extractors = load_extractors(args.cache)
     test_feats = {n: e.features(test.images) for n, e in extractors.items()}
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -380,6 +425,10 @@ def main() -> None:
     e.add_argument("--cache", type=Path, required=True)
     e.add_argument("--epochs", type=int, help="override every extractor's epochs (smoke: 1)")
     e.add_argument("--only", nargs="+", choices=list(EXTRACTORS), help="train only these")
+    e.add_argument(
+        "--train-fraction", type=float, default=1.0, help="fit on this patient-level part of train"
+    )
+    e.add_argument("--fraction-seed", type=int, default=0)
     s = sub.add_parser("sample")
     s.add_argument("source")
     s.add_argument("--ingest", type=Path, required=True)
@@ -391,6 +440,13 @@ def main() -> None:
     s.add_argument("--guidance-rescale", type=float, default=0.0)
     s.add_argument("--guidance-interval", type=float, nargs=2)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (sampler ddim)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    s.add_argument(
+        "--like", default="test", choices=["test", "val", "train"], help="class proportions of"
+    )
+    s.add_argument(
+        "--net-batch", type=int, default=64, help="rows per network call (part of sample identity)"
+    )
     s.add_argument(
         "--spacing", default="trailing", choices=["trailing", "karras"], help="timestep grid"
     )
@@ -404,14 +460,17 @@ def main() -> None:
     c.add_argument(
         "--against",
         default="test",
-        choices=["test", "val"],
-        help="reference split (val: the train split's own distribution, for choosing settings)",
+        choices=["test", "val", "heldout"],
+        help="reference split (val: the train split's own distribution, for choosing settings; "
+        "heldout: the train images outside the extractors' --train-fraction)",
     )
     c.add_argument("--json")
     c.add_argument("--grid")
     args = ap.parse_args()
     if args.cmd == "extractors":
-        train_extractors(args.ingest, args.cache, args.epochs, args.only)
+        train_extractors(
+            args.ingest, args.cache, args.epochs, args.only, args.train_fraction, args.fraction_seed
+        )
     elif args.cmd == "sample":
         sample_medsynth(args)
     else:

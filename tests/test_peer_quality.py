@@ -190,3 +190,29 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     assert res["val"]["all"]["FD_cnn0"] < 1e-6 < res["real"]["all"]["FD_cnn0"]
     with pytest.raises(AssertionError, match="it needs --against test"):
         _run(*args, str(out_json), "--against", "val", "--real-ref", "40", *sets)
+
+    # Against the held-out part of train: extractors fitted on a patient-level half only; the
+    # held-out images score 0 against themselves, the fitted half does not, and a cache fitted
+    # on all of train is refused (its extractors saw the reference).
+    from medsynth.data.datasets import fraction_rows
+
+    train = load_split(ingest, "train")
+    seen = {r["row"] for r in fraction_rows(train.rows, 0.5, 0)}
+    held = torch.tensor([r["row"] not in seen for r in train.rows])
+    assert 0 < held.sum() < len(held)
+    for name, m in (("held", held), ("seen", ~held)):
+        x, y = train.images[m].numpy(), train.labels[m].numpy()
+        np.savez(tmp_path / f"{name}.npz", images=x, labels=y)
+    sets = ["--set", f"held={tmp_path / 'held.npz'}", "--set", f"seen={tmp_path / 'seen.npz'}"]
+    hargs = ["benchmarks/quality.py", "score", str(ingest), "--json", str(out_json)]
+    with pytest.raises(AssertionError, match="needs extractors fitted on a train fraction"):
+        _run(*hargs, "--cache", str(cache), "--against", "heldout", *sets)
+    frac = tmp_path / "frac"
+    fit = ["benchmarks/quality.py", "extractors", str(ingest), "--epochs", "1"]
+    _run(*fit, "--cache", str(frac), "--only", "cnn0", "--train-fraction", "0.5")
+    with pytest.raises(AssertionError, match="use another --cache"):
+        _run(*fit, "--cache", str(frac), "--only", "cnn0")
+    _run(*hargs, "--cache", str(frac), "--against", "heldout", *sets)
+    res = json.loads(out_json.read_text())
+    assert res["held"]["all"]["n"] == res["held"]["all"]["n_real"] == int(held.sum())
+    assert res["held"]["all"]["FD_cnn0"] < 1e-6 < res["seen"]["all"]["FD_cnn0"]
