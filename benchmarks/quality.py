@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medsynth.data.datasets import load_split  # noqa: E402
+from medsynth.data.datasets import CachedSplit, load_split  # noqa: E402
 from medsynth.evaluation.classifier import Classifier, ClassifierConfig  # noqa: E402
 from medsynth.evaluation.fidelity import fd, mean_pairwise_msssim, prdc  # noqa: E402
 from medsynth.evaluation.per_class import fd_over_real  # noqa: E402
@@ -136,7 +136,7 @@ def reference_split(ingest: Path, against: str, cache: Path):
     kept = {r["row"] for r in seen.rows}
     m = torch.tensor([r["row"] not in kept for r in train.rows])
     rows = [r for r, k in zip(train.rows, m.tolist(), strict=True) if k]
-    return type(train)(train.images[m], train.labels[m], train.classes, rows)
+    return CachedSplit(train.images[m], train.labels[m], train.classes, rows)
 
 
 def load_extractors(cache: Path) -> dict[str, Classifier]:
@@ -289,8 +289,8 @@ def real_reference(ingest: Path, test, n: int) -> tuple[torch.Tensor, torch.Tens
 
 def score(args) -> None:
     if args.against == "val" and args.real_ref:
-        sys.exit("--real-ref draws validation images: it needs --against test")
-    # ``test`` below is the reference split: test by default, or validation (--against val).
+        sys.exit("--real-ref draws validation images: it needs --against test or heldout")
+    # ``test`` below is the reference split: test by default, validation or held-out train.
     test = reference_split(args.ingest, args.against, args.cache)
     extractors = load_extractors(args.cache)
     test_feats = {n: e.features(test.images) for n, e in extractors.items()}
