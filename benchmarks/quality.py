@@ -31,7 +31,8 @@ Subcommands::
 
     python benchmarks/quality.py extractors INGEST --cache DIR [--train-fraction 0.8]
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
-        --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train]
+        --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train
+        --class-guidance normal=2]
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
         [--against test|val|heldout]
@@ -244,6 +245,9 @@ def sample_medsynth(args) -> None:
         extra["ddim_eta"] = args.eta
     if args.spacing != "trailing":
         extra["timestep_spacing"] = args.spacing
+    if args.class_guidance:  # name=scale: that class's own guidance scale
+        pairs = (spec.split("=", 1) for spec in args.class_guidance)
+        extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()
@@ -441,6 +445,9 @@ def main() -> None:
     s.add_argument("--guidance-interval", type=float, nargs=2)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (sampler ddim)")
     s.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    s.add_argument(
+        "--class-guidance", nargs="+", metavar="CLASS=SCALE", help="a class's own guidance scale"
+    )
     s.add_argument(
         "--like", default="test", choices=["test", "val", "train"], help="class proportions of"
     )

@@ -368,6 +368,11 @@ class GenerationSection(_Section):
         description="[lo, hi] share of the timestep range where guidance applies; "
         "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
     )
+    class_guidance: dict[str, float] = Field(
+        default_factory=dict,
+        description="class name -> guidance scale for that class's images (the others take "
+        "guidance_scale); one class may need stronger conditioning than another",
+    )
     timestep_spacing: Literal["trailing", "karras"] = Field(
         "trailing",
         description="ddim/ddpm/dpmpp timestep grid: trailing (even in t, last call at "
@@ -384,8 +389,21 @@ class GenerationSection(_Section):
     def _interval(cls, v: list[float]) -> list[float]:
         return check_interval(v)
 
+    @field_validator("class_guidance")
+    @classmethod
+    def _class_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: s for k, s in v.items() if not s >= 0}
+        if bad:
+            raise ValueError(f"class_guidance scales must be >= 0; got {bad}")
+        return {k: float(s) for k, s in v.items()}
+
     @model_validator(mode="after")
     def _spacing(self) -> GenerationSection:
+        if self.class_guidance and self.sampler == "distilled":
+            raise ValueError(
+                "generation.class_guidance does not apply to the distilled sampler: its "
+                "guidance is distilled into the student"
+            )
         if self.timestep_spacing != "trailing" and self.sampler not in GRID_SAMPLERS:
             raise ValueError(
                 f"generation.timestep_spacing {self.timestep_spacing!r} applies to the samplers "
@@ -473,6 +491,7 @@ LATER_KNOBS = {
         "guidance_rescale": 0.0,
         "guidance_interval": [0.0, 1.0],
         "timestep_spacing": "trailing",
+        "class_guidance": {},
     },
     "sweep": {"guidance_rescale": [], "guidance_interval": []},
     "model.autoencoder": {"patch_px": None},
@@ -702,6 +721,18 @@ class Protocol(_Section):
             raise ValueError(
                 "training.loss_weighting 'min_snr' is defined for schedule.kind 'ddpm' "
                 "(epsilon or v_prediction), not 'rflow'; use loss_weighting 'uniform'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _class_guidance_names(self) -> Protocol:
+        # Where the protocol names its classes, a typo fails here rather than after training.
+        known = self.dataset.classes
+        unknown = sorted(set(self.generation.class_guidance) - set(known or []))
+        if known and unknown:
+            raise ValueError(
+                f"generation.class_guidance names unknown classes {unknown}; "
+                f"dataset.classes are {known}"
             )
         return self
 

@@ -369,3 +369,66 @@ def test_report_names_the_timestep_grid_only_off_the_default():
     assert _sampler(parse_protocol(BASE).generation) == "dpmpp-20"
     g = parse_protocol(BASE, ["generation.timestep_spacing=karras"]).generation
     assert _sampler(g) == "dpmpp-20 on the Karras timestep grid"
+
+
+# --- guidance per class -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_class_guidance_guides_only_its_class_per_sample(unet, sampler):
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler=sampler, steps=5, net_batch=2)
+    labels, seeds = [0, 1, 0, 1], [4, 5, 6, 7]
+    per_class = sample(unet, ScheduleConfig(), labels, seeds, class_guidance={0: 3.0}, **kw)
+    cond = sample(unet, ScheduleConfig(), labels, seeds, guidance_scale=1.0, **kw)
+    guided = sample(unet, ScheduleConfig(), labels, seeds, guidance_scale=3.0, **kw)
+    # The other class takes the conditional pass alone: the same pixels as guidance 1.
+    assert torch.equal(per_class[1::2], cond[1::2])
+    # Its own class is guided at its scale (the null pass in another call: equal up to rounding).
+    assert torch.allclose(per_class[0::2], guided[0::2], atol=1e-5)
+    assert (per_class[0::2] - cond[0::2]).abs().max() > 1e-3
+    # Per sample, whatever else is in the batch.
+    alone = sample(unet, ScheduleConfig(), [0], [6], class_guidance={0: 3.0}, **kw)
+    assert torch.equal(alone[0], per_class[2])
+    # A class set to the global scale changes nothing; every class at 1 is guidance 1.
+    same = sample(unet, ScheduleConfig(), labels, seeds, class_guidance={1: 1.0}, **kw)
+    assert torch.equal(same, cond)
+
+
+def test_class_guidance_protocol_pool_and_report(tmp_path):
+    import pydicom
+
+    from medsynth.experiment.report import _guidance
+    from medsynth.generation.pool import generate_pool
+
+    g = parse_protocol(BASE, ["generation.class_guidance={normal: 2}"]).generation
+    assert g.class_guidance == {"normal": 2.0}
+    assert _guidance(g) == "guidance 1 (normal: 2)"
+    with pytest.raises(ProtocolError, match="class_guidance"):
+        parse_protocol(BASE, ["generation.class_guidance={normal: -1}"])
+    with pytest.raises(ProtocolError, match="distilled"):
+        parse_protocol(
+            BASE, ["generation.sampler=distilled", "generation.class_guidance={normal: 2}"]
+        )
+    full = ROOT / "protocols" / "pneumoniamnist_full.yaml"
+    assert load_protocol(full, ["generation.class_guidance={normal: 2}"]).generation.class_guidance
+    with pytest.raises(ProtocolError, match=r"unknown classes \['Normal'\]"):
+        load_protocol(full, ["generation.class_guidance={Normal: 2}"])
+    # Off its default it is part of the generate stage's identity; at it, hashes are unchanged.
+    q = load_protocol(ROOT / "protocols" / "quickstart.yaml")
+    r = load_protocol(ROOT / "protocols" / "quickstart.yaml", ["generation.class_guidance={}"])
+    s = load_protocol(ROOT / "protocols" / "quickstart.yaml", ["generation.class_guidance={a: 2}"])
+    assert stage_inputs(q) == stage_inputs(r)
+    assert stage_inputs(q)["train"] == stage_inputs(s)["train"]
+    assert stage_inputs(q)["generate"] != stage_inputs(s)["generate"]
+
+    snap = _fit(tmp_path / "train", max_steps=3)
+    kw = dict(sampler="dpmpp", steps=3, device="cpu", progress=False, net_batch=2)
+    generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, class_guidance={"b": 2.0}, **kw)
+    ds = pydicom.dcmread(next((tmp_path / "pool" / "dicom" / "b").glob("*.dcm")))
+    assert "class_guidance=b:2" in ds.DerivationDescription
+    req = json.loads((tmp_path / "pool" / "request.json").read_text())
+    assert req["class_guidance"] == {"b": 2.0}
+    with pytest.raises(ValueError, match="another request"):
+        generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **kw)
+    with pytest.raises(ValueError, match=r"unknown classes \['normal'\]"):
+        generate_pool(snap, tmp_path / "x", {"a": 1}, class_guidance={"normal": 2.0}, **kw)

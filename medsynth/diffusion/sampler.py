@@ -68,8 +68,15 @@ class _Denoiser:
         rescale: float = 0.0,
         interval: tuple[float, float] = (0.0, 1.0),
         cond: torch.Tensor | None = None,
+        class_guidance: dict[int, float] | None = None,
     ):
         self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
+        # Per-row scales when some class has its own: rows at 1 take the conditional pass alone
+        # (as with guidance 1 everywhere), so each sample depends only on its class and seed.
+        self.row_scale = None
+        if class_guidance:
+            scales = [class_guidance.get(int(y), guidance_scale) for y in labels.tolist()]
+            self.row_scale = torch.tensor(scales, dtype=torch.float32, device=labels.device)
         self.null = torch.full_like(labels, null_label)
         self.net_batch = net_batch
         self.cfg, self.rescale, self.interval = cfg or ScheduleConfig(), float(rescale), interval
@@ -95,8 +102,10 @@ class _Denoiser:
         return torch.cat(outs)
 
     def guided_at(self, t: int) -> bool:
-        """Whether step ``t`` (a training timestep) gets two passes."""
-        if self.scale == 1.0:
+        """Whether step ``t`` (a training timestep) gets two passes (for some rows)."""
+        rows = self.row_scale
+        unguided = self.scale == 1.0 if rows is None else bool((rows == 1).all())
+        if unguided:
             return False
         lo, hi = self.interval
         return lo <= int(t) / self.cfg.num_train_timesteps <= hi
@@ -104,6 +113,8 @@ class _Denoiser:
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if not self.guided_at(t):
             return self._net(x, t, self.labels)
+        if self.row_scale is not None:
+            return self._per_row(x, t)
         b = x.shape[0]
         out = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.null]))
         cond, uncond = out[:b], out[b:]
@@ -111,6 +122,20 @@ class _Denoiser:
         if self.rescale:
             guided = self._rescaled(guided, cond, x, t)
         return guided
+
+    def _per_row(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Class guidance: the conditional pass for every row, the null-class pass only for the
+        rows whose scale is not 1, mixed with each row's own scale."""
+        out = self._net(x, t, self.labels)
+        m = self.row_scale != 1
+        xm, cond = x[m], out[m]
+        uncond = self._net(xm, t, self.null[m])
+        scale = self.row_scale[m].view(-1, *([1] * (x.dim() - 1)))
+        guided = uncond + scale * (cond - uncond)
+        if self.rescale:
+            guided = self._rescaled(guided, cond, xm, t)
+        out[m] = guided
+        return out
 
     def _rescaled(self, guided, cond, x, t: int) -> torch.Tensor:
         """Mix phi of the guided x0 rescaled to the conditional x0's per-sample std, back to
@@ -275,6 +300,7 @@ def sample(
     guidance_rescale: float = 0.0,
     guidance_interval: Sequence[float] = (0.0, 1.0),
     timestep_spacing: str = "trailing",
+    class_guidance: dict[int, float] | None = None,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -295,6 +321,8 @@ def sample(
     (``[0, 1]`` = every step); other steps take one conditional pass.
     ``timestep_spacing``: ``trailing`` (even in t, the last call at ``T / steps - 1``) or
     ``karras`` (EDM's sigma spacing, the last call at t = 0); ddim, ddpm and dpmpp only.
+    ``class_guidance``: class index -> that class's own guidance scale (the others take
+    ``guidance_scale``); a row at scale 1 takes one conditional pass, as at guidance 1.
     ``distilled``: the student's :class:`ConsistencyConfig` as a dict (its snapshot's
     ``distill``); only with sampler ``distilled``, whose guidance is the distilled-in scale.
     ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
@@ -341,6 +369,8 @@ def sample(
                 f"this student has guidance {distilled['guidance_scale']:g} distilled in; "
                 f"set the guidance scale to {distilled['guidance_scale']:g} (got {guidance_scale:g})"
             )
+        if class_guidance:
+            raise ValueError("class_guidance does not apply to a distilled student")
         fn = partial(_distilled, params=distilled)
         guidance_scale = 1.0  # one conditional pass per step: guidance lives in the weights
     if ddim_eta:
@@ -368,6 +398,7 @@ def sample(
         rescale=float(guidance_rescale),
         interval=(lo, hi),
         cond=cond,
+        class_guidance=class_guidance,
     )
     # Switching modes walks every submodule (~30 % of a 1-step single-sample request on a CPU):
     # only a model in training mode is switched, and switched back.

@@ -342,6 +342,8 @@ def _guidance(g) -> str:
     if list(g.guidance_interval) != [0.0, 1.0]:
         lo, hi = g.guidance_interval
         text += f" within t/T ∈ [{lo:g}, {hi:g}]"
+    if g.class_guidance:
+        text += " (" + ", ".join(f"{c}: {v:g}" for c, v in sorted(g.class_guidance.items())) + ")"
     return text
 
 

@@ -338,9 +338,10 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     gen = pool_protocol(protocol, fraction, pool, 0).generation.model_dump(mode="json")
     gen.pop("per_class")  # follows from the data; the train hash covers that
     gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)
-    # Added after the pinned pool hashes (unlike the guidance knobs): left out at its default.
-    if gen["timestep_spacing"] == LATER_KNOBS["generation"]["timestep_spacing"]:
-        del gen["timestep_spacing"]
+    # Added after the pinned pool hashes (unlike the guidance knobs): left out at their defaults.
+    for key in ("timestep_spacing", "class_guidance"):
+        if gen[key] == LATER_KNOBS["generation"][key]:
+            del gen[key]
     return _sha([_train_sha(protocol, fraction), gen])
 
 

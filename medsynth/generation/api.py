@@ -57,6 +57,7 @@ def generate_from_protocol(
         guidance_rescale=g.guidance_rescale,
         guidance_interval=g.guidance_interval,
         timestep_spacing=g.timestep_spacing,
+        class_guidance=g.class_guidance,
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,

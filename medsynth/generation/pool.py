@@ -183,6 +183,7 @@ def generate_pool(
     guidance_rescale: float = 0.0,  # rescaled-guidance mix phi in [0, 1]; 0 = plain CFG
     guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
     timestep_spacing: str = "trailing",  # trailing | karras (ddim, ddpm, dpmpp)
+    class_guidance: dict[str, float] | None = None,  # class name -> its own guidance scale
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",  # auto | fp32 | bf16 (autocast)
@@ -221,6 +222,12 @@ def generate_pool(
             else f"sampler 'distilled' needs a student made by `medsynth distill`; "
             f"{snapshot_dir} is a plain diffusion snapshot"
         )
+    class_guidance = dict(class_guidance or {})
+    unknown = sorted(set(class_guidance) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"generation.class_guidance names unknown classes {unknown}; the snapshot knows {classes}"
+        )
     snap_sha = snapshot_sha256(snapshot_dir)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
@@ -249,6 +256,11 @@ def generate_pool(
     if timestep_spacing != "trailing":
         request["timestep_spacing"] = timestep_spacing
         extra += f" spacing={timestep_spacing}"
+    if class_guidance:
+        request["class_guidance"] = dict(sorted(class_guidance.items()))
+        extra += " class_guidance=" + ",".join(
+            f"{k}:{v:g}" for k, v in sorted(class_guidance.items())
+        )
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -292,6 +304,7 @@ def generate_pool(
             guidance_rescale=guidance_rescale,
             guidance_interval=interval,
             timestep_spacing=timestep_spacing,
+            class_guidance={classes.index(c): v for c, v in class_guidance.items()},
             device=dev,
             bf16=precision == "bf16",
             net_batch=net_batch,
