@@ -389,6 +389,14 @@ class GenerationSection(_Section):
     def _interval(cls, v: list[float]) -> list[float]:
         return check_interval(v)
 
+    @field_validator("counts", "class_guidance", mode="before")
+    @classmethod
+    def _class_keys(cls, v: Any) -> Any:
+        # YAML reads the class names of `classes: ["0", "1"]` written bare ({1: 2}) as numbers.
+        if isinstance(v, dict):
+            return {str(k) if isinstance(k, int | float) else k: x for k, x in v.items()}
+        return v
+
     @field_validator("class_guidance")
     @classmethod
     def _class_scales(cls, v: dict[str, float]) -> dict[str, float]:

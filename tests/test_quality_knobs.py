@@ -409,6 +409,9 @@ def test_class_guidance_protocol_pool_and_report(tmp_path):
         parse_protocol(
             BASE, ["generation.sampler=distilled", "generation.class_guidance={normal: 2}"]
         )
+    # Class names that YAML reads as numbers (RSNA's "0" / "1") are taken as the names.
+    rsna = load_protocol(ROOT / "protocols" / "rsna.yaml", ["generation.class_guidance={1: 2}"])
+    assert rsna.generation.class_guidance == {"1": 2.0}
     full = ROOT / "protocols" / "pneumoniamnist_full.yaml"
     assert load_protocol(full, ["generation.class_guidance={normal: 2}"]).generation.class_guidance
     with pytest.raises(ProtocolError, match=r"unknown classes \['Normal'\]"):
