@@ -406,7 +406,7 @@ class GenerationSection(_Section):
         return {k: float(s) for k, s in v.items()}
 
     @model_validator(mode="after")
-    def _spacing(self) -> GenerationSection:
+    def _knobs_fit_the_sampler(self) -> GenerationSection:
         if self.class_guidance and self.sampler == "distilled":
             raise ValueError(
                 "generation.class_guidance does not apply to the distilled sampler: its "
