@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
 
@@ -368,7 +376,7 @@ class GenerationSection(_Section):
         description="[lo, hi] share of the timestep range where guidance applies; "
         "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
     )
-    class_guidance: dict[str, float] = Field(
+    class_guidance: dict[str, NonNegativeFloat] = Field(
         default_factory=dict,
         description="class name -> guidance scale for that class's images (the others take "
         "guidance_scale); one class may need stronger conditioning than another",
@@ -394,16 +402,8 @@ class GenerationSection(_Section):
     def _class_keys(cls, v: Any) -> Any:
         # YAML reads the class names of `classes: ["0", "1"]` written bare ({1: 2}) as numbers.
         if isinstance(v, dict):
-            return {str(k) if isinstance(k, int | float) else k: x for k, x in v.items()}
+            return {str(k): x for k, x in v.items()}
         return v
-
-    @field_validator("class_guidance")
-    @classmethod
-    def _class_scales(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: s for k, s in v.items() if not s >= 0}
-        if bad:
-            raise ValueError(f"class_guidance scales must be >= 0; got {bad}")
-        return {k: float(s) for k, s in v.items()}
 
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
