@@ -400,10 +400,7 @@ class GenerationSection(_Section):
     @field_validator("counts", "class_guidance", mode="before")
     @classmethod
     def _class_keys(cls, v: Any) -> Any:
-        # YAML reads the class names of `classes: ["0", "1"]` written bare ({1: 2}) as numbers.
-        if isinstance(v, dict):
-            return {str(k): x for k, x in v.items()}
-        return v
+        return class_name_keys(v)
 
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
@@ -418,6 +415,14 @@ class GenerationSection(_Section):
                 f"{', '.join(GRID_SAMPLERS)}; {self.sampler!r} keeps its own grid"
             )
         return self
+
+
+def class_name_keys(v: Any) -> Any:
+    """A dict's keys as str: YAML reads the class names of ``classes: ["0", "1"]`` written bare
+    (``{1: 2}``) as numbers."""
+    if isinstance(v, dict):
+        return {str(k): x for k, x in v.items()}
+    return v
 
 
 def check_interval(v: list[float]) -> list[float]:
@@ -501,7 +506,7 @@ LATER_KNOBS = {
         "timestep_spacing": "trailing",
         "class_guidance": {},
     },
-    "sweep": {"guidance_rescale": [], "guidance_interval": []},
+    "sweep": {"guidance_rescale": [], "guidance_interval": [], "class_guidance": []},
     "model.autoencoder": {"patch_px": None},
     "upscaler": {"chain_per_class": None},
     "distill": {"huber_over": "pixel"},
@@ -570,6 +575,11 @@ class SweepSection(_Section):
     guidance_interval: list[list[float]] = Field(
         default_factory=list, description="generation.guidance_interval values, each [lo, hi]"
     )
+    class_guidance: list[dict[str, NonNegativeFloat]] = Field(
+        default_factory=list,
+        description="generation.class_guidance values, each {class name: scale}; {} = "
+        "guidance_scale for every class",
+    )
     samplers: list[SamplerSetting] = Field(default_factory=list, description="sampler+steps+eta")
     pool_size: list[float] = Field(
         default_factory=list,
@@ -621,6 +631,11 @@ class SweepSection(_Section):
     def _intervals(cls, v: list[list[float]]) -> list[list[float]]:
         return [check_interval(i) for i in v]
 
+    @field_validator("class_guidance", mode="before")
+    @classmethod
+    def _class_keys(cls, v: Any) -> Any:
+        return [class_name_keys(x) for x in v] if isinstance(v, list) else v
+
     @field_validator("guidance_scale", "ratios", "pool_size")
     @classmethod
     def _non_negative(cls, v: list[float]) -> list[float]:
@@ -635,6 +650,7 @@ class SweepSection(_Section):
             "guidance_scale",
             "guidance_rescale",
             "guidance_interval",
+            "class_guidance",
             "pool_size",
             "selectors",
             "ratios",
@@ -643,10 +659,16 @@ class SweepSection(_Section):
             "curve_pools",
             "curve_selectors",
         ):
-            vals = [tuple(v) if isinstance(v, list) else v for v in getattr(self, name)]
+            vals = [_hashable(v) for v in getattr(self, name)]
             if len(set(vals)) != len(vals):
                 raise ValueError(f"sweep.{name} lists a value twice: {vals}")
         return self
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted(v.items()))
+    return tuple(v) if isinstance(v, list) else v
 
 
 class UpscalerSection(_Section):
@@ -736,12 +758,15 @@ class Protocol(_Section):
     def _class_guidance_names(self) -> Protocol:
         # Where the protocol names its classes, a typo fails here rather than after training.
         known = self.dataset.classes
-        unknown = sorted(set(self.generation.class_guidance) - set(known or []))
-        if known and unknown:
-            raise ValueError(
-                f"generation.class_guidance names unknown classes {unknown}; "
-                f"dataset.classes are {known}"
-            )
+        named = {"generation.class_guidance": set(self.generation.class_guidance)}
+        if self.sweep is not None:
+            named["sweep.class_guidance"] = {c for cg in self.sweep.class_guidance for c in cg}
+        for key, names in named.items():
+            unknown = sorted(names - set(known or []))
+            if known and unknown:
+                raise ValueError(
+                    f"{key} names unknown classes {unknown}; dataset.classes are {known}"
+                )
         return self
 
     @model_validator(mode="after")

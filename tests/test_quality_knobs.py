@@ -13,7 +13,7 @@ from medsynth.diffusion.objective import diffusion_loss, draw, min_snr_weights
 from medsynth.diffusion.sampler import _Denoiser, _x0_maps, sample
 from medsynth.diffusion.schedule import ScheduleConfig, training_scheduler
 from medsynth.diffusion.unet import UNetConfig, build_unet
-from medsynth.experiment.sweep import expand, pool_protocol
+from medsynth.experiment.sweep import SweepPlan, _pool_sha, estimate, expand, pool_protocol
 from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
 from medsynth.runfolder import stage_inputs
 from medsynth.training.loop import draw_indices, draw_weights, train
@@ -321,8 +321,45 @@ def test_sweep_enumerates_the_guidance_knobs():
     assert gen.guidance_rescale == 0.7 and gen.guidance_interval == [0.2, 0.8]
     with pytest.raises(ProtocolError, match="guidance_rescale values must lie in"):
         load_protocol(smoke, ["sweep.guidance_rescale=[1.2]"])
+
+
+def test_sweep_enumerates_guidance_per_class(tmp_path):
+    smoke = ROOT / "protocols" / "smoke_sweep.yaml"
+    sets = ["sweep.samplers=[{sampler: dpmpp, steps: 3}]", "sweep.guidance_scale=[1]"]
+    axis = "sweep.class_guidance=[{}, {opacity: 2}, {normal: 3, opacity: 1.5}]"
+    proto = load_protocol(smoke, [*sets, axis])
+    plan = expand(proto)
+    assert [p.name for p in plan.pools] == [
+        "g1-dpmpp3-p1",
+        "g1-c.opacity2-dpmpp3-p1",
+        "g1-c.normal3-c.opacity1.5-dpmpp3-p1",
+    ]
+    gen = pool_protocol(proto, 1.0, plan.pools[2], 10).generation
+    assert gen.class_guidance == {"normal": 3.0, "opacity": 1.5}
+    assert pool_protocol(proto, 1.0, plan.pools[0], 10).generation.class_guidance == {}
+    # Each pool its own identity; the unguided pool keeps the hash it had before the axis.
+    plain = load_protocol(smoke, sets)
+    shas = {_pool_sha(proto, 1.0, p) for p in plan.pools}
+    assert len(shas) == 3 and _pool_sha(plain, 1.0, expand(plain).pools[0]) in shas
+    # A guided class takes the null pass as well: the estimate counts it per class.
+    secs = [
+        estimate(proto, SweepPlan([1.0], [p], ["proportional"], ["random"], [1.0]), tmp_path)
+        for p in plan.pools
+    ]
+    gen_s = [e["generate"] for e in secs]
+    assert gen_s[0] < gen_s[1] < gen_s[2] == pytest.approx(2 * gen_s[0])
     with pytest.raises(ProtocolError, match="lists a value twice"):
-        load_protocol(smoke, ["sweep.guidance_interval=[[0, 1], [0, 1]]"])
+        load_protocol(smoke, ["sweep.class_guidance=[{opacity: 2}, {opacity: 2.0}]"])
+    with pytest.raises(ProtocolError, match="greater than or equal to 0"):
+        load_protocol(smoke, ["sweep.class_guidance=[{opacity: -2}]"])
+    # Where the protocol names its classes, a typo fails at load; numeric names are names.
+    full = ROOT / "protocols" / "pneumoniamnist_sweep_1h.yaml"
+    with pytest.raises(ProtocolError, match=r"sweep.class_guidance names unknown classes"):
+        load_protocol(full, ["sweep.class_guidance=[{}, {Normal: 2}]"])
+    rsna = load_protocol(
+        ROOT / "protocols" / "rsna_sweep_cpu.yaml", ["sweep.class_guidance=[{1: 2}]"]
+    )
+    assert rsna.sweep.class_guidance == [{"1": 2.0}]
 
 
 def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,19 +60,30 @@ class PoolSpec:
     pool_size: float  # images per class = ceil(pool_size x the largest real class)
     guidance_rescale: float = 0.0  # rescaled-guidance phi; 0 = plain CFG
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided share of t / T
+    class_guidance: tuple[tuple[str, float], ...] = ()  # sorted (class name, scale) pairs
 
     @property
     def name(self) -> str:
-        """E.g. ``g2-dpmpp20-p1``; the later knobs add ``-r0.7`` / ``-i0.2-0.8`` only when set,
-        so pools of older sweeps keep their names."""
+        """E.g. ``g2-dpmpp20-p1``; the later knobs add ``-r0.7`` / ``-i0.2-0.8`` /
+        ``-c.normal2`` only when set, so pools of older sweeps keep their names."""
         eta = f"-eta{self.ddim_eta:g}" if self.sampler == "ddim" else ""
         guide = f"-r{self.guidance_rescale:g}" if self.guidance_rescale else ""
         lo, hi = self.guidance_interval
         if (lo, hi) != (0.0, 1.0):
             guide += f"-i{lo:g}-{hi:g}"
+        # A class name may hold any character; the pool name is a folder name.
+        guide += "".join(f"-c.{_name_part(c)}{v:g}" for c, v in self.class_guidance)
         return (
             f"g{self.guidance_scale:g}{guide}-{self.sampler}{self.steps}{eta}-p{self.pool_size:g}"
         )
+
+    def scale_of(self, class_name: str) -> float:
+        """The guidance scale this pool's images of ``class_name`` are sampled with."""
+        return dict(self.class_guidance).get(class_name, self.guidance_scale)
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
 
 
 @dataclass(frozen=True)
@@ -143,18 +155,22 @@ def expand(protocol: Protocol) -> SweepPlan:
     ]
     pool_sizes = sw.pool_size or [max(sw.ratios or ev.ratios)]
     pools = [
-        PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps, gr, tuple(gi))
-        for gs, gr, gi, s, ps in itertools.product(
+        PoolSpec(gs, s.sampler, s.steps, s.ddim_eta, ps, gr, tuple(gi), tuple(sorted(cg.items())))
+        for gs, gr, gi, cg, s, ps in itertools.product(
             sw.guidance_scale or [g.guidance_scale],
             sw.guidance_rescale or [g.guidance_rescale],
             sw.guidance_interval or [g.guidance_interval],
+            sw.class_guidance or [g.class_guidance],
             samplers,
             pool_sizes,
         )
     ]
     names = [p.name for p in pools]
     if len(set(names)) != len(names):
-        raise StudyError(f"sweep.samplers lists the same sampler setting twice: {names}")
+        raise StudyError(
+            f"two pools of the sweep would share a name (the same sampler setting twice, or "
+            f"class names that differ only in characters a folder name cannot hold): {names}"
+        )
     by_name = {p.name: p for p in pools}
     unknown = [n for n in sw.curve_pools if n not in by_name]
     if unknown:
@@ -204,6 +220,7 @@ def pool_protocol(protocol: Protocol, fraction: float, pool: PoolSpec, per_class
             "ddim_eta": pool.ddim_eta,
             "guidance_rescale": pool.guidance_rescale,
             "guidance_interval": list(pool.guidance_interval),
+            "class_guidance": dict(pool.class_guidance),
             "count_mode": "per_class",
             "per_class": per_class,
             "counts": {},
@@ -233,18 +250,22 @@ def baseline_evaluation(protocol: Protocol, plan: SweepPlan, class_mix: str):
 # --- estimate --------------------------------------------------------------------------------
 
 
-def _train_counts(protocol: Protocol, run: Path, fraction: float) -> list[int]:
-    """Real training images per class at ``fraction``: from the ingest cache, else estimated."""
+def _train_counts(protocol: Protocol, run: Path, fraction: float) -> dict[str, int]:
+    """Real training images per class name at ``fraction``: from the ingest cache, else
+    estimated; in the classes' label order."""
     if (run / "ingest" / "index.csv").exists():
         from medsynth.data.datasets import split_rows
 
         summary = json.loads((run / "ingest" / "summary.json").read_text())
         rows = split_rows(run / "ingest", "train", fraction, protocol.dataset.fraction_seed)
-        return [sum(r["label"] == c for r in rows) for c in summary["classes"]]
+        return {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     ds = protocol.dataset
     if ds.kind == "phantoms":
+        from medsynth.data.phantoms import class_names
+
+        n = ds.phantoms.num_classes
         total = ds.phantoms.n_patients * 1.25 * ds.split_fractions["train"]
-        return [round(total * fraction / ds.phantoms.num_classes)] * ds.phantoms.num_classes
+        return dict.fromkeys(class_names(ds.phantoms.body_part)[:n], round(total * fraction / n))
     import csv
 
     with Path(ds.labels_csv).open(newline="") as fh:
@@ -253,8 +274,8 @@ def _train_counts(protocol: Protocol, run: Path, fraction: float) -> list[int]:
         rows = [r for r in rows if r.get(ds.split_column) == ds.split_values["train"]]
     else:
         rows = rows[: round(len(rows) * ds.split_fractions["train"])]
-    labels = sorted({r[ds.label_column] for r in rows})
-    return [round(sum(r[ds.label_column] == c for r in rows) * fraction) for c in labels]
+    labels = ds.classes or sorted({r[ds.label_column] for r in rows})
+    return {c: round(sum(r[ds.label_column] == c for r in rows) * fraction) for c in labels}
 
 
 def estimate(protocol: Protocol, plan: SweepPlan, run: Path) -> dict:
@@ -264,13 +285,15 @@ def estimate(protocol: Protocol, plan: SweepPlan, run: Path) -> dict:
     epochs = ev.classifier.epochs
     for f in plan.fractions:
         counts = _train_counts(protocol, run, f)
-        n, top = sum(counts), max(counts)
+        n, top = sum(counts.values()), max(counts.values())
         out["train"] += tr.max_steps * sw.seconds_per_train_step
         for p in plan.pools_at(f):
             lo, hi = p.guidance_interval
-            calls = p.steps * (1 if p.guidance_scale == 1 else 1 + (hi - lo))  # guided share
-            images = math.ceil(p.pool_size * top) * len(counts)
-            out["generate"] += images * calls * sw.seconds_per_image_step
+            per_class = math.ceil(p.pool_size * top)
+            for c in counts:
+                # A guided image takes the null pass too, over the guided share of the steps.
+                calls = p.steps * (1 if p.scale_of(c) == 1 else 1 + (hi - lo))
+                out["generate"] += per_class * calls * sw.seconds_per_image_step
         for _ in plan.class_mixes:
             # The baseline unit: real-only and a duplicate control per ratio.
             sizes = [n] + [n * (1 + r) for r in plan.ratios]
@@ -435,7 +458,7 @@ def run_sweep(
             indent=2,
         )
     )
-    counts = {f: _train_counts(protocol, run, f) for f in plan.fractions}
+    counts = {f: list(_train_counts(protocol, run, f).values()) for f in plan.fractions}
     for f in plan.fractions:
         _check_pool_sizes(plan, counts[f], f)
     for f in plan.fractions:
