@@ -115,9 +115,23 @@ def test_sweep_outputs_table_statistics_and_report(resumed_sweep):
     assert stats["low_data_curve"]["selected_on"] == "validation"
     assert all(r["val_auc_vs_dup"] not in ("", "nan") for r in rows)
     assert "val_auc_vs_dup" in stats["fractions"]["0.5"]["best"]
+    # Which settings help: each knob value against its first, over the pairs differing in it.
+    effects = {(e["knob"], e["value"]): e for e in stats["fractions"]["0.5"]["knob_effects"]}
+    assert set(effects) == {
+        ("sampler", "ddim-3 eta 1"),
+        ("sampler", "dpmpp-3"),
+        ("selector", "kcenter"),
+    }
+    assert effects[("selector", "kcenter")]["pairs"] == 3
+    assert effects[("sampler", "dpmpp-3")]["reference"] == "ddim-3 eta 0"
+    assert all(
+        "MDE" in e["verdict"] or "helps" in e["verdict"] or "hurts" in e["verdict"]
+        for e in effects.values()
+    )
     page = (run / "report/index.html").read_text()
     for text in (
         "Recommendation",
+        "Which settings help",
         "Holm p",
         "Low-data curve",
         "partial ρ",
@@ -201,6 +215,23 @@ def test_adding_a_value_plans_only_the_new_units(resumed_sweep):
     assert len(lines) == 2 * (1 + 6) and len(new) == 6
     assert all("run/run (train/generate/evaluate)" in ln and "skip/" in ln for ln in new)
     assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
+    # Guidance per class as an axis: {} is the sweep's pools as they were (done), the rest new.
+    per_class = load_protocol(SMOKE_SWEEP, ["sweep.class_guidance=[{}, {opacity: 1}]"])
+    lines = [ln for ln in describe(per_class, run).splitlines() if "sweep/f" in ln]
+    new = [ln for ln in lines if "-c.opacity1-" in ln]
+    assert len(lines) == 2 * (1 + 6) and len(new) == 6
+    assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
+
+
+def test_class_guidance_sweep_validates():
+    proto = load_protocol(ROOT / "protocols" / "class_guidance_sweep.yaml")
+    plan = expand(proto)
+    assert plan.n_configs == 40 and proto.evaluation.seeds >= 5
+    assert [p.class_guidance for p in plan.pools][:3] == [
+        (),
+        (("normal", 1.5),),
+        (("normal", 2.0),),
+    ]
 
 
 def test_rsna_and_fundus_sweeps_validate_with_their_controls(tmp_path):

@@ -394,6 +394,10 @@ def show(run_dir: str | Path) -> str:
         lines.append(f"sweep: {done} finished units; table {run / 'sweep' / 'configs.csv'}")
         for fr in json.loads(sweep.read_text())["fractions"].values():
             lines.append("  " + fr["recommendation"])
+            lines += [
+                f"  {e['knob']} {e['value']} vs {e['reference']}: {e['verdict']}"
+                for e in fr.get("knob_effects", [])
+            ]
             lines += [f"  WARNING: {w}" for w in fr.get("warnings", [])]
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")
