@@ -148,21 +148,19 @@ def test_knob_effects_pair_configurations_that_differ_in_one_knob():
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 100)
-    noisy = lambda: np.stack([_probs(y, rng, 0.1) for _ in range(3)])  # noqa: E731
-    sharp = lambda: np.stack([_probs(y, rng, 0.9) for _ in range(3)])  # noqa: E731
+
+    def arm(signal: float) -> np.ndarray:
+        return np.stack([_probs(y, rng, signal) for _ in range(3)])
+
     base = dict(fraction=0.5, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval="0-1")
     base |= dict(sampler="dpmpp", steps=10, ddim_eta=0.0, pool_size=2.0, class_mix="proportional")
+    dup = arm(0.1)
     rows, probas = [], {}
     for cg in ("", "normal:2"):
         for sel in ("random", "fidelity"):
-            r = base | {
-                "class_guidance": cg,
-                "selector": sel,
-                "ratio": 1.0,
-                "config": f"{cg}|{sel}",
-            }
-            rows.append(r)
-            probas[(0.5, r["config"])] = (y, sharp() if cg else noisy())
+            cid = f"{cg}|{sel}"
+            rows.append(base | dict(class_guidance=cg, selector=sel, ratio=1.0, config=cid))
+            probas[(0.5, cid)] = (y, arm(0.8 if cg else 0.1), dup)
     effects = knob_effects(rows, probas, 0.5, n_boot=200)
     by = {e["knob"]: e for e in effects}
     assert set(by) == {"class_guidance", "selector"}
@@ -170,5 +168,30 @@ def test_knob_effects_pair_configurations_that_differ_in_one_knob():
     assert (cg["value"], cg["reference"], cg["pairs"]) == ("normal:2", "none", 2)
     assert cg["diff"] > 0.2 and cg["verdict"].startswith("helps")
     sel = by["selector"]  # the same probabilities in distribution: nothing to find
-    assert sel["pairs"] == 2 and abs(sel["diff"]) < 0.1 and "MDE" in sel["verdict"]
+    assert sel["pairs"] == 2 and abs(sel["diff"]) < 0.05 and "MDE" in sel["verdict"]
     assert all(e["p_holm"] >= e["p"] for e in effects)
+    # Twice the images make an arm sharper, and its duplicate control as much: the ratio's
+    # effect on the uplift over the control is nil, though the arms' own AUC rises ~0.3.
+    rows, probas = [], {}
+    for ratio, signal in ((0.5, 0.1), (1.0, 0.5)):
+        for sel in ("random", "fidelity"):
+            cid = f"{sel}|{ratio}"
+            rows.append(base | dict(class_guidance="", selector=sel, ratio=ratio, config=cid))
+            probas[(0.5, cid)] = (y, arm(signal), arm(signal))
+    ratio = next(e for e in knob_effects(rows, probas, 0.5, n_boot=200) if e["knob"] == "ratio")
+    assert ratio["pairs"] == 2 and abs(ratio["diff"]) < 0.05 and "MDE" in ratio["verdict"]
+
+
+def test_contrast_test_is_the_paired_test_for_two_terms():
+    from medsynth.evaluation.sweep_stats import contrast_test
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 50)
+    a = np.stack([_probs(y, rng, 0.6) for _ in range(4)])
+    b = np.stack([_probs(y, rng, 0.3) for _ in range(4)])
+    two = contrast_test(y, [(1.0, a), (-1.0, b)], n_boot=100)
+    ref = paired_bootstrap_test(y, a, b, n_boot=100)
+    assert two.keys() == ref.keys()
+    assert all(two[k] == pytest.approx(ref[k], abs=1e-12) for k in ref)
+    with pytest.raises(ValueError, match="one \\(seeds, cases, classes\\) shape"):
+        contrast_test(y, [(1.0, a), (-1.0, b[:2])])

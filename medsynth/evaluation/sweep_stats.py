@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sps
 
-from medsynth.evaluation.stats import bootstrap_diffs
+from medsynth.evaluation.stats import bootstrap_diffs, fast_metric
 
 
 def paired_bootstrap_test(
@@ -53,6 +53,55 @@ def paired_bootstrap_test(
         "ci_high": float(hi),
         "se": float(reps.std(ddof=1)),
         "p": float(p),
+        "n_boot": len(reps),
+    }
+
+
+def contrast_test(
+    y: np.ndarray,
+    terms: list[tuple[float, np.ndarray]],
+    metric: str = "auc",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A weighted sum of arms' metrics, sum_i w_i * metric(arm_i), with a paired bootstrap.
+
+    ``terms``: ``(w_i, proba_i)`` with ``proba_i`` ``(S, N, K)`` test probabilities, paired by
+    classifier seed ``s`` across terms; the metric is averaged over seeds. Each replicate
+    resamples seeds and test cases, the same for every term. E.g. ``[(1, a), (-1, b)]`` is
+    ``paired_bootstrap_test(y, a, b)``. Returns what that returns.
+    """
+    live = [(w, np.asarray(a)) for w, a in terms if w != 0]
+    shapes = {a.shape for _, a in live}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"terms need one (seeds, cases, classes) shape; got {shapes or 'none'}")
+    s, n, k = live[0][1].shape
+
+    def value(seeds: np.ndarray, idx: np.ndarray) -> float:
+        yi = y[idx]
+        return float(
+            sum(
+                w * np.mean([fast_metric(metric, yi, a[j][idx], k) for j in seeds]) for w, a in live
+            )
+        )
+
+    rng = np.random.default_rng(seed)
+    point = value(np.arange(s), np.arange(n))
+    reps = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if len(np.unique(y[idx])) < 2:
+            continue
+        reps.append(value(rng.integers(0, s, s), idx))
+    reps = np.asarray(reps)
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    tail = min((reps <= 0).mean(), (reps >= 0).mean())
+    return {
+        "diff": point,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "se": float(reps.std(ddof=1)),
+        "p": float(min(1.0, max(2 * tail, 1 / (len(reps) + 1)))),
         "n_boot": len(reps),
     }
 

@@ -18,6 +18,7 @@ import numpy as np
 from medsynth.evaluation.stats import auc_score
 from medsynth.evaluation.sweep_stats import (
     adjust_table,
+    contrast_test,
     diversity_vs_uplift,
     holm,
     minimal_detectable_effect,
@@ -167,7 +168,7 @@ def config_rows(run: Path, plan, n_boot: int = 1000) -> tuple[list[dict], dict]:
             dup = probas[f"duplicate_control@{ratio}"]
             row.update(view_fields(y, views, pa, dup, probas["real_only"], n_boot=n_boot))
             rows.append(row)
-            probas_of[(u.fraction, cid)] = (y, pa)
+            probas_of[(u.fraction, cid)] = (y, pa, dup)
     return rows, probas_of
 
 
@@ -213,7 +214,7 @@ def analyse_fraction(rows: list[dict], probas_of: dict, fraction: float, n_boot:
             )
         }
     if len(ranked) >= 2:
-        (y, pa), (_, pb) = (probas_of[(fraction, r["config"])] for r in ranked[:2])
+        (y, pa, _), (_, pb, _) = (probas_of[(fraction, r["config"])] for r in ranked[:2])
         t = paired_bootstrap_test(y, pa, pb, "auc", n_boot)
         out["best_vs_runner_up"] = {
             "runner_up": ranked[1]["config"],
@@ -251,14 +252,18 @@ def _knob_value(row: dict, knob: str) -> str:
 
 
 def knob_effects(rows: list[dict], probas_of: dict, fraction: float, n_boot: int) -> list[dict]:
-    """Each swept setting's effect on test AUC against the knob's first value, the others fixed.
+    """Each swept setting's effect on the uplift over the duplicate control, against the knob's
+    first value, the other settings held fixed.
 
     For a knob with values v0 (first in the sweep), v1, ...: every configuration with v_i is
-    paired with the one that differs from it in that knob alone (v0), and the AUC difference is
-    averaged over those pairs and their classifier seeds. The bootstrap resamples test cases (the
-    same for every arm) and (pair, seed) units. Holm across every effect of the fraction, MDE at
-    that many comparisons. This answers "which setting helps" with the other settings averaged
-    over, at the power of all the pairs rather than of one configuration.
+    paired with the one that differs from it in that knob alone (v0); the effect is the test
+    AUC uplift over the count-matched duplicate control of the first minus that of the second,
+    averaged over the pairs and their classifier seeds. For the generation knobs and the
+    selector both share one control, so this is the plain AUC difference; for the ratio and the
+    class mix it removes what more (or differently mixed) images per epoch give a duplicate
+    too. Paired bootstrap over seeds and test cases; Holm across every effect of the fraction,
+    MDE at that many comparisons. This answers "which setting helps" with the other settings
+    averaged over, at the power of all the pairs rather than of one configuration.
     """
     mine = [r for r in rows if r["fraction"] == fraction]
     out = []
@@ -274,20 +279,37 @@ def knob_effects(rows: list[dict], probas_of: dict, fraction: float, n_boot: int
             pairs = [
                 (r, base[rest(r)]) for r in mine if _knob_value(r, knob) == v and rest(r) in base
             ]
-            if not pairs:
-                continue
-            y = probas_of[(fraction, pairs[0][0]["config"])][0]
-            arm, ref = (
-                np.concatenate([probas_of[(fraction, pair[i]["config"])][1] for pair in pairs])
-                for i in (0, 1)
-            )
-            t = paired_bootstrap_test(y, arm, ref, "auc", n_boot)
-            out.append({"knob": knob, "value": v, "reference": values[0], "pairs": len(pairs), **t})
+            if pairs:
+                t = _uplift_contrast(pairs, probas_of, fraction, n_boot)
+                out.append(
+                    {"knob": knob, "value": v, "reference": values[0], "pairs": len(pairs), **t}
+                )
     for e, p in zip(out, holm([e["p"] for e in out]), strict=True):
         e["p_holm"] = float(p)
         e["mde"] = minimal_detectable_effect(e["se"], comparisons=len(out))
         e["verdict"] = verdict(e["diff"], e["ci_low"], e["ci_high"], e["p_holm"], e["mde"])
     return out
+
+
+def _uplift_contrast(pairs: list[tuple[dict, dict]], probas_of: dict, fraction: float, n_boot: int):
+    """Mean over ``(row, reference row)`` pairs of (uplift over its control) - (the reference's)."""
+    weights: dict[tuple, float] = {}
+    arrays: dict[tuple, np.ndarray] = {}
+    for sign, side in ((1.0, 0), (-1.0, 1)):
+        for pair in pairs:
+            r = pair[side]
+            y, arm, dup = probas_of[(fraction, r["config"])]
+            # Keyed, so a control both sides share cancels instead of being computed twice.
+            for key, w, a in (
+                (("arm", r["config"]), sign, arm),
+                (("dup", r["class_mix"], r["ratio"]), -sign, dup),
+            ):
+                weights[key] = weights.get(key, 0.0) + w / len(pairs)
+                arrays[key] = a
+    terms = [(weights[k], arrays[k]) for k in arrays if abs(weights[k]) > 1e-12]
+    if not terms:  # nothing differs (cannot happen for distinct configurations)
+        return {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0, "p": 1.0, "n_boot": 0}
+    return contrast_test(y, terms, "auc", n_boot)
 
 
 def recommendation(fr: dict) -> str:
