@@ -396,8 +396,9 @@ def analyse_sweep(run: str | Path, plan, n_boot: int = 1000) -> dict:
         "p-values adjusted per train fraction across its configurations; MDE at "
         "80 % power and alpha 0.05 / configurations; best configuration and curve lines "
         "chosen on validation AUC uplift over the duplicate control (val_auc_vs_dup); "
-        "knob_effects: each swept setting against its knob's first value, averaged over the "
-        "configuration pairs that differ in that knob alone, Holm across the fraction's effects",
+        "knob_effects: each swept setting's effect on that uplift over the duplicate control, "
+        "against its knob's first value, averaged over the configuration pairs that differ in "
+        "that knob alone, Holm across the fraction's effects",
     }
     out = run / "sweep"
     out.mkdir(parents=True, exist_ok=True)
