@@ -323,7 +323,14 @@ def test_sweep_enumerates_the_guidance_knobs():
         load_protocol(smoke, ["sweep.guidance_rescale=[1.2]"])
 
 
+# The smoke sweep's unguided DPM-Solver++ pool as hashed before sweep.class_guidance existed
+# (commit 3a00b41): the axis at {} must keep it, or every earlier sweep's pools would rerun.
+PLAIN_POOL_SHA = "f9368e53147ee317dd7145ebb876a391164697c4237bee170fec166555457b3b"
+
+
 def test_sweep_enumerates_guidance_per_class(tmp_path):
+    from medsynth.experiment.runner import StudyError
+
     smoke = ROOT / "protocols" / "smoke_sweep.yaml"
     sets = ["sweep.samplers=[{sampler: dpmpp, steps: 3}]", "sweep.guidance_scale=[1]"]
     axis = "sweep.class_guidance=[{}, {opacity: 2}, {normal: 3, opacity: 1.5}]"
@@ -331,16 +338,17 @@ def test_sweep_enumerates_guidance_per_class(tmp_path):
     plan = expand(proto)
     assert [p.name for p in plan.pools] == [
         "g1-dpmpp3-p1",
-        "g1-c.opacity2-dpmpp3-p1",
-        "g1-c.normal3-c.opacity1.5-dpmpp3-p1",
+        "g1-c.opacity_2-dpmpp3-p1",
+        "g1-c.normal_3-c.opacity_1.5-dpmpp3-p1",
     ]
     gen = pool_protocol(proto, 1.0, plan.pools[2], 10).generation
     assert gen.class_guidance == {"normal": 3.0, "opacity": 1.5}
     assert pool_protocol(proto, 1.0, plan.pools[0], 10).generation.class_guidance == {}
     # Each pool its own identity; the unguided pool keeps the hash it had before the axis.
+    shas = [_pool_sha(proto, 1.0, p) for p in plan.pools]
+    assert len(set(shas)) == 3 and shas[0] == PLAIN_POOL_SHA
     plain = load_protocol(smoke, sets)
-    shas = {_pool_sha(proto, 1.0, p) for p in plan.pools}
-    assert len(shas) == 3 and _pool_sha(plain, 1.0, expand(plain).pools[0]) in shas
+    assert _pool_sha(plain, 1.0, expand(plain).pools[0]) == PLAIN_POOL_SHA
     # A guided class takes the null pass as well: the estimate counts it per class.
     secs = [
         estimate(proto, SweepPlan([1.0], [p], ["proportional"], ["random"], [1.0]), tmp_path)
@@ -348,6 +356,9 @@ def test_sweep_enumerates_guidance_per_class(tmp_path):
     ]
     gen_s = [e["generate"] for e in secs]
     assert gen_s[0] < gen_s[1] < gen_s[2] == pytest.approx(2 * gen_s[0])
+    # A class given the scale every class has already would only repeat a pool.
+    with pytest.raises(StudyError, match=r"gives \['opacity'\] the scale 1"):
+        expand(load_protocol(smoke, [*sets, "sweep.class_guidance=[{}, {opacity: 1}]"]))
     with pytest.raises(ProtocolError, match="lists a value twice"):
         load_protocol(smoke, ["sweep.class_guidance=[{opacity: 2}, {opacity: 2.0}]"])
     with pytest.raises(ProtocolError, match="greater than or equal to 0"):
@@ -356,10 +367,15 @@ def test_sweep_enumerates_guidance_per_class(tmp_path):
     full = ROOT / "protocols" / "pneumoniamnist_sweep_1h.yaml"
     with pytest.raises(ProtocolError, match=r"sweep.class_guidance names unknown classes"):
         load_protocol(full, ["sweep.class_guidance=[{}, {Normal: 2}]"])
-    rsna = load_protocol(
-        ROOT / "protocols" / "rsna_sweep_cpu.yaml", ["sweep.class_guidance=[{1: 2}]"]
-    )
-    assert rsna.sweep.class_guidance == [{"1": 2.0}]
+    rsna = ROOT / "protocols" / "rsna_sweep_cpu.yaml"
+    two = load_protocol(rsna, ["sweep.class_guidance=[{1: 11.5}, {0: 1.5}]"]).sweep
+    assert two.class_guidance == [{"1": 11.5}, {"0": 1.5}]
+    # Names ending in digits stay apart from their scales.
+    names = [
+        p.name
+        for p in expand(load_protocol(smoke, ["sweep.class_guidance=[{a1: 3}, {a: 13}]"])).pools
+    ]
+    assert len(set(names)) == len(names) and any("-c.a1_3-" in n for n in names)
 
 
 def test_pool_records_the_guidance_knobs_and_refuses_to_mix(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medsynth.experiment.runner import StudyError
 from medsynth.experiment.sweep import describe, expand, run_sweep
 from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
 
@@ -218,9 +219,18 @@ def test_adding_a_value_plans_only_the_new_units(resumed_sweep):
     # Guidance per class as an axis: {} is the sweep's pools as they were (done), the rest new.
     per_class = load_protocol(SMOKE_SWEEP, ["sweep.class_guidance=[{}, {opacity: 1}]"])
     lines = [ln for ln in describe(per_class, run).splitlines() if "sweep/f" in ln]
-    new = [ln for ln in lines if "-c.opacity1-" in ln]
+    new = [ln for ln in lines if "-c.opacity_1-" in ln]
     assert len(lines) == 2 * (1 + 6) and len(new) == 6
     assert all(ln.rstrip().endswith("skip (done)") for ln in lines if ln not in new)
+
+
+def test_a_class_guidance_typo_fails_before_training(tmp_path):
+    # Phantom protocols list no dataset.classes, so the names are checked once ingested.
+    proto = load_protocol(SMOKE_SWEEP, ["sweep.class_guidance=[{Opacity: 3}]"])
+    with pytest.raises(StudyError, match=r"unknown classes \['Opacity'\]; the ingested classes"):
+        run_sweep(proto, run_dir=tmp_path / "run", log=lambda _: None, progress=False)
+    assert (tmp_path / "run" / "ingest").exists()
+    assert not list((tmp_path / "run").glob("sweep/f*/train"))
 
 
 def test_class_guidance_sweep_validates():

@@ -144,6 +144,7 @@ def _probs(y: np.ndarray, rng: np.random.Generator, signal: float) -> np.ndarray
 
 
 def test_knob_effects_pair_configurations_that_differ_in_one_knob():
+    from medsynth.evaluation.stats import auc_score
     from medsynth.experiment.sweep_analysis import knob_effects
 
     rng = np.random.default_rng(0)
@@ -152,23 +153,44 @@ def test_knob_effects_pair_configurations_that_differ_in_one_knob():
     def arm(signal: float) -> np.ndarray:
         return np.stack([_probs(y, rng, signal) for _ in range(3)])
 
+    def auc(a: np.ndarray) -> float:
+        return float(np.mean([auc_score(y, p, 2) for p in a]))
+
     base = dict(fraction=0.5, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval="0-1")
     base |= dict(sampler="dpmpp", steps=10, ddim_eta=0.0, pool_size=2.0, class_mix="proportional")
-    dup = arm(0.1)
+    # One duplicate control per ratio, shared by every configuration at it (as in a sweep).
+    dup = {0.5: arm(0.1), 1.0: arm(0.3)}
     rows, probas = [], {}
-    for cg in ("", "normal:2"):
-        for sel in ("random", "fidelity"):
-            cid = f"{cg}|{sel}"
-            rows.append(base | dict(class_guidance=cg, selector=sel, ratio=1.0, config=cid))
-            probas[(0.5, cid)] = (y, arm(0.8 if cg else 0.1), dup)
+    for cg, sel, ratio, signal in (
+        ("", "random", 0.5, 0.1),
+        ("", "fidelity", 0.5, 0.1),
+        ("normal:2", "random", 0.5, 0.8),
+        ("normal:2", "fidelity", 0.5, 0.8),
+        ("", "random", 1.0, 0.3),  # no guided partner at ratio 1: an incomplete grid
+    ):
+        cid = f"{cg}|{sel}|{ratio}"
+        rows.append(base | dict(class_guidance=cg, selector=sel, ratio=ratio, config=cid))
+        probas[(0.5, cid)] = (y, arm(signal), dup[ratio])
     effects = knob_effects(rows, probas, 0.5, n_boot=200)
     by = {e["knob"]: e for e in effects}
-    assert set(by) == {"class_guidance", "selector"}
+    assert set(by) == {"class_guidance", "selector", "ratio"}
     cg = by["class_guidance"]
     assert (cg["value"], cg["reference"], cg["pairs"]) == ("normal:2", "none", 2)
+    # The point estimate by hand: the shared control cancels, the mean over the pairs remains.
+    arms = {r["config"]: probas[(0.5, r["config"])][1] for r in rows}
+    hand = np.mean(
+        [auc(arms[f"normal:2|{s}|0.5"]) - auc(arms[f"|{s}|0.5"]) for s in ("random", "fidelity")]
+    )
+    assert cg["diff"] == pytest.approx(hand, abs=1e-9)
     assert cg["diff"] > 0.2 and cg["verdict"].startswith("helps")
     sel = by["selector"]  # the same probabilities in distribution: nothing to find
     assert sel["pairs"] == 2 and abs(sel["diff"]) < 0.05 and "MDE" in sel["verdict"]
+    # The ratio pairs only where both ratios exist; its controls differ and enter the contrast.
+    ratio = by["ratio"]
+    assert ratio["pairs"] == 1
+    d = dup[1.0], dup[0.5]
+    hand = (auc(arms["|random|1.0"]) - auc(d[0])) - (auc(arms["|random|0.5"]) - auc(d[1]))
+    assert ratio["diff"] == pytest.approx(hand, abs=1e-9)
     assert all(e["p_holm"] >= e["p"] for e in effects)
     # Twice the images make an arm sharper, and its duplicate control as much: the ratio's
     # effect on the uplift over the control is nil, though the arms' own AUC rises ~0.3.

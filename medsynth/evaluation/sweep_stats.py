@@ -39,20 +39,24 @@ def paired_bootstrap_test(
         )
     k = proba_arm.shape[2]
     rng = np.random.default_rng(seed)
-    point, reps = bootstrap_diffs(y, proba_arm, proba_base, metric, k, n_boot, rng)
+    return _summary(*bootstrap_diffs(y, proba_arm, proba_base, metric, k, n_boot, rng))
+
+
+def _summary(point: float, reps: list[float]) -> dict[str, float]:
+    """Point estimate, percentile 95 % CI, SE and two-sided p (the bootstrap share on the far
+    side of zero, doubled, floored at ``1 / (replicates + 1)``); NaN without replicates."""
     reps = np.asarray(reps)
     if not len(reps):
         nan = float("nan")
         return {"diff": point, "ci_low": nan, "ci_high": nan, "se": nan, "p": nan, "n_boot": 0}
     lo, hi = np.percentile(reps, [2.5, 97.5])
     tail = min((reps <= 0).mean(), (reps >= 0).mean())
-    p = min(1.0, max(2 * tail, 1 / (len(reps) + 1)))
     return {
         "diff": point,
         "ci_low": float(lo),
         "ci_high": float(hi),
         "se": float(reps.std(ddof=1)),
-        "p": float(p),
+        "p": float(min(1.0, max(2 * tail, 1 / (len(reps) + 1)))),
         "n_boot": len(reps),
     }
 
@@ -91,19 +95,9 @@ def contrast_test(
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         if len(np.unique(y[idx])) < 2:
-            continue
+            continue  # the metric is undefined on one class
         reps.append(value(rng.integers(0, s, s), idx))
-    reps = np.asarray(reps)
-    lo, hi = np.percentile(reps, [2.5, 97.5])
-    tail = min((reps <= 0).mean(), (reps >= 0).mean())
-    return {
-        "diff": point,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "se": float(reps.std(ddof=1)),
-        "p": float(min(1.0, max(2 * tail, 1 / (len(reps) + 1)))),
-        "n_boot": len(reps),
-    }
+    return _summary(point, reps)
 
 
 def holm(p: np.ndarray) -> np.ndarray:

@@ -389,15 +389,14 @@ def show(run_dir: str | Path) -> str:
             lines.append(f"memorization audit, pool {name}: {audit_line(m)}")
     sweep = run / "sweep" / "stats.json"
     if sweep.exists():
+        from medsynth.experiment.sweep_analysis import knob_effect_lines
+
         # A sweep run: its units live under RUN/sweep/; print the verdicts instead.
         done = len(list((run / "sweep").rglob(MARKER)))
         lines.append(f"sweep: {done} finished units; table {run / 'sweep' / 'configs.csv'}")
         for fr in json.loads(sweep.read_text())["fractions"].values():
             lines.append("  " + fr["recommendation"])
-            lines += [
-                f"  {e['knob']} {e['value']} vs {e['reference']}: {e['verdict']}"
-                for e in fr.get("knob_effects", [])
-            ]
+            lines += knob_effect_lines(fr)
             lines += [f"  WARNING: {w}" for w in fr.get("warnings", [])]
     if (run / "report" / "index.html").exists():
         lines.append(f"report: {run / 'report' / 'index.html'}")

@@ -65,14 +65,15 @@ class PoolSpec:
     @property
     def name(self) -> str:
         """E.g. ``g2-dpmpp20-p1``; the later knobs add ``-r0.7`` / ``-i0.2-0.8`` /
-        ``-c.normal2`` only when set, so pools of older sweeps keep their names."""
+        ``-c.normal_2`` only when set, so pools of older sweeps keep their names."""
         eta = f"-eta{self.ddim_eta:g}" if self.sampler == "ddim" else ""
         guide = f"-r{self.guidance_rescale:g}" if self.guidance_rescale else ""
         lo, hi = self.guidance_interval
         if (lo, hi) != (0.0, 1.0):
             guide += f"-i{lo:g}-{hi:g}"
-        # A class name may hold any character; the pool name is a folder name.
-        guide += "".join(f"-c.{_name_part(c)}{v:g}" for c, v in self.class_guidance)
+        # A class name may hold any character, the pool name is a folder name; a scale never
+        # holds "_", so the last one separates them ("0" at 11.5 -> c.0_11.5, "01" -> c.01_1.5).
+        guide += "".join(f"-c.{_name_part(c)}_{v:g}" for c, v in self.class_guidance)
         return (
             f"g{self.guidance_scale:g}{guide}-{self.sampler}{self.steps}{eta}-p{self.pool_size:g}"
         )
@@ -165,6 +166,13 @@ def expand(protocol: Protocol) -> SweepPlan:
             pool_sizes,
         )
     ]
+    for p in pools:
+        same = [c for c, v in p.class_guidance if v == p.guidance_scale]
+        if same:
+            raise StudyError(
+                f"sweep.class_guidance gives {same} the scale {p.guidance_scale:g}, which is "
+                f"guidance_scale already: the pool {p.name} would repeat the one without it"
+            )
     names = [p.name for p in pools]
     if len(set(names)) != len(names):
         raise StudyError(
@@ -425,6 +433,17 @@ def _check_pool_sizes(plan: SweepPlan, counts: list[int], fraction: float) -> No
                     )
 
 
+def _check_class_guidance_names(plan: SweepPlan, run: Path) -> None:
+    """Class names of ``class_guidance`` against the ingested classes, before any training (the
+    protocol checks them at load only where it lists ``dataset.classes``)."""
+    classes = json.loads((run / "ingest" / "summary.json").read_text())["classes"]
+    unknown = sorted({c for p in plan.pools for c, _ in p.class_guidance} - set(classes))
+    if unknown:
+        raise StudyError(
+            f"class_guidance names unknown classes {unknown}; the ingested classes are {classes}"
+        )
+
+
 def run_sweep(
     protocol: Protocol,
     *,
@@ -458,6 +477,7 @@ def run_sweep(
             indent=2,
         )
     )
+    _check_class_guidance_names(plan, run)
     counts = {f: list(_train_counts(protocol, run, f).values()) for f in plan.fractions}
     for f in plan.fractions:
         _check_pool_sizes(plan, counts[f], f)

@@ -263,7 +263,9 @@ def knob_effects(rows: list[dict], probas_of: dict, fraction: float, n_boot: int
     class mix it removes what more (or differently mixed) images per epoch give a duplicate
     too. Paired bootstrap over seeds and test cases; Holm across every effect of the fraction,
     MDE at that many comparisons. This answers "which setting helps" with the other settings
-    averaged over, at the power of all the pairs rather than of one configuration.
+    averaged over, at the power of all the pairs rather than of one configuration; an effect
+    that reverses with another knob (an interaction) averages out here, so read the table of
+    every configuration beside it.
     """
     mine = [r for r in rows if r["fraction"] == fraction]
     out = []
@@ -292,24 +294,35 @@ def knob_effects(rows: list[dict], probas_of: dict, fraction: float, n_boot: int
 
 
 def _uplift_contrast(pairs: list[tuple[dict, dict]], probas_of: dict, fraction: float, n_boot: int):
-    """Mean over ``(row, reference row)`` pairs of (uplift over its control) - (the reference's)."""
+    """Mean over ``(row, reference row)`` pairs of row's uplift over its duplicate control minus
+    the reference's, as one contrast of arms' AUCs (``contrast_test``)."""
     weights: dict[tuple, float] = {}
     arrays: dict[tuple, np.ndarray] = {}
-    for sign, side in ((1.0, 0), (-1.0, 1)):
-        for pair in pairs:
-            r = pair[side]
-            y, arm, dup = probas_of[(fraction, r["config"])]
-            # Keyed, so a control both sides share cancels instead of being computed twice.
-            for key, w, a in (
-                (("arm", r["config"]), sign, arm),
-                (("dup", r["class_mix"], r["ratio"]), -sign, dup),
-            ):
-                weights[key] = weights.get(key, 0.0) + w / len(pairs)
-                arrays[key] = a
+
+    def add(row: dict, sign: float) -> None:
+        y, arm, dup = probas_of[(fraction, row["config"])]
+        # Keyed, so a control both sides share cancels instead of being computed twice.
+        for key, w, a in (
+            (("arm", row["config"]), sign, arm),
+            (("dup", row["class_mix"], row["ratio"]), -sign, dup),
+        ):
+            weights[key] = weights.get(key, 0.0) + w / len(pairs)
+            arrays[key] = a
+
+    for row, reference in pairs:
+        add(row, 1.0)
+        add(reference, -1.0)
+    y = probas_of[(fraction, pairs[0][0]["config"])][0]
     terms = [(weights[k], arrays[k]) for k in arrays if abs(weights[k]) > 1e-12]
-    if not terms:  # nothing differs (cannot happen for distinct configurations)
-        return {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0, "p": 1.0, "n_boot": 0}
     return contrast_test(y, terms, "auc", n_boot)
+
+
+def knob_effect_lines(fr: dict, indent: str = "  ") -> list[str]:
+    """One line per knob effect of an analysed fraction (summary text, ``medsynth show``)."""
+    return [
+        f"{indent}{e['knob']} {e['value']} vs {e['reference']} ({e['pairs']} pairs): {e['verdict']}"
+        for e in fr.get("knob_effects", [])
+    ]
 
 
 def recommendation(fr: dict) -> str:
@@ -437,9 +450,6 @@ def summary_text(result: dict) -> str:
                 f"{r['auc_vs_dup_verdict']}"
             )
         lines.append("  " + fr["recommendation"])
-        lines += [
-            f"  {e['knob']} {e['value']} vs {e['reference']} ({e['pairs']} pairs): {e['verdict']}"
-            for e in fr.get("knob_effects", [])
-        ]
+        lines += knob_effect_lines(fr)
         lines += [f"  WARNING: {w}" for w in fr.get("warnings", [])]
     return "\n".join(lines)
