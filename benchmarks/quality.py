@@ -316,7 +316,7 @@ def score(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.grid:
-        write_grid(args.grid, sets, test)
+        write_grid(args.grid, sets, test, f"real {args.against}")
 
 
 def matched_subset(
@@ -397,14 +397,15 @@ def print_table(results: dict, classes: list[str], against: str = "test") -> Non
             print(f"{name[:32]:32s}" + "".join(f"{_fmt(row.get(k)):>10s}" for k in part_keys))
 
 
-def write_grid(path: str, sets: dict, test, per_class: int = 8) -> None:
-    """One row per (set, class): ``per_class`` images; the first rows are real test images."""
+def write_grid(path: str, sets: dict, test, ref_name: str, per_class: int = 8) -> None:
+    """One row per (set, class): ``per_class`` images; the first rows are the reference split's
+    real images (``test``: the split scored against, named ``ref_name``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("real test", test.images, test.labels), *((n, x, y) for n, (x, y) in sets.items())]
+    rows = [(ref_name, test.images, test.labels), *((n, x, y) for n, (x, y) in sets.items())]
     nrows = len(rows) * len(test.classes)
     fig, axes = plt.subplots(nrows, per_class, figsize=(per_class * 0.9, nrows * 0.95))
     pairs = [(row, c) for row in rows for c in range(len(test.classes))]
@@ -418,7 +419,7 @@ def write_grid(path: str, sets: dict, test, per_class: int = 8) -> None:
         axes[r, 0].set_title(f"{name} · {test.classes[c]}", fontsize=6, loc="left")
     fig.tight_layout(pad=0.1)
     fig.savefig(path, dpi=110)
-    print(f"grid: {path}")
+    print(f"grid: {path} (first rows: {ref_name})")
 
 
 def main() -> None:

@@ -212,7 +212,9 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     _run(*fit, "--cache", str(frac), "--only", "cnn0", "--train-fraction", "0.5")
     with pytest.raises(AssertionError, match="use another --cache"):
         _run(*fit, "--cache", str(frac), "--only", "cnn0")
-    _run(*hargs, "--cache", str(frac), "--against", "heldout", *sets)
+    grid = ["--grid", str(tmp_path / "held.png")]
+    printed = _run(*hargs, "--cache", str(frac), "--against", "heldout", *sets, *grid)
+    assert "first rows: real heldout" in printed  # the grid names the reference it shows
     res = json.loads(out_json.read_text())
     assert res["held"]["all"]["n"] == res["held"]["all"]["n_real"] == int(held.sum())
     assert res["held"]["all"]["FD_cnn0"] < 1e-6 < res["seen"]["all"]["FD_cnn0"]
