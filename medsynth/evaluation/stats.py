@@ -86,30 +86,45 @@ def bootstrap_diffs(
     """Point difference arm - base of ``metric`` (mean over seeds) and its paired replicates.
 
     ``proba_arm[s]``, ``proba_base[s]``: ``(N, K)`` test probabilities of seed ``s``. Each
-    replicate resamples seeds (pairs kept) and test cases (the same for both arms); a resample
-    with one class only is skipped (the metric is undefined there).
+    replicate resamples seeds (pairs kept) and test cases (the same for both arms), as
+    ``bootstrap_contrast`` does for any weighted sum of arms.
     """
-    n, s = len(y), len(proba_arm)
+    return bootstrap_contrast(y, [(1.0, proba_arm), (-1.0, proba_base)], metric, k, n_boot, rng)
 
-    def diff(seeds: np.ndarray, idx: np.ndarray) -> float:
+
+def bootstrap_contrast(
+    y: np.ndarray,
+    terms: list[tuple[float, object]],
+    metric: str,
+    k: int,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> tuple[float, list[float]]:
+    """Point value of ``sum_i w_i * metric(arm_i)`` (each metric a mean over seeds) and its
+    paired replicates.
+
+    ``terms``: ``(w_i, proba_i)`` with ``proba_i[s]`` the ``(N, K)`` test probabilities of seed
+    ``s``, paired by seed across terms. Each replicate resamples seeds and test cases, the same
+    for every term; a resample with one class only is skipped (the metric is undefined there).
+    """
+    n, s = len(y), len(terms[0][1])
+
+    def value(seeds: np.ndarray, idx: np.ndarray) -> float:
         yi = y[idx]
         return float(
-            np.mean(
-                [
-                    fast_metric(metric, yi, proba_arm[j][idx], k)
-                    - fast_metric(metric, yi, proba_base[j][idx], k)
-                    for j in seeds
-                ]
+            sum(
+                w * np.mean([fast_metric(metric, yi, a[j][idx], k) for j in seeds])
+                for w, a in terms
             )
         )
 
-    point = diff(np.arange(s), np.arange(n))
+    point = value(np.arange(s), np.arange(n))
     reps = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         if len(np.unique(y[idx])) < 2:
             continue
-        reps.append(diff(rng.integers(0, s, s), idx))
+        reps.append(value(rng.integers(0, s, s), idx))
     return point, reps
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sps
 
-from medsynth.evaluation.stats import bootstrap_diffs, fast_metric
+from medsynth.evaluation.stats import bootstrap_contrast, bootstrap_diffs
 
 
 def paired_bootstrap_test(
@@ -79,25 +79,9 @@ def contrast_test(
     shapes = {a.shape for _, a in live}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise ValueError(f"terms need one (seeds, cases, classes) shape; got {shapes or 'none'}")
-    s, n, k = live[0][1].shape
-
-    def value(seeds: np.ndarray, idx: np.ndarray) -> float:
-        yi = y[idx]
-        return float(
-            sum(
-                w * np.mean([fast_metric(metric, yi, a[j][idx], k) for j in seeds]) for w, a in live
-            )
-        )
-
+    k = live[0][1].shape[2]
     rng = np.random.default_rng(seed)
-    point = value(np.arange(s), np.arange(n))
-    reps = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        if len(np.unique(y[idx])) < 2:
-            continue  # the metric is undefined on one class
-        reps.append(value(rng.integers(0, s, s), idx))
-    return _summary(point, reps)
+    return _summary(*bootstrap_contrast(y, live, metric, k, n_boot, rng))
 
 
 def holm(p: np.ndarray) -> np.ndarray:
