@@ -225,6 +225,11 @@ class ModelSection(_Section):
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
     norm_num_groups: int = Field(8, ge=1)
+    embedding_injection: Literal["add", "scale_shift"] = Field(
+        "add",
+        description="how the time + class embedding enters each residual block: 'add' (MONAI's "
+        "bias before the block's second GroupNorm) or 'scale_shift' (ADM's AdaGN after it)",
+    )
     autoencoder: AutoencoderSection = Field(
         default_factory=AutoencoderSection, description="only for kind monai_ldm"
     )
@@ -507,6 +512,7 @@ LATER_KNOBS = {
         "class_guidance": {},
     },
     "sweep": {"guidance_rescale": [], "guidance_interval": [], "class_guidance": []},
+    "model": {"embedding_injection": "add"},
     "model.autoencoder": {"patch_px": None},
     "upscaler": {"chain_per_class": None},
     "distill": {"huber_over": "pixel"},

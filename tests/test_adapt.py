@@ -362,3 +362,18 @@ def test_init_from_names_a_snapshot_train_or_run_folder_or_one_glob_match(base, 
         resolve_base(str(tmp_path / "run-*"))
     with pytest.raises(BaseModelError, match="no complete snapshot"):
         resolve_base(tmp_path)
+
+
+def test_adapting_with_another_embedding_injection_names_it(base, tmp_path):
+    images, labels = _data()
+    unet = UNetConfig(**dict(TINY.to_dict(), embedding_injection="scale_shift"))
+    with pytest.raises(BaseModelError, match="embedding_injection: base None vs protocol"):
+        train(
+            images,
+            labels,
+            ["a", "b"],
+            tmp_path,
+            init_from=str(base),
+            max_steps=2,
+            **dict(KW, unet=unet),
+        )

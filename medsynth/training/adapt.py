@@ -73,7 +73,8 @@ def check_compatible(
     mine = {k: v for k, v in unet.to_dict().items() if k not in ("num_classes",)}
     theirs = {k: v for k, v in base_cfg["unet"].items() if k not in ("num_classes",)}
     if mine != theirs:
-        diff = {k: (theirs.get(k), mine.get(k)) for k in mine if mine[k] != theirs.get(k)}
+        keys = sorted(mine.keys() | theirs.keys())
+        diff = {k: (theirs.get(k), mine.get(k)) for k in keys if mine.get(k) != theirs.get(k)}
         raise BaseModelError(
             f"the model section differs from the base snapshot {base_dir}: "
             f"{', '.join(f'{k}: base {a} vs protocol {b}' for k, (a, b) in diff.items())}; "
