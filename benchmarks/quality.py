@@ -32,7 +32,7 @@ Subcommands::
     python benchmarks/quality.py extractors INGEST --cache DIR [--train-fraction 0.8]
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
         --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train
-        --class-guidance normal=2]
+        --class-guidance normal=2 --autoguide WEAKER_RUN_OR_SNAPSHOT]
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
         [--against test|val|heldout]
@@ -217,17 +217,23 @@ def class_counts(test_labels: torch.Tensor, n: int, num_classes: int) -> list[in
     return counts.tolist()
 
 
+def _snapshot_of(src: Path) -> Path:
+    """The latest snapshot of a run or train folder; a snapshot folder as given."""
+    from medsynth.training.checkpoint import latest_snapshot
+
+    for cand in (src / "train", src):
+        if cand.is_dir() and any(cand.glob("snapshot*")):
+            return latest_snapshot(cand)
+    return src
+
+
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
-    from medsynth.training.checkpoint import latest_snapshot, load_snapshot
+    from medsynth.training.checkpoint import load_snapshot
     from medsynth.training.loop import pick_device
 
-    src = Path(args.source)
-    for cand in (src / "train", src):
-        if cand.is_dir() and any(cand.glob("snapshot*")):
-            src = latest_snapshot(cand)
-            break
+    src = _snapshot_of(Path(args.source))
     device = pick_device(args.device)
     unet, sched, config = load_snapshot(src, device)
     like = load_split(args.ingest, args.like)
@@ -248,6 +254,8 @@ def sample_medsynth(args) -> None:
     if args.class_guidance:  # name=scale: that class's own guidance scale
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
         extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
+    if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
+        extra["guide"] = load_snapshot(_snapshot_of(Path(args.autoguide)), device)[0]
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()
@@ -448,6 +456,12 @@ def main() -> None:
     s.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     s.add_argument(
         "--class-guidance", nargs="+", metavar="CLASS=SCALE", help="a class's own guidance scale"
+    )
+    s.add_argument(
+        "--autoguide",
+        metavar="RUN_OR_SNAPSHOT",
+        help="autoguidance: guide with this weaker model (e.g. the recipe at 1,000 steps) under "
+        "each row's own class instead of the null class",
     )
     s.add_argument(
         "--like", default="test", choices=["test", "val", "train"], help="class proportions of"

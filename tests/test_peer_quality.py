@@ -134,6 +134,15 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     stats = json.loads((out / "peer" / "peer.json").read_text())
     assert stats["steps"] == 20 and stats["parameters"] > 0 and stats["sampler"] == "ddim-5"
 
+    # Autoguidance from the command line: a guide equal to the model leaves guidance 1's pixels.
+    run, draws = out / "medsynth", {}
+    for name, extra in (("plain", ["--guidance", "1"]), ("auto", ["--autoguide", str(run)])):
+        draws[name] = tmp_path / f"{name}.npz"
+        args = ["sample", str(run), "--ingest", str(run / "ingest"), "--out", str(draws[name])]
+        _run("benchmarks/quality.py", *args, "--n", "8", "--steps", "3", *extra)
+    plain, auto = (np.load(draws[k])["images"] for k in ("plain", "auto"))
+    assert plain.shape == (8, 1, 16, 16) and np.array_equal(plain, auto)
+
     # A set of real test images scores far closer to the test split than uniform noise does.
     from medsynth.data.datasets import load_split
 

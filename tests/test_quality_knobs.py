@@ -3,6 +3,7 @@ and guidance interval; their protocol fields, hashes, resume and sweep expansion
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,33 @@ def test_class_guidance_protocol_pool_and_report(tmp_path):
         generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **kw)
     with pytest.raises(ValueError, match=r"unknown classes \['normal'\]"):
         generate_pool(snap, tmp_path / "x", {"a": 1}, class_guidance={"normal": 2.0}, **kw)
+
+
+# --- autoguidance --------------------------------------------------------------------------------
+
+
+def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
+    torch.manual_seed(1)
+    weak = build_unet(TINY)
+    with torch.no_grad():
+        for p, q in zip(weak.parameters(), unet.parameters(), strict=True):
+            p.copy_(q + torch.randn_like(q) * 0.02)
+    x, t, labels = torch.randn(3, 1, 16, 16), 500, torch.tensor([0, 1, 0])
+
+    def den(scale, guide, **kw):
+        return _Denoiser(unet, labels, 2, scale, nullcontext, 2, guide=guide, **kw)(x, t)
+
+    with torch.no_grad():
+        m = unet(x, timesteps=torch.full((3,), t), class_labels=labels)
+        g = weak(x, timesteps=torch.full((3,), t), class_labels=labels)  # own class, not null
+        torch.testing.assert_close(den(2.5, weak), g + 2.5 * (m - g), atol=1e-5, rtol=0)
+        # Per class: rows at scale 1 keep the model's conditional prediction.
+        per = den(1.0, weak, class_guidance={0: 2.5})
+        torch.testing.assert_close(per[1], m[1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(per[0::2], (g + 2.5 * (m - g))[0::2], atol=1e-5, rtol=0)
+    # A guide equal to the model changes nothing at any scale, through a whole sampler.
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="dpmpp", steps=4, net_batch=2)
+    plain = sample(unet, ScheduleConfig(), [0, 1], [3, 4], **kw)
+    assert torch.equal(sample(unet, ScheduleConfig(), [0, 1], [3, 4], guide=unet, **kw), plain)
+    auto = sample(unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=2.0, guide=weak, **kw)
+    assert (auto - plain).abs().max() > 1e-3 and weak.training  # mode restored

@@ -53,7 +53,9 @@ class _Denoiser:
     ``rescale`` (phi in [0, 1]): rescaled guidance (Lin et al. 2024, eq. 15-16) applied to the
     x0 the prediction implies, whatever the schedule predicts, so every sampler sees the same
     correction. ``interval`` ``(lo, hi)``: guidance only where ``lo <= t / T <= hi``; outside
-    it one conditional pass (Kynkaanniemi et al. 2024).
+    it one conditional pass (Kynkaanniemi et al. 2024). ``guide``: autoguidance (Karras et al.
+    2024) — guidance pushes away from this weaker model under each row's own class instead of
+    from the null class, so it sharpens without pulling every class towards its typical image.
     """
 
     def __init__(
@@ -69,8 +71,10 @@ class _Denoiser:
         interval: tuple[float, float] = (0.0, 1.0),
         cond: torch.Tensor | None = None,
         class_guidance: dict[int, float] | None = None,
+        guide: torch.nn.Module | None = None,
     ):
-        self.model, self.labels, self.scale, self.autocast = model, labels, guidance_scale, autocast
+        self.model, self.guide, self.labels = model, guide, labels
+        self.scale, self.autocast = guidance_scale, autocast
         # Per-row scales when some class has its own: rows at 1 take the conditional pass alone
         # (as with guidance 1 everywhere), so each sample depends only on its class and seed.
         self.row_scale = None
@@ -85,8 +89,8 @@ class _Denoiser:
             self._acp = training_scheduler(self.cfg).alphas_cumprod.to(torch.float64)
         self.cond = cond  # (B, Cc, H, W) concatenated to the input channels (SR3), or None
 
-    def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
-        outs, n = [], self.net_batch
+    def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor, model=None) -> torch.Tensor:
+        outs, n, model = [], self.net_batch, model or self.model
         if self.cond is not None:
             cond = self.cond if x.shape[0] == self.cond.shape[0] else torch.cat([self.cond] * 2)
             x = torch.cat([x, cond], dim=1)
@@ -98,7 +102,7 @@ class _Denoiser:
                 yc = torch.cat([yc, yc.new_zeros(pad)])
             ts = torch.full((n,), int(t), device=x.device, dtype=torch.long)
             with self.autocast():
-                outs.append(self.model(xc, timesteps=ts, class_labels=yc).float()[: n - pad])
+                outs.append(model(xc, timesteps=ts, class_labels=yc).float()[: n - pad])
         return torch.cat(outs)
 
     def guided_at(self, t: int) -> bool:
@@ -115,9 +119,12 @@ class _Denoiser:
             return self._net(x, t, self.labels)
         if self.row_scale is not None:
             return self._per_row(x, t)
-        b = x.shape[0]
-        out = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.null]))
-        cond, uncond = out[:b], out[b:]
+        if self.guide is not None:
+            cond, uncond = self._net(x, t, self.labels), self._net(x, t, self.labels, self.guide)
+        else:
+            b = x.shape[0]
+            out = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.null]))
+            cond, uncond = out[:b], out[b:]
         guided = uncond + self.scale * (cond - uncond)
         if self.rescale:
             guided = self._rescaled(guided, cond, x, t)
@@ -129,7 +136,10 @@ class _Denoiser:
         out = self._net(x, t, self.labels)
         m = self.row_scale != 1
         xm, cond = x[m], out[m]
-        uncond = self._net(xm, t, self.null[m])
+        if self.guide is not None:
+            uncond = self._net(xm, t, self.labels[m], self.guide)
+        else:
+            uncond = self._net(xm, t, self.null[m])
         scale = self.row_scale[m].view(-1, *([1] * (x.dim() - 1)))
         guided = uncond + scale * (cond - uncond)
         if self.rescale:
@@ -301,6 +311,7 @@ def sample(
     guidance_interval: Sequence[float] = (0.0, 1.0),
     timestep_spacing: str = "trailing",
     class_guidance: dict[int, float] | None = None,
+    guide: torch.nn.Module | None = None,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -323,6 +334,10 @@ def sample(
     ``karras`` (EDM's sigma spacing, the last call at t = 0); ddim, ddpm and dpmpp only.
     ``class_guidance``: class index -> that class's own guidance scale (the others take
     ``guidance_scale``); a row at scale 1 takes one conditional pass, as at guidance 1.
+    ``guide``: autoguidance (Karras et al. 2024): a weaker model of the same task (e.g. the
+    same recipe trained for fewer steps), on ``device``, called with each row's own class
+    where plain guidance calls ``model`` with the null class; a scale ``s`` then gives
+    ``guide + s (model - guide)``.
     ``distilled``: the student's :class:`ConsistencyConfig` as a dict (its snapshot's
     ``distill``); only with sampler ``distilled``, whose guidance is the distilled-in scale.
     ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
@@ -369,8 +384,8 @@ def sample(
                 f"this student has guidance {distilled['guidance_scale']:g} distilled in; "
                 f"set the guidance scale to {distilled['guidance_scale']:g} (got {guidance_scale:g})"
             )
-        if class_guidance:
-            raise ValueError("class_guidance does not apply to a distilled student")
+        if class_guidance or guide is not None:
+            raise ValueError("class_guidance and guide do not apply to a distilled student")
         fn = partial(_distilled, params=distilled)
         guidance_scale = 1.0  # one conditional pass per step: guidance lives in the weights
     if ddim_eta:
@@ -399,15 +414,16 @@ def sample(
         interval=(lo, hi),
         cond=cond,
         class_guidance=class_guidance,
+        guide=guide,
     )
     # Switching modes walks every submodule (~30 % of a 1-step single-sample request on a CPU):
     # only a model in training mode is switched, and switched back.
-    was_training = model.training
-    if was_training:
-        model.eval()
+    switched = [m for m in (model, guide) if m is not None and m.training]
+    for m in switched:
+        m.eval()
     try:
         x = fn(denoise, x, noise, cfg, steps, progress or (lambda it: it))
     finally:
-        if was_training:
-            model.train()
+        for m in switched:
+            m.train()
     return x.clamp(-1, 1) if clip else x
