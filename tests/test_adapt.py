@@ -49,6 +49,12 @@ def _sample(model, sched, n_classes, seeds=(0, 1, 2, 3)):
     )
 
 
+def _adapt_two_steps(base, out, images, labels, unet):
+    """Adapt ``base`` to classes ['a', 'b'] for two steps (the checks fail before any)."""
+    kw = dict(KW, unet=unet)
+    return train(images, labels, ["a", "b"], out, init_from=str(base), max_steps=2, **kw)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A two-class base ['a', 'b'] trained a few steps on random images."""
@@ -98,15 +104,7 @@ def test_init_from_with_new_class_list(base, tmp_path):
 def test_resolution_or_channel_mismatch_fails_clearly(base, tmp_path, shape, why):
     images, labels = _data(n=8, shape=shape)
     with pytest.raises(BaseModelError, match=why) as exc:
-        train(
-            images,
-            labels,
-            ["a", "b"],
-            tmp_path,
-            init_from=str(base),
-            max_steps=2,
-            **dict(KW, unet=_tiny()),
-        )
+        _adapt_two_steps(base, tmp_path, images, labels, _tiny())
     assert str(base) in str(exc.value) and "must match" in str(exc.value)
 
 
@@ -367,13 +365,7 @@ def test_init_from_names_a_snapshot_train_or_run_folder_or_one_glob_match(base, 
 def test_adapting_with_another_embedding_injection_names_it(base, tmp_path):
     images, labels = _data()
     unet = UNetConfig(**dict(TINY.to_dict(), embedding_injection="scale_shift"))
-    with pytest.raises(BaseModelError, match="embedding_injection: base None vs protocol"):
-        train(
-            images,
-            labels,
-            ["a", "b"],
-            tmp_path,
-            init_from=str(base),
-            max_steps=2,
-            **dict(KW, unet=unet),
-        )
+    with pytest.raises(
+        BaseModelError, match="embedding_injection: base add vs protocol scale_shift"
+    ):
+        _adapt_two_steps(base, tmp_path, images, labels, unet)

@@ -90,7 +90,8 @@ class _Denoiser:
         self.cond = cond  # (B, Cc, H, W) concatenated to the input channels (SR3), or None
 
     def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor, model=None) -> torch.Tensor:
-        outs, n, model = [], self.net_batch, model or self.model
+        outs, n = [], self.net_batch
+        model = self.model if model is None else model
         if self.cond is not None:
             cond = self.cond if x.shape[0] == self.cond.shape[0] else torch.cat([self.cond] * 2)
             x = torch.cat([x, cond], dim=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -70,11 +71,11 @@ def check_compatible(
             f"dataset.spatial_size: {want[1]} and dataset.color to "
             f"{'rgb' if want[0] == 3 else 'grey'}, or pretrain a base at this size"
         )
-    mine = {k: v for k, v in unet.to_dict().items() if k not in ("num_classes",)}
-    theirs = {k: v for k, v in base_cfg["unet"].items() if k not in ("num_classes",)}
+    # Every field, defaults included (a saved config leaves out the ones added at their default).
+    mine = {k: v for k, v in asdict(unet).items() if k != "num_classes"}
+    theirs = {k: v for k, v in asdict(UNetConfig(**base_cfg["unet"])).items() if k != "num_classes"}
     if mine != theirs:
-        keys = sorted(mine.keys() | theirs.keys())
-        diff = {k: (theirs.get(k), mine.get(k)) for k in keys if mine.get(k) != theirs.get(k)}
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
         raise BaseModelError(
             f"the model section differs from the base snapshot {base_dir}: "
             f"{', '.join(f'{k}: base {a} vs protocol {b}' for k, (a, b) in diff.items())}; "
