@@ -255,7 +255,15 @@ def sample_medsynth(args) -> None:
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
         extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
-        extra["guide"] = load_snapshot(_snapshot_of(Path(args.autoguide)), device)[0]
+        guide_src = _snapshot_of(Path(args.autoguide))
+        extra["guide"], _, guide_cfg = load_snapshot(guide_src, device)
+        task = ("classes", "image_shape")
+        if [guide_cfg[k] for k in task] != [config[k] for k in task]:
+            sys.exit(
+                f"--autoguide {guide_src} was trained for classes {guide_cfg['classes']} at "
+                f"{guide_cfg['image_shape']}, the model for {config['classes']} at "
+                f"{config['image_shape']}: a guide must model the same task"
+            )
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()
