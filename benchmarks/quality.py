@@ -255,14 +255,20 @@ def sample_medsynth(args) -> None:
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
         extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
+        if args.guidance == 1 and not args.class_guidance:
+            sys.exit(
+                "--autoguide needs --guidance (or --class-guidance) other than 1: at 1 "
+                "the guide is never called"
+            )
         guide_src = _snapshot_of(Path(args.autoguide))
         extra["guide"], _, guide_cfg = load_snapshot(guide_src, device)
-        task = ("classes", "image_shape")
-        if [guide_cfg[k] for k in task] != [config[k] for k in task]:
+        task = ("classes", "image_shape", "schedule", "latent")
+        differ = [k for k in task if guide_cfg.get(k) != config.get(k)]
+        if differ:
             sys.exit(
-                f"--autoguide {guide_src} was trained for classes {guide_cfg['classes']} at "
-                f"{guide_cfg['image_shape']}, the model for {config['classes']} at "
-                f"{config['image_shape']}: a guide must model the same task"
+                f"--autoguide {guide_src} models another task ({', '.join(differ)} differ: "
+                f"{[guide_cfg.get(k) for k in differ]} vs the model's "
+                f"{[config.get(k) for k in differ]}); a guide must model the same task"
             )
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")

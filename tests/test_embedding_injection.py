@@ -87,3 +87,19 @@ def test_scale_shift_trains_and_loads_back_from_its_snapshot(tmp_path):
     assert config["unet"]["embedding_injection"] == "scale_shift"
     assert any(isinstance(m, ScaleShiftResnetBlock) for m in model.modules())
     assert not torch.equal(_forward(model, [0]), _forward(model, [1]))
+
+
+def test_a_scale_shift_block_computes_adagn_after_its_second_norm():
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(**TINY, embedding_injection="scale_shift"))
+    block = next(b for b in model.modules() if isinstance(b, ScaleShiftResnetBlock))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)  # conv2 starts at zero: make every term count
+        x = torch.randn(2, block.channels, 8, 8)
+        emb = torch.randn(2, block.time_emb_proj.in_features)
+        silu = torch.nn.functional.silu
+        scale, shift = block.time_emb_proj(silu(emb))[:, :, None, None].chunk(2, 1)
+        h = block.norm2(block.conv1(silu(block.norm1(x)))) * (1 + scale) + shift
+        want = block.skip_connection(x) + block.conv2(silu(h))
+        torch.testing.assert_close(block(x, emb), want)

@@ -516,6 +516,32 @@ def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
     # A guide equal to the model changes nothing at any scale, through a whole sampler.
     kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="dpmpp", steps=4, net_batch=2)
     plain = sample(unet, ScheduleConfig(), [0, 1], [3, 4], **kw)
-    assert torch.equal(sample(unet, ScheduleConfig(), [0, 1], [3, 4], guide=unet, **kw), plain)
+    same = sample(unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=3.0, guide=unet, **kw)
+    torch.testing.assert_close(same, plain, atol=1e-6, rtol=0)
+    # A weaker guide moves the samples, and not as the null class would.
     auto = sample(unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=2.0, guide=weak, **kw)
-    assert (auto - plain).abs().max() > 1e-3 and weak.training  # mode restored
+    cfg = sample(unet, ScheduleConfig(), [0, 1], [3, 4], guidance_scale=2.0, **kw)
+    assert (auto - plain).abs().max() > 1e-3 and (auto - cfg).abs().max() > 1e-3
+    assert weak.training  # its mode switched back after sampling
+
+
+class _CondStub(torch.nn.Module):
+    """Any network of the sampler's signature: 1 image + 1 condition channel in, 1 out."""
+
+    def forward(self, x, timesteps, class_labels):
+        return 0.5 * x[:, :1] + 0.1 * x[:, 1:] + 0.1 * class_labels.view(-1, 1, 1, 1).float()
+
+
+def test_class_guidance_with_a_concatenated_condition_passes_each_row_its_own():
+    kw = dict(image_shape=(1, 8, 8), null_label=2, sampler="dpmpp", steps=3, net_batch=2)
+    cond = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels, seeds = [0, 1, 0], [1, 2, 3]
+    per = sample(
+        _CondStub(), ScheduleConfig(), labels, seeds, cond=cond, class_guidance={0: 2.0}, **kw
+    )
+    plain = sample(_CondStub(), ScheduleConfig(), labels, seeds, cond=cond, **kw)
+    guided = sample(
+        _CondStub(), ScheduleConfig(), labels, seeds, cond=cond, guidance_scale=2.0, **kw
+    )
+    assert torch.equal(per[1], plain[1])
+    torch.testing.assert_close(per[0::2], guided[0::2], atol=1e-5, rtol=0)

@@ -89,11 +89,17 @@ class _Denoiser:
             self._acp = training_scheduler(self.cfg).alphas_cumprod.to(torch.float64)
         self.cond = cond  # (B, Cc, H, W) concatenated to the input channels (SR3), or None
 
-    def _net(self, x: torch.Tensor, t: int, labels: torch.Tensor, model=None) -> torch.Tensor:
+    def _net(
+        self, x: torch.Tensor, t: int, labels: torch.Tensor, model=None, rows=None
+    ) -> torch.Tensor:
+        """``model`` (default the sampled one) on ``x``; ``rows``: the mask ``x`` was cut
+        with, so a concatenated condition is cut alike (``x`` of 2B rows: both halves)."""
         outs, n = [], self.net_batch
         model = self.model if model is None else model
         if self.cond is not None:
-            cond = self.cond if x.shape[0] == self.cond.shape[0] else torch.cat([self.cond] * 2)
+            cond = self.cond if rows is None else self.cond[rows]
+            if x.shape[0] == 2 * cond.shape[0]:
+                cond = torch.cat([cond, cond])
             x = torch.cat([x, cond], dim=1)
         for i in range(0, x.shape[0], n):
             xc, yc = x[i : i + n], labels[i : i + n]
@@ -138,9 +144,9 @@ class _Denoiser:
         m = self.row_scale != 1
         xm, cond = x[m], out[m]
         if self.guide is not None:
-            uncond = self._net(xm, t, self.labels[m], self.guide)
+            uncond = self._net(xm, t, self.labels[m], self.guide, rows=m)
         else:
-            uncond = self._net(xm, t, self.null[m])
+            uncond = self._net(xm, t, self.null[m], rows=m)
         scale = self.row_scale[m].view(-1, *([1] * (x.dim() - 1)))
         guided = uncond + scale * (cond - uncond)
         if self.rescale:
