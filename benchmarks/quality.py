@@ -230,7 +230,7 @@ def _snapshot_of(src: Path) -> Path:
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
-    from medsynth.training.checkpoint import load_snapshot
+    from medsynth.training.checkpoint import load_guide, load_snapshot
     from medsynth.training.loop import pick_device
 
     src = _snapshot_of(Path(args.source))
@@ -260,16 +260,10 @@ def sample_medsynth(args) -> None:
                 "--autoguide needs --guidance (or --class-guidance) other than 1: at 1 "
                 "the guide is never called"
             )
-        guide_src = _snapshot_of(Path(args.autoguide))
-        extra["guide"], _, guide_cfg = load_snapshot(guide_src, device)
-        task = ("classes", "image_shape", "schedule", "latent")
-        differ = [k for k in task if guide_cfg.get(k) != config.get(k)]
-        if differ:
-            sys.exit(
-                f"--autoguide {guide_src} models another task ({', '.join(differ)} differ: "
-                f"{[guide_cfg.get(k) for k in differ]} vs the model's "
-                f"{[config.get(k) for k in differ]}); a guide must model the same task"
-            )
+        try:
+            extra["guide"] = load_guide(_snapshot_of(Path(args.autoguide)), config, device)
+        except ValueError as err:
+            sys.exit(f"--autoguide: {err}")
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)
         extra["distilled"] = config.get("distill")
     t0 = time.perf_counter()

@@ -320,6 +320,21 @@ class TrainingSection(_Section):
     class_balance: ClassBalance = Field(
         ClassBalance.none, description="how training batches draw classes"
     )
+    guide_steps: int = Field(
+        0,
+        ge=0,
+        description="also train a guide for autoguidance (generation.autoguidance): this "
+        "recipe run for guide_steps, its LR decaying by then (0 = no guide); RUN/train/guide",
+    )
+
+    @model_validator(mode="after")
+    def _guide_is_weaker(self) -> TrainingSection:
+        if self.guide_steps >= self.max_steps:
+            raise ValueError(
+                f"training.guide_steps {self.guide_steps} must be below max_steps "
+                f"{self.max_steps}: a guide is the same recipe trained for less (0 = none)"
+            )
+        return self
 
 
 class DistillSection(_Section):
@@ -386,6 +401,11 @@ class GenerationSection(_Section):
         description="class name -> guidance scale for that class's images (the others take "
         "guidance_scale); one class may need stronger conditioning than another",
     )
+    autoguidance: bool = Field(
+        False,
+        description="guide with the weaker model of training.guide_steps under each image's "
+        "own class instead of the null class (Karras et al. 2024); guidance_scale sets it",
+    )
     timestep_spacing: Literal["trailing", "karras"] = Field(
         "trailing",
         description="ddim/ddpm/dpmpp timestep grid: trailing (even in t, last call at "
@@ -409,11 +429,12 @@ class GenerationSection(_Section):
 
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
-        if self.class_guidance and self.sampler == "distilled":
-            raise ValueError(
-                "generation.class_guidance does not apply to the distilled sampler: its "
-                "guidance is distilled into the student"
-            )
+        for key, off in (("class_guidance", "{}"), ("autoguidance", "false")):
+            if getattr(self, key) and self.sampler == "distilled":
+                raise ValueError(
+                    f"generation.{key} does not apply to the distilled sampler: its "
+                    f"guidance is distilled into the student (--set generation.{key}={off})"
+                )
         if self.timestep_spacing != "trailing" and self.sampler not in GRID_SAMPLERS:
             raise ValueError(
                 f"generation.timestep_spacing {self.timestep_spacing!r} applies to the samplers "
@@ -504,14 +525,25 @@ PERFORMANCE_ONLY = {"dataset": ("workers",), "generation": ("batch_size",)}
 # Knobs added after studies were run, with the value that reproduces the older behaviour: left
 # out of every hash while at that value, so existing run folders and pools stay valid.
 LATER_KNOBS = {
-    "training": {"loss_weighting": "uniform", "min_snr_gamma": 5.0, "class_balance": "none"},
+    "training": {
+        "loss_weighting": "uniform",
+        "min_snr_gamma": 5.0,
+        "class_balance": "none",
+        "guide_steps": 0,
+    },
     "generation": {
         "guidance_rescale": 0.0,
         "guidance_interval": [0.0, 1.0],
         "timestep_spacing": "trailing",
         "class_guidance": {},
+        "autoguidance": False,
     },
-    "sweep": {"guidance_rescale": [], "guidance_interval": [], "class_guidance": []},
+    "sweep": {
+        "guidance_rescale": [],
+        "guidance_interval": [],
+        "class_guidance": [],
+        "autoguidance": [],
+    },
     "model": {"embedding_injection": "add"},
     "model.autoencoder": {"patch_px": None},
     "upscaler": {"chain_per_class": None},
@@ -586,6 +618,10 @@ class SweepSection(_Section):
         description="generation.class_guidance values, each {class name: scale}; {} = "
         "guidance_scale for every class",
     )
+    autoguidance: list[bool] = Field(
+        default_factory=list,
+        description="generation.autoguidance values; an unguided pool is drawn once",
+    )
     samplers: list[SamplerSetting] = Field(default_factory=list, description="sampler+steps+eta")
     pool_size: list[float] = Field(
         default_factory=list,
@@ -657,6 +693,7 @@ class SweepSection(_Section):
             "guidance_rescale",
             "guidance_interval",
             "class_guidance",
+            "autoguidance",
             "pool_size",
             "selectors",
             "ratios",
@@ -773,6 +810,16 @@ class Protocol(_Section):
                 raise ValueError(
                     f"{key} names unknown classes {unknown}; dataset.classes are {known}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _autoguidance_needs_a_guide(self) -> Protocol:
+        asked = [self.generation.autoguidance] + (self.sweep.autoguidance if self.sweep else [])
+        if any(asked) and not self.training.guide_steps:
+            raise ValueError(
+                "autoguidance needs a guide: set training.guide_steps (e.g. a fifth of "
+                "training.max_steps) so the train stage trains one"
+            )
         return self
 
     @model_validator(mode="after")

@@ -335,8 +335,10 @@ def _sampler(g) -> str:
 
 
 def _guidance(g) -> str:
-    """``guidance 2`` plus rescale / interval when they are set."""
-    text = f"guidance {g.guidance_scale:g}"
+    """``guidance 2`` plus rescale / interval / per-class scales when set; ``autoguidance 1.5``
+    when the guided rows extrapolate from the guide rather than the null class."""
+    guided = g.guidance_scale != 1 or any(v != 1 for v in g.class_guidance.values())
+    text = f"{'autoguidance' if g.autoguidance and guided else 'guidance'} {g.guidance_scale:g}"
     if g.guidance_rescale:
         text += f" (rescaled, φ {g.guidance_rescale:g})"
     if list(g.guidance_interval) != [0.0, 1.0]:
@@ -534,11 +536,21 @@ def _cards(run: Path, protocol, ingest: dict) -> list[str]:
         f"<div class=card>Class-conditional MONAI DiffusionModelUNet, channels {protocol.model.channels}, "
         f"{protocol.schedule.kind} schedule ({protocol.schedule.beta_schedule}, {protocol.schedule.prediction_type}), "
         f"trained {t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, EMA half-life {t.ema_halflife_steps:g} steps, "
-        f"label dropout {t.label_dropout:g} for classifier-free guidance, {_precision_text(run, t.precision)}. Trained only on the "
+        f"label dropout {t.label_dropout:g} for classifier-free guidance, {_precision_text(run, t.precision)}.{_guide_text(t)} Trained only on the "
         f"train split{'' if protocol.dataset.train_fraction >= 1 else f' ({protocol.dataset.train_fraction:g} of it)'}; "
         f"validation and test patients never reached it. Limitations: resolution {ingest['spatial_size']} px; "
         f"quality and diversity as measured above, on this dataset only.{_adaptation(snaps)}</div>",
     ]
+
+
+def _guide_text(t) -> str:
+    """A sentence on the autoguidance guide the train stage made beside the model (or empty)."""
+    if not t.guide_steps:
+        return ""
+    return (
+        f" Beside it, a guide for autoguidance: the same recipe and data trained {t.guide_steps} "
+        "steps (RUN/train/guide)."
+    )
 
 
 def _edited_cards(run: Path, memo: dict) -> list[str]:

@@ -21,7 +21,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -61,11 +61,12 @@ class PoolSpec:
     guidance_rescale: float = 0.0  # rescaled-guidance phi; 0 = plain CFG
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided share of t / T
     class_guidance: tuple[tuple[str, float], ...] = ()  # sorted (class name, scale) pairs
+    autoguidance: bool = False  # guided rows extrapolate from the guide, not the null class
 
     @property
     def name(self) -> str:
         """E.g. ``g2-dpmpp20-p1``; the later knobs add ``-r0.7`` / ``-i0.2-0.8`` /
-        ``-c.normal_2`` only when set, so pools of older sweeps keep their names."""
+        ``-c.normal_2`` / ``-ag`` only when set, so pools of older sweeps keep their names."""
         eta = f"-eta{self.ddim_eta:g}" if self.sampler == "ddim" else ""
         guide = f"-r{self.guidance_rescale:g}" if self.guidance_rescale else ""
         lo, hi = self.guidance_interval
@@ -74,9 +75,15 @@ class PoolSpec:
         # A class name may hold any character, the pool name is a folder name; a scale never
         # holds "_", so the last one separates them ("0" at 11.5 -> c.0_11.5, "01" -> c.01_1.5).
         guide += "".join(f"-c.{_name_part(c)}_{v:g}" for c, v in self.class_guidance)
+        guide += "-ag" if self.autoguidance else ""
         return (
             f"g{self.guidance_scale:g}{guide}-{self.sampler}{self.steps}{eta}-p{self.pool_size:g}"
         )
+
+    @property
+    def guided(self) -> bool:
+        """Whether some class is sampled at a scale other than 1 (two passes per step)."""
+        return self.guidance_scale != 1 or any(v != 1 for _, v in self.class_guidance)
 
     def scale_of(self, class_name: str) -> float:
         """The guidance scale this pool's images of ``class_name`` are sampled with."""
@@ -166,6 +173,14 @@ def expand(protocol: Protocol) -> SweepPlan:
             pool_sizes,
         )
     ]
+    # An unguided pool never calls the guide: drawn once, not once per autoguidance value.
+    pools = list(
+        dict.fromkeys(
+            replace(p, autoguidance=ag and p.guided)
+            for p in pools
+            for ag in sw.autoguidance or [g.autoguidance]
+        )
+    )
     for p in pools:
         same = [c for c, v in p.class_guidance if v == p.guidance_scale]
         if same:
@@ -229,6 +244,7 @@ def pool_protocol(protocol: Protocol, fraction: float, pool: PoolSpec, per_class
             "guidance_rescale": pool.guidance_rescale,
             "guidance_interval": list(pool.guidance_interval),
             "class_guidance": dict(pool.class_guidance),
+            "autoguidance": pool.autoguidance,
             "count_mode": "per_class",
             "per_class": per_class,
             "counts": {},
@@ -294,7 +310,7 @@ def estimate(protocol: Protocol, plan: SweepPlan, run: Path) -> dict:
     for f in plan.fractions:
         counts = _train_counts(protocol, run, f)
         n, top = sum(counts.values()), max(counts.values())
-        out["train"] += tr.max_steps * sw.seconds_per_train_step
+        out["train"] += (tr.max_steps + tr.guide_steps) * sw.seconds_per_train_step
         for p in plan.pools_at(f):
             lo, hi = p.guidance_interval
             per_class = math.ceil(p.pool_size * top)
@@ -370,7 +386,7 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     gen.pop("per_class")  # follows from the data; the train hash covers that
     gen |= sampler_revision(pool.sampler, pool.steps, protocol.schedule.num_train_timesteps)
     # Added after the pinned pool hashes (unlike the guidance knobs): left out at their defaults.
-    for key in ("timestep_spacing", "class_guidance"):
+    for key in ("timestep_spacing", "class_guidance", "autoguidance"):
         if gen[key] == LATER_KNOBS["generation"][key]:
             del gen[key]
     return _sha([_train_sha(protocol, fraction), gen])

@@ -9,6 +9,7 @@ from medsynth.data.datasets import split_rows
 from medsynth.data.spacing import cache_spacing
 from medsynth.generation.pool import generate_pool, plan_counts
 from medsynth.protocol import Protocol
+from medsynth.training.api import guide_dir
 from medsynth.training.checkpoint import latest_snapshot
 
 
@@ -25,7 +26,8 @@ def generate_from_protocol(
     Sampler ``distilled`` samples from the newest student in ``RUN/distill`` (see
     ``medsynth distill``); every other sampler from the newest snapshot in ``RUN/train``.
     With ``upscaler.chain`` the finished pool is also upscaled into
-    ``RUN/generate/<pool>_x<factor>`` (result under ``"upscaled"``).
+    ``RUN/generate/<pool>_x<factor>`` (result under ``"upscaled"``). With
+    ``generation.autoguidance`` the guide is the newest snapshot in ``RUN/train/guide``.
     """
     run = Path(run_dir)
     stage = "distill" if proto.generation.sampler == "distilled" else "train"
@@ -37,6 +39,7 @@ def generate_from_protocol(
     real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     spacing, note = cache_spacing(rows, proto.dataset.spatial_size, proto.dataset.resize_mode)
     g = proto.generation
+    guide = latest_snapshot(guide_dir(run / "train")) if g.autoguidance else None
     plan = plan_counts(
         g.count_mode,
         summary["classes"],
@@ -58,6 +61,7 @@ def generate_from_protocol(
         guidance_interval=g.guidance_interval,
         timestep_spacing=g.timestep_spacing,
         class_guidance=g.class_guidance,
+        guide_snapshot=guide,
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,

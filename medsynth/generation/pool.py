@@ -27,7 +27,7 @@ from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_ins
 from medsynth.diffusion.sampler import sample
 from medsynth.protocol import sampler_revision
 from medsynth.runtime import resolve_precision
-from medsynth.training.checkpoint import load_snapshot, snapshot_sha256
+from medsynth.training.checkpoint import load_guide, load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
 from medsynth.training.loop import pick_device
 from medsynth.utils.csvsafe import neutralise_row, restore_row
@@ -184,6 +184,7 @@ def generate_pool(
     guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
     timestep_spacing: str = "trailing",  # trailing | karras (ddim, ddpm, dpmpp)
     class_guidance: dict[str, float] | None = None,  # class name -> its own guidance scale
+    guide_snapshot: str | Path | None = None,  # autoguidance: guide from this weaker model
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",  # auto | fp32 | bf16 (autocast)
@@ -199,6 +200,10 @@ def generate_pool(
 
     ``plan``: class name -> number of images. Writes ``dicom/<class>/<index:06d>.dcm``,
     ``parts/shard-i-of-n.csv`` and, merged from every part, ``manifest.csv``.
+    ``guide_snapshot``: autoguidance (Karras et al. 2024) — guided rows extrapolate from this
+    weaker model of the same task under their own class instead of from the null class; its
+    hash joins the request and every file's derivation. Unused (and unrecorded) when no class
+    is guided, since then the guide is never called.
     """
     rank, world = shard
     if not 0 <= rank < world:
@@ -229,6 +234,11 @@ def generate_pool(
             f"generation.class_guidance names unknown classes {unknown}; the snapshot knows {classes}"
         )
     snap_sha = snapshot_sha256(snapshot_dir)
+    guided = guidance_scale != 1 or any(v != 1 for v in class_guidance.values())
+    guide, guide_sha = None, None
+    if guide_snapshot is not None and guided:
+        guide = load_guide(guide_snapshot, cfg, dev)
+        guide_sha = snapshot_sha256(guide_snapshot)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
     mine = [it for pos, it in enumerate(items) if pos % world == rank]
     request = {
@@ -261,6 +271,9 @@ def generate_pool(
         extra += " class_guidance=" + ",".join(
             f"{k}:{v:g}" for k, v in sorted(class_guidance.items())
         )
+    if guide_sha:
+        request["guide_snapshot_sha256"] = guide_sha
+        extra += f" autoguide sha256:{guide_sha[:16]}"
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -305,6 +318,7 @@ def generate_pool(
             guidance_interval=interval,
             timestep_spacing=timestep_spacing,
             class_guidance={classes.index(c): v for c, v in class_guidance.items()},
+            guide=guide,
             device=dev,
             bf16=precision == "bf16",
             net_batch=net_batch,

@@ -142,7 +142,9 @@ def train_from_sections(
     A class with fewer than a handful of training images is reported through ``warn``
     (default: a ``warning:`` line on stderr); the report repeats it. With ``training.init_from``
     the base is first checked for leaks: if it was trained on any validation or test image of
-    this ingest, a :class:`DataLeakError` stops the run.
+    this ingest, a :class:`DataLeakError` stops the run. With ``training.guide_steps`` the same
+    recipe is trained again for that many steps into :func:`guide_dir` (autoguidance's guide).
+    Returns the model's final snapshot.
     """
     if training.init_from:
         import json
@@ -181,19 +183,27 @@ def train_from_sections(
         )
         images, _ = encode_training_set(ae_snap, data.images)
         latent = {"autoencoder_dir": str(ae_snap)}
-    return train(
-        images,
-        data.labels,
-        data.classes,
-        out_dir,
+    recipe = dict(
         latent=latent,
         unet=unet_config(model, len(data.classes), int(images.shape[1])),
         schedule=schedule_config(schedule),
         resume=resume,
         progress=progress,
         datasets=datasets,
-        **training.model_dump(),
+        **training.model_dump(exclude={"guide_steps"}),
     )
+    snap = train(images, data.labels, data.classes, out_dir, **recipe)
+    if training.guide_steps:
+        # Autoguidance's weaker model: the same recipe, data and seed, trained for fewer steps
+        # (its own LR decay), so it errs like the model but more (Karras et al. 2024).
+        recipe |= {"max_steps": training.guide_steps, "preview_every_steps": 0}
+        train(images, data.labels, data.classes, guide_dir(out_dir), **recipe)
+    return snap
+
+
+def guide_dir(train_dir: str | Path) -> Path:
+    """Where the train stage puts the autoguidance guide (``training.guide_steps``)."""
+    return Path(train_dir) / "guide"
 
 
 def train_upscaler_stage(

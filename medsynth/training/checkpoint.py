@@ -231,3 +231,24 @@ def load_snapshot(
     unet.load_state_dict(load_file(snapshot_dir / "ema.safetensors"))
     unet.to(device).eval()
     return unet, ScheduleConfig(**config["schedule"]), config
+
+
+# What a guide shares with the model it guides: the same classes, images and noise process.
+GUIDE_TASK_KEYS = ("classes", "image_shape", "schedule", "latent")
+
+
+def load_guide(guide_dir: str | Path, model_config: dict, device: str | torch.device = "cpu"):
+    """The autoguidance guide at ``guide_dir``, checked to model the model's task; its UNet.
+
+    A guide of other classes, image shape, schedule or latent space fails inside the network
+    (or silently guides towards another task): refused here, naming what differs.
+    """
+    unet, _, config = load_snapshot(guide_dir, device)
+    differ = [k for k in GUIDE_TASK_KEYS if config.get(k) != model_config.get(k)]
+    if differ:
+        raise ValueError(
+            f"guide {guide_dir} models another task ({', '.join(differ)} differ: "
+            f"{[config.get(k) for k in differ]} vs the model's "
+            f"{[model_config.get(k) for k in differ]}); a guide must model the same task"
+        )
+    return unet

@@ -1,0 +1,175 @@
+"""Autoguidance in the run (issue 18): the train stage trains the guide beside the model
+(``training.guide_steps``), generation guides with it (``generation.autoguidance``), and the pool,
+its DICOM, the hashes, the sweep, the report and a resume all know which guide drew it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medsynth.experiment.runner import run_protocol
+from medsynth.experiment.sweep import SweepPlan, _pool_sha, estimate, expand, pool_protocol
+from medsynth.generation.dataset import load_pool
+from medsynth.generation.pool import generate_pool
+from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
+from medsynth.runfolder import stage_inputs
+from medsynth.training.api import guide_dir, train_from_sections
+from medsynth.training.checkpoint import latest_snapshot, load_guide, snapshot_sha256
+from tests.test_generation import _identifying_values, _scan_outputs
+from tests.test_quality_knobs import PLAIN_POOL_SHA
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "protocols" / "smoke.yaml"
+SMOKE_SWEEP = ROOT / "protocols" / "smoke_sweep.yaml"
+AUTO = ["training.guide_steps=10", "generation.autoguidance=true", "generation.guidance_scale=2"]
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    """The smoke study with a 10-step guide, sampled at autoguidance 2."""
+    run = tmp_path_factory.mktemp("auto")
+    proto = load_protocol(SMOKE, AUTO)
+    run_protocol(proto, run_dir=run, log=lambda s: None, progress=False)
+    return run, proto
+
+
+# --- protocol -----------------------------------------------------------------------------------
+
+
+def test_protocol_keys_their_hashes_and_refusals():
+    q = load_protocol(SMOKE)
+    assert q.training.guide_steps == 0 and q.generation.autoguidance is False
+    # At their defaults the keys leave every hash as it was.
+    same = load_protocol(SMOKE, ["training.guide_steps=0", "generation.autoguidance=false"])
+    assert stage_inputs(q) == stage_inputs(same) and q.sha256() == same.sha256()
+    # A guide is part of the train stage; guiding with it, of the generate stage.
+    guide = load_protocol(SMOKE, ["training.guide_steps=10"])
+    auto = load_protocol(SMOKE, AUTO[:2])
+    assert stage_inputs(guide)["train"] != stage_inputs(q)["train"]
+    assert stage_inputs(auto)["train"] == stage_inputs(guide)["train"]
+    assert stage_inputs(auto)["generate"] != stage_inputs(guide)["generate"]
+    with pytest.raises(ProtocolError, match="autoguidance needs a guide: set training.guide"):
+        parse_protocol("dataset: {kind: phantoms}\n", ["generation.autoguidance=true"])
+    with pytest.raises(ProtocolError, match="guide_steps 30 must be below max_steps 30"):
+        load_protocol(SMOKE, ["training.guide_steps=30"])
+    with pytest.raises(ProtocolError, match="autoguidance does not apply to the distilled"):
+        load_protocol(SMOKE, [*AUTO[:2], "generation.sampler=distilled"])
+    with pytest.raises(ProtocolError, match="autoguidance needs a guide"):
+        load_protocol(SMOKE_SWEEP, ["sweep.autoguidance=[false, true]"])
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def test_train_stage_trains_the_guide_and_generation_uses_it(auto_run, tmp_path):
+    run, proto = auto_run
+    guide = latest_snapshot(guide_dir(run / "train"))
+    assert guide.name == "snapshot-0000010"
+    assert latest_snapshot(run / "train").name == "snapshot-0000030"  # the model, not the guide
+    request = json.loads((run / "generate/main/request.json").read_text())
+    assert request["guide_snapshot_sha256"] == snapshot_sha256(guide)
+    ds = pydicom.dcmread(next((run / "generate/main/dicom/opacity").glob("*.dcm")))
+    assert f"autoguide sha256:{snapshot_sha256(guide)[:16]}" in ds.DerivationDescription
+    # The guide is what the pixels came from: the same request with the model as its own guide
+    # (guide + 2 (model - guide) = model) draws guidance 1's images, with the weaker guide not.
+    snap = latest_snapshot(run / "train")
+    kw = dict(pool="main", sampler="dpmpp", steps=5, progress=False, device="cpu")
+    plan = {"normal": 10, "opacity": 10}
+    generate_pool(snap, tmp_path / "self", plan, guidance_scale=2, guide_snapshot=snap, **kw)
+    generate_pool(snap, tmp_path / "g1", plan, guidance_scale=1, **kw)
+    generate_pool(snap, tmp_path / "cfg", plan, guidance_scale=2, **kw)
+    pixels = {k: load_pool(tmp_path / k).images for k in ("self", "g1", "cfg")}
+    pixels["auto"] = load_pool(run / "generate/main").images
+    assert np.array_equal(pixels["self"], pixels["g1"])
+    assert np.abs(pixels["auto"] - pixels["g1"]).max() > 1e-2
+    assert np.abs(pixels["auto"] - pixels["cfg"]).max() > 1e-2
+    # Unguided, the guide is never called: neither loaded nor recorded.
+    generate_pool(snap, tmp_path / "g1auto", plan, guidance_scale=1, guide_snapshot=guide, **kw)
+    assert "guide" not in (tmp_path / "g1auto" / "request.json").read_text()
+    # A pool drawn with another guide is another request.
+    with pytest.raises(ValueError, match="another request"):
+        generate_pool(snap, run / "generate/main", plan, guidance_scale=2, **kw)
+
+
+def test_report_names_autoguidance_and_its_guide(auto_run):
+    run, _ = auto_run
+    text = (run / "report/index.html").read_text()
+    assert "autoguidance 2" in text
+    assert "a guide for autoguidance: the same recipe and data trained 10 steps" in text
+
+
+def test_no_source_identifier_in_an_autoguided_run(auto_run):
+    run, _ = auto_run
+    values = _identifying_values(run / "phantoms")
+    assert len(values) > 50
+    assert _scan_outputs(run, values) == []  # train/guide and the pool included
+
+
+def test_a_guide_of_another_task_is_refused(auto_run, tmp_path):
+    run, _ = auto_run
+    model_cfg = json.loads((latest_snapshot(run / "train") / "config.json").read_text())
+    guide = latest_snapshot(guide_dir(run / "train"))
+    load_guide(guide, model_cfg)  # the same task
+    other = dict(model_cfg, classes=["normal", "nodule"])
+    with pytest.raises(ValueError, match=r"models another task \(classes differ"):
+        load_guide(guide, other)
+
+
+def test_an_interrupted_guide_resumes_without_retraining_the_model(auto_run, tmp_path):
+    """A kill while the guide trains leaves the model done and the guide's states: the rerun
+    resumes the guide to the same weights and leaves the model's snapshot as it was."""
+    ref, proto = auto_run
+    run = tmp_path / "run"
+    shutil.copytree(ref / "ingest", run / "ingest")
+    p = load_protocol(SMOKE, [*AUTO, "training.checkpoint_every_steps=5"])
+    args = (run / "ingest", run / "train", p.model, p.schedule, p.training)
+    train_from_sections(*args, progress=False)
+    guide = guide_dir(run / "train")
+    want = snapshot_sha256(latest_snapshot(guide))
+    model = latest_snapshot(run / "train")
+    model_mtime = (model / "ema.safetensors").stat().st_mtime_ns
+    # As a kill after step 5 of the guide leaves it: its newest state is step 5, no snapshot 10.
+    shutil.rmtree(guide / "snapshot-0000010")
+    (guide / "state-0000010.pt").unlink()
+    train_from_sections(*args, progress=False)
+    assert snapshot_sha256(latest_snapshot(guide)) == want
+    assert (model / "ema.safetensors").stat().st_mtime_ns == model_mtime
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+def test_sweep_axis_draws_an_unguided_pool_once(tmp_path):
+    sets = [
+        "sweep.samplers=[{sampler: dpmpp, steps: 3}]",
+        "sweep.guidance_scale=[1]",
+    ]
+    plain = load_protocol(SMOKE_SWEEP, sets)
+    assert _pool_sha(plain, 1.0, expand(plain).pools[0]) == PLAIN_POOL_SHA
+    proto = load_protocol(
+        SMOKE_SWEEP,
+        [
+            *sets[:1],
+            "sweep.guidance_scale=[1, 2]",
+            "sweep.autoguidance=[false, true]",
+            "training.guide_steps=5",
+        ],
+    )
+    plan = expand(proto)
+    assert [p.name for p in plan.pools] == ["g1-dpmpp3-p1", "g2-dpmpp3-p1", "g2-ag-dpmpp3-p1"]
+    gens = [pool_protocol(proto, 1.0, p, 10).generation for p in plan.pools]
+    assert [g.autoguidance for g in gens] == [False, False, True]
+    assert len({_pool_sha(proto, 1.0, p) for p in plan.pools}) == 3
+    # The guide's training is counted; a guided pool costs the same whichever model it guides with.
+    one = SweepPlan([1.0], plan.pools[1:2], ["proportional"], ["random"], [1.0])
+    two = SweepPlan([1.0], plan.pools[2:3], ["proportional"], ["random"], [1.0])
+    a, b = estimate(proto, one, tmp_path), estimate(proto, two, tmp_path)
+    assert a["generate"] == b["generate"]
+    no_guide = load_protocol(SMOKE_SWEEP, [*sets[:1], "sweep.guidance_scale=[1, 2]"])
+    steps = proto.training.max_steps
+    assert a["train"] == pytest.approx(
+        estimate(no_guide, one, tmp_path)["train"] * (steps + 5) / steps
+    )
