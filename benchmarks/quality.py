@@ -227,6 +227,17 @@ def _snapshot_of(src: Path) -> Path:
     return src
 
 
+def _guide_of(src: Path) -> Path:
+    """The guide a run trained beside its model (``RUN/train/guide``, ``training.guide_fraction``)
+    if it has one, else the latest snapshot of ``src`` as :func:`_snapshot_of` finds it."""
+    from medsynth.training.checkpoint import latest_snapshot
+
+    for cand in (src / "train" / "guide", src / "guide"):
+        if cand.is_dir() and any(cand.glob("snapshot*")):
+            return latest_snapshot(cand)
+    return _snapshot_of(src)
+
+
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
@@ -261,7 +272,7 @@ def sample_medsynth(args) -> None:
                 "the guide is never called"
             )
         try:
-            extra["guide"] = load_guide(_snapshot_of(Path(args.autoguide)), config, device)
+            extra["guide"] = load_guide(_guide_of(Path(args.autoguide)), config, device)
         except ValueError as err:
             sys.exit(f"--autoguide: {err}")
     if args.sampler == "distilled":  # a student of `medsynth distill` (pass RUN/distill)

@@ -320,19 +320,36 @@ class TrainingSection(_Section):
     class_balance: ClassBalance = Field(
         ClassBalance.none, description="how training batches draw classes"
     )
-    guide_steps: int = Field(
-        0,
+    guide_fraction: float = Field(
+        0.0,
         ge=0,
+        lt=1,
         description="also train a guide for autoguidance (generation.autoguidance): this "
-        "recipe run for guide_steps, its LR decaying by then (0 = no guide); RUN/train/guide",
+        "recipe for this fraction of max_steps, its LR decaying by then (0 = no guide); "
+        "RUN/train/guide",
     )
+
+    @property
+    def guide_steps(self) -> int:
+        """Training steps of the autoguidance guide (0: none)."""
+        return max(1, round(self.guide_fraction * self.max_steps)) if self.guide_fraction else 0
 
     @model_validator(mode="after")
     def _guide_is_weaker(self) -> TrainingSection:
+        if not self.guide_fraction:
+            return self
+        steps = f"training.guide_fraction {self.guide_fraction:g} of max_steps {self.max_steps} "
+        steps += f"gives the guide {self.guide_steps} steps"
         if self.guide_steps >= self.max_steps:
+            raise ValueError(f"{steps}; a guide trains for fewer than the model")
+        if self.guide_steps <= self.warmup_steps:
             raise ValueError(
-                f"training.guide_steps {self.guide_steps} must be below max_steps "
-                f"{self.max_steps}: a guide is the same recipe trained for less (0 = none)"
+                f"{steps}, within warmup_steps {self.warmup_steps}: its learning rate would "
+                "never decay; raise guide_fraction or set it to 0"
+            )
+        if self.unconditional:
+            raise ValueError(
+                "training.guide_fraction: an unconditional model has no use for a guide"
             )
         return self
 
@@ -403,7 +420,7 @@ class GenerationSection(_Section):
     )
     autoguidance: bool = Field(
         False,
-        description="guide with the weaker model of training.guide_steps under each image's "
+        description="guide with the weaker model of training.guide_fraction under each image's "
         "own class instead of the null class (Karras et al. 2024); guidance_scale sets it",
     )
     timestep_spacing: Literal["trailing", "karras"] = Field(
@@ -429,6 +446,11 @@ class GenerationSection(_Section):
 
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
+        if self.autoguidance and self.guidance_scale < 1:
+            raise ValueError(
+                f"generation.autoguidance extrapolates away from the guide: guidance_scale "
+                f"{self.guidance_scale:g} below 1 would move towards it (1 = unguided)"
+            )
         for key, off in (("class_guidance", "{}"), ("autoguidance", "false")):
             if getattr(self, key) and self.sampler == "distilled":
                 raise ValueError(
@@ -529,7 +551,7 @@ LATER_KNOBS = {
         "loss_weighting": "uniform",
         "min_snr_gamma": 5.0,
         "class_balance": "none",
-        "guide_steps": 0,
+        "guide_fraction": 0.0,
     },
     "generation": {
         "guidance_rescale": 0.0,
@@ -817,8 +839,8 @@ class Protocol(_Section):
         asked = [self.generation.autoguidance] + (self.sweep.autoguidance if self.sweep else [])
         if any(asked) and not self.training.guide_steps:
             raise ValueError(
-                "autoguidance needs a guide: set training.guide_steps (e.g. a fifth of "
-                "training.max_steps) so the train stage trains one"
+                "autoguidance needs a guide: set training.guide_fraction (e.g. 0.2, a fifth "
+                "of training.max_steps) so the train stage trains one"
             )
         return self
 

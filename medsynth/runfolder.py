@@ -49,6 +49,9 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     if not ds.get("split_stratify"):
         skip += ("split_stratify",)  # added later; the default must not invalidate older ingests
     out["ingest"] = _sha({k: v for k, v in ds.items() if k not in skip})
+    # The model does not depend on its autoguidance guide (trained after it, in RUN/train/guide
+    # with an identity of its own): adding or changing a guide must not retrain the model.
+    guide = p["training"].pop("guide_fraction", 0.0)
     out["train"] = _sha(
         [
             out["ingest"],
@@ -68,6 +71,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
     gen |= sampler_revision(gen["sampler"], gen["steps"], T)
+    if gen.get("autoguidance"):
+        gen["guide_fraction"] = guide  # the guide drew the pool too
     # A distilled pool also depends on how the student was distilled (defaults if unset).
     default = drop_later_defaults(DistillSection().model_dump(mode="json"), "distill")
     distill = [p.get("distill") or default]

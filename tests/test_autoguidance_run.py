@@ -1,7 +1,8 @@
 """Autoguidance in the run (issue 18): the train stage trains the guide beside the model
-(``training.guide_steps``), generation guides with it (``generation.autoguidance``), and the pool,
+(``training.guide_fraction``), generation guides with it (``generation.autoguidance``), and the pool,
 its DICOM, the hashes, the sweep, the report and a resume all know which guide drew it."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from medsynth.experiment.runner import run_protocol
-from medsynth.experiment.sweep import SweepPlan, _pool_sha, estimate, expand, pool_protocol
+from medsynth.experiment.runner import plan_stages, run_protocol, show
+from medsynth.experiment.sweep import (
+    SweepPlan,
+    _pool_sha,
+    estimate,
+    expand,
+    pool_protocol,
+    run_sweep,
+)
 from medsynth.generation.dataset import load_pool
 from medsynth.generation.pool import generate_pool
 from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
@@ -24,7 +32,11 @@ from tests.test_quality_knobs import PLAIN_POOL_SHA
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "protocols" / "smoke.yaml"
 SMOKE_SWEEP = ROOT / "protocols" / "smoke_sweep.yaml"
-AUTO = ["training.guide_steps=10", "generation.autoguidance=true", "generation.guidance_scale=2"]
+AUTO = [
+    "training.guide_fraction=0.34",
+    "generation.autoguidance=true",
+    "generation.guidance_scale=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +53,32 @@ def auto_run(tmp_path_factory):
 
 def test_protocol_keys_their_hashes_and_refusals():
     q = load_protocol(SMOKE)
-    assert q.training.guide_steps == 0 and q.generation.autoguidance is False
+    assert q.training.guide_fraction == 0 and q.training.guide_steps == 0
+    assert q.generation.autoguidance is False
     # At their defaults the keys leave every hash as it was.
-    same = load_protocol(SMOKE, ["training.guide_steps=0", "generation.autoguidance=false"])
+    same = load_protocol(SMOKE, ["training.guide_fraction=0", "generation.autoguidance=false"])
     assert stage_inputs(q) == stage_inputs(same) and q.sha256() == same.sha256()
-    # A guide is part of the train stage; guiding with it, of the generate stage.
-    guide = load_protocol(SMOKE, ["training.guide_steps=10"])
+    # The model does not depend on its guide; a pool drawn with the guide does.
+    guide = load_protocol(SMOKE, AUTO[:1])
+    assert guide.training.guide_steps == 10  # 0.34 of 30 steps
     auto = load_protocol(SMOKE, AUTO[:2])
-    assert stage_inputs(guide)["train"] != stage_inputs(q)["train"]
-    assert stage_inputs(auto)["train"] == stage_inputs(guide)["train"]
+    longer = load_protocol(SMOKE, ["training.guide_fraction=0.5", AUTO[1]])
+    assert stage_inputs(guide) == stage_inputs(q)
+    assert stage_inputs(auto)["train"] == stage_inputs(q)["train"]
     assert stage_inputs(auto)["generate"] != stage_inputs(guide)["generate"]
+    assert stage_inputs(longer)["generate"] != stage_inputs(auto)["generate"]
     with pytest.raises(ProtocolError, match="autoguidance needs a guide: set training.guide"):
         parse_protocol("dataset: {kind: phantoms}\n", ["generation.autoguidance=true"])
-    with pytest.raises(ProtocolError, match="guide_steps 30 must be below max_steps 30"):
-        load_protocol(SMOKE, ["training.guide_steps=30"])
+    with pytest.raises(ProtocolError, match="0.99 of max_steps 30 gives the guide 30 steps"):
+        load_protocol(SMOKE, ["training.guide_fraction=0.99"])
+    with pytest.raises(ProtocolError, match="guide_fraction.*less than 1"):
+        load_protocol(SMOKE, ["training.guide_fraction=1"])
+    with pytest.raises(ProtocolError, match="4 steps, within warmup_steps 5: its learning rate"):
+        load_protocol(SMOKE, ["training.guide_fraction=0.15"])
+    with pytest.raises(ProtocolError, match="an unconditional model has no use for a guide"):
+        load_protocol(SMOKE, [AUTO[0], "training.unconditional=true"])
+    with pytest.raises(ProtocolError, match="guidance_scale 0.5 below 1 would move towards"):
+        load_protocol(SMOKE, [*AUTO[:2], "generation.guidance_scale=0.5"])
     with pytest.raises(ProtocolError, match="autoguidance does not apply to the distilled"):
         load_protocol(SMOKE, [*AUTO[:2], "generation.sampler=distilled"])
     with pytest.raises(ProtocolError, match="autoguidance needs a guide"):
@@ -92,6 +116,57 @@ def test_train_stage_trains_the_guide_and_generation_uses_it(auto_run, tmp_path)
     # A pool drawn with another guide is another request.
     with pytest.raises(ValueError, match="another request"):
         generate_pool(snap, run / "generate/main", plan, guidance_scale=2, **kw)
+
+
+def test_generation_pairs_the_model_with_its_own_finished_guide(auto_run, tmp_path):
+    from medsynth.generation.api import generate_from_protocol
+
+    run, proto = auto_run
+    other = tmp_path / "snapshot-0000030"
+    shutil.copytree(latest_snapshot(run / "train"), other)
+    with pytest.raises(ValueError, match="is another model: drop --snapshot"):
+        generate_from_protocol(proto, run, snapshot=other, progress=False)
+    # A guide of another length (or an interrupted one) is not taken for the asked one.
+    longer = load_protocol(SMOKE, ["training.guide_fraction=0.5", *AUTO[1:]])
+    with pytest.raises(FileNotFoundError, match="no finished 15-step guide"):
+        generate_from_protocol(longer, run, progress=False)
+
+
+def test_adding_or_changing_a_guide_trains_only_the_guide(tmp_path):
+    """A guide added to a finished run, or made longer, trains beside the model without
+    retraining it; only pools drawn with the guide are drawn again."""
+    run, stages = tmp_path / "run", ["ingest", "train", "generate"]
+    quiet = dict(run_dir=run, log=lambda s: None, progress=False, stages=stages)
+    run_protocol(load_protocol(SMOKE), **quiet)
+    model = latest_snapshot(run / "train") / "ema.safetensors"
+    pool = run / "generate" / "main" / ".stage.json"
+    before = model.stat().st_mtime_ns, pool.stat().st_mtime_ns
+
+    def actions(proto):
+        return [p.action for p in plan_stages(proto, run, stages)]
+
+    guide_only = load_protocol(SMOKE, AUTO[:1])
+    assert actions(guide_only) == ["skip", "guide", "skip"]
+    run_protocol(guide_only, **quiet)
+    short = latest_snapshot(guide_dir(run / "train"))
+    assert short.name == "snapshot-0000010"
+    short_sha = snapshot_sha256(short)
+    assert (model.stat().st_mtime_ns, pool.stat().st_mtime_ns) == before
+    assert actions(guide_only) == ["skip", "skip", "skip"]
+    assert "guide     snapshot-0000010 (autoguidance)" in show(run)
+    # Guiding with it draws the pool again; a longer guide replaces the shorter one.
+    assert actions(load_protocol(SMOKE, AUTO)) == ["skip", "skip", "rerun"]
+    longer = load_protocol(SMOKE, ["training.guide_fraction=0.5", *AUTO[1:]])
+    assert actions(longer) == ["skip", "guide", "rerun"]
+    run_protocol(longer, **quiet)
+    # Trained anew, not resumed from the shorter guide (whose LR had decayed by step 10).
+    assert latest_snapshot(guide_dir(run / "train")).name == "snapshot-0000015"
+    assert snapshot_sha256(short) != short_sha
+    request = json.loads((run / "generate/main/request.json").read_text())
+    assert request["guide_snapshot_sha256"] == snapshot_sha256(
+        guide_dir(run / "train") / "snapshot-0000015"
+    )
+    assert model.stat().st_mtime_ns == before[0]
 
 
 def test_report_names_autoguidance_and_its_guide(auto_run):
@@ -142,6 +217,34 @@ def test_an_interrupted_guide_resumes_without_retraining_the_model(auto_run, tmp
 # --- the sweep ----------------------------------------------------------------------------------
 
 
+def test_a_sweep_trains_the_guide_and_draws_its_autoguided_pool(tmp_path):
+    proto = load_protocol(
+        SMOKE_SWEEP,
+        [
+            "sweep.train_fractions=[1.0]",
+            "sweep.samplers=[{sampler: dpmpp, steps: 3}]",
+            "sweep.autoguidance=[false, true]",
+            "sweep.selectors=[random]",
+            "training.guide_fraction=0.3",
+        ],
+    )
+    run = run_sweep(proto, run_dir=tmp_path / "run", log=lambda _: None, progress=False)
+    fdir = run / "sweep" / "f1"
+    guide = latest_snapshot(guide_dir(fdir / "train"))
+    assert guide.name == "snapshot-0000003"
+    auto = json.loads((fdir / "generate" / "g2-ag-dpmpp3-p1" / "request.json").read_text())
+    plain = json.loads((fdir / "generate" / "g2-dpmpp3-p1" / "request.json").read_text())
+    assert auto["guide_snapshot_sha256"] == snapshot_sha256(guide)
+    assert "guide_snapshot_sha256" not in plain
+    rows = list(csv.DictReader(open(run / "sweep" / "configs.csv")))
+    assert sorted(r["autoguidance"] for r in rows) == ["off", "on"]
+    stats = json.loads((run / "sweep" / "stats.json").read_text())
+    knobs = stats["fractions"]["1"]["knob_effects"]
+    assert [(e["knob"], e["value"], e["reference"]) for e in knobs] == [
+        ("autoguidance", "on", "off")
+    ]
+
+
 def test_sweep_axis_draws_an_unguided_pool_once(tmp_path):
     sets = [
         "sweep.samplers=[{sampler: dpmpp, steps: 3}]",
@@ -155,7 +258,7 @@ def test_sweep_axis_draws_an_unguided_pool_once(tmp_path):
             *sets[:1],
             "sweep.guidance_scale=[1, 2]",
             "sweep.autoguidance=[false, true]",
-            "training.guide_steps=5",
+            "training.guide_fraction=0.3",
         ],
     )
     plan = expand(proto)
@@ -171,5 +274,5 @@ def test_sweep_axis_draws_an_unguided_pool_once(tmp_path):
     no_guide = load_protocol(SMOKE_SWEEP, [*sets[:1], "sweep.guidance_scale=[1, 2]"])
     steps = proto.training.max_steps
     assert a["train"] == pytest.approx(
-        estimate(no_guide, one, tmp_path)["train"] * (steps + 5) / steps
+        estimate(no_guide, one, tmp_path)["train"] * (steps + 3) / steps
     )

@@ -34,7 +34,8 @@ class StudyError(RuntimeError):
 @dataclass
 class StagePlan:
     stage: str
-    action: str  # run | resume | rerun (inputs changed) | skip (done)
+    action: str  # run | resume | rerun (inputs changed) | skip (done) | guide (train: the
+    # model is done, its autoguidance guide is not: train the guide only)
     inputs_sha256: str
     folder: Path  # RUN/<stage>, or RUN/generate/<pool>
 
@@ -79,9 +80,19 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
         action = stage_status(folder, hashes[stage])
         if dirty and action == "skip":
             action = "rerun"
-        dirty = dirty or action != "skip"
+        if stage == "train" and action == "skip" and _guide_pending(protocol, Path(run_dir)):
+            action = "guide"  # later stages that use the guide have its identity in their hash
+        dirty = dirty or action not in ("skip", "guide")
         plan.append(StagePlan(stage, action, hashes[stage], folder))
     return plan
+
+
+def _guide_pending(protocol, run: Path) -> bool:
+    """Whether the protocol asks for an autoguidance guide that ``RUN/train`` lacks."""
+    from medsynth.training.api import guide_snapshot
+
+    steps = protocol.training.guide_steps
+    return bool(steps) and guide_snapshot(run / "train", steps) is None
 
 
 def stage_hashes(protocol) -> dict[str, str]:
@@ -217,7 +228,8 @@ def run_protocol(
         elif p.stage == "train":
             from medsynth.training.api import train_from_sections
 
-            _begin(p)
+            if p.action != "guide":  # the model's marker stays while only its guide trains
+                _begin(p)
             snap = train_from_sections(
                 run / "ingest",
                 run / "train",
@@ -295,6 +307,9 @@ def run_protocol(
             path = write_report(run, protocol)
             log(f"  report {path}")
         result.seconds[p.stage] = time.perf_counter() - t0
+        if p.action == "guide":
+            log(f"  guide {(run / 'train' / 'guide').relative_to(run)}")
+            continue
         _invalidate_after(protocol, run, p.stage)
         _finish(p, result.seconds[p.stage], {"threads": threads})
     return result
@@ -319,6 +334,21 @@ def _chained_pool(folder: Path) -> str | None:
     if folder.parent.name != "generate" or not m or not (folder / "manifest.csv").exists():
         return None
     return m.group(1) if (folder.parent / m.group(1) / MARKER).exists() else None
+
+
+def _guide_status(run: Path) -> str:
+    """``snapshot-0001000 (autoguidance)`` for a finished guide of the model in RUN/train."""
+    import yaml
+
+    from medsynth.protocol import TrainingSection
+    from medsynth.training.api import guide_snapshot
+
+    resolved = yaml.safe_load((run / "protocol.yaml").read_text())  # as the run resolved it
+    steps = TrainingSection(**resolved.get("training", {})).guide_steps
+    snap = guide_snapshot(run / "train", steps) if steps else None
+    if snap is None:
+        return "started, not finished or not this protocol's (a rerun trains it)"
+    return f"{snap.name} (autoguidance)"
 
 
 def show(run_dir: str | Path) -> str:
@@ -348,6 +378,8 @@ def show(run_dir: str | Path) -> str:
                 lines.append(f"  {what:<9} started, not finished (a rerun resumes it)")
             else:
                 lines.append(f"  {what:<9} not run")
+            if stage == "train" and (folder / "guide").is_dir():
+                lines.append(f"  {'guide':<9} {_guide_status(run)}")
     ingest = run / "ingest" / "summary.json"
     if ingest.exists():
         s = json.loads(ingest.read_text())

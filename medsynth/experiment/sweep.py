@@ -389,6 +389,8 @@ def _pool_sha(protocol: Protocol, fraction: float, pool: PoolSpec) -> str:
     for key in ("timestep_spacing", "class_guidance", "autoguidance"):
         if gen[key] == LATER_KNOBS["generation"][key]:
             del gen[key]
+    if pool.autoguidance:
+        gen["guide_fraction"] = protocol.training.guide_fraction  # the guide drew it too
     return _sha([_train_sha(protocol, fraction), gen])
 
 
@@ -470,7 +472,7 @@ def run_sweep(
     """Run (or resume) every unit of the sweep, then the analysis and the report; returns RUN."""
     from medsynth.experiment.runner import run_protocol
     from medsynth.generation.api import generate_from_protocol
-    from medsynth.training.api import train_from_sections
+    from medsynth.training.api import guide_snapshot, train_from_sections
 
     plan = expand(protocol)
     run = Path(run_dir or run_dir_for(protocol))
@@ -517,6 +519,10 @@ def run_sweep(
             )
 
         _step(run, f"{fraction_dir(f)}/train", _train_sha(protocol, f), train, log)
+        steps = protocol.training.guide_steps
+        if steps and guide_snapshot(fdir / "train", steps) is None:
+            log(f"[{fraction_dir(f)}/train] guide")
+            train()  # the model is done (a no-op resume); its guide trains or resumes
         for p in plan.pools_at(f):
             pp = pool_protocol(protocol, f, p, math.ceil(p.pool_size * max(counts[f])))
 

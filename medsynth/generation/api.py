@@ -9,7 +9,7 @@ from medsynth.data.datasets import split_rows
 from medsynth.data.spacing import cache_spacing
 from medsynth.generation.pool import generate_pool, plan_counts
 from medsynth.protocol import Protocol
-from medsynth.training.api import guide_dir
+from medsynth.training.api import guide_dir, guide_snapshot
 from medsynth.training.checkpoint import latest_snapshot
 
 
@@ -39,7 +39,7 @@ def generate_from_protocol(
     real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     spacing, note = cache_spacing(rows, proto.dataset.spatial_size, proto.dataset.resize_mode)
     g = proto.generation
-    guide = latest_snapshot(guide_dir(run / "train")) if g.autoguidance else None
+    guide = _guide(proto, run, snapshot) if g.autoguidance else None
     plan = plan_counts(
         g.count_mode,
         summary["classes"],
@@ -90,6 +90,28 @@ def generate_from_protocol(
             progress=progress,
         )
     return res
+
+
+def _guide(proto: Protocol, run: Path, snapshot: str | Path | None) -> Path | None:
+    """The guide autoguidance pairs with ``RUN/train``'s model; None when no class is guided
+    (the guide would never be called)."""
+    g = proto.generation
+    if g.guidance_scale == 1 and all(v == 1 for v in g.class_guidance.values()):
+        return None
+    model = latest_snapshot(run / "train")
+    if snapshot and Path(snapshot).resolve() != model.resolve():
+        raise ValueError(
+            f"autoguidance pairs {model} with the guide trained beside it; --snapshot {snapshot} "
+            "is another model: drop --snapshot, or --set generation.autoguidance=false"
+        )
+    steps = proto.training.guide_steps
+    guide = guide_snapshot(run / "train", steps)
+    if guide is None:
+        raise FileNotFoundError(
+            f"no finished {steps}-step guide for {model} in {guide_dir(run / 'train')}: run "
+            "`medsynth train` (it trains the guide beside the model, resuming either)"
+        )
+    return guide
 
 
 def edit_from_protocol(

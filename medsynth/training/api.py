@@ -142,8 +142,9 @@ def train_from_sections(
     A class with fewer than a handful of training images is reported through ``warn``
     (default: a ``warning:`` line on stderr); the report repeats it. With ``training.init_from``
     the base is first checked for leaks: if it was trained on any validation or test image of
-    this ingest, a :class:`DataLeakError` stops the run. With ``training.guide_steps`` the same
-    recipe is trained again for that many steps into :func:`guide_dir` (autoguidance's guide).
+    this ingest, a :class:`DataLeakError` stops the run. With ``training.guide_fraction`` the
+    same recipe is trained again for that share of the steps into :func:`guide_dir`
+    (autoguidance's guide).
     Returns the model's final snapshot.
     """
     if training.init_from:
@@ -190,20 +191,48 @@ def train_from_sections(
         resume=resume,
         progress=progress,
         datasets=datasets,
-        **training.model_dump(exclude={"guide_steps"}),
+        **training.model_dump(exclude={"guide_fraction"}),
     )
     snap = train(images, data.labels, data.classes, out_dir, **recipe)
     if training.guide_steps:
         # Autoguidance's weaker model: the same recipe, data and seed, trained for fewer steps
-        # (its own LR decay), so it errs like the model but more (Karras et al. 2024).
-        recipe |= {"max_steps": training.guide_steps, "preview_every_steps": 0}
-        train(images, data.labels, data.classes, guide_dir(out_dir), **recipe)
+        # (its own LR decay), so it errs like the model but more (Karras et al. 2024). Its
+        # folder is cleared when it would pair with another model or step count.
+        steps = training.guide_steps
+        folder = _folder_for(guide_dir(out_dir), _guide_inputs(snap, steps))
+        recipe |= {"max_steps": steps, "preview_every_steps": 0}
+        train(images, data.labels, data.classes, folder, **recipe)
     return snap
 
 
 def guide_dir(train_dir: str | Path) -> Path:
-    """Where the train stage puts the autoguidance guide (``training.guide_steps``)."""
+    """Where the train stage puts the autoguidance guide (``training.guide_fraction``)."""
     return Path(train_dir) / "guide"
+
+
+def _guide_inputs(model_snapshot: Path, steps: int) -> dict:
+    """What names a guide: the model it pairs with (whose inputs it shares) and its length."""
+    from medsynth.training.checkpoint import snapshot_sha256
+
+    return {"model_snapshot": snapshot_sha256(model_snapshot), "guide_steps": steps}
+
+
+def guide_snapshot(train_dir: str | Path, steps: int) -> Path | None:
+    """The finished ``steps``-step guide of the model now in ``train_dir``, else None (not
+    trained, interrupted, or made for another model or length)."""
+    import hashlib
+    import json
+
+    from medsynth.training.checkpoint import COMPLETE, list_snapshots
+
+    snaps = list_snapshots(Path(train_dir))
+    folder = guide_dir(train_dir)
+    snap, mark = folder / f"snapshot-{steps:07d}", folder / ".inputs"
+    if not snaps or not (snap / COMPLETE).exists() or not mark.exists():
+        return None
+    inputs = _guide_inputs(snaps[-1], steps)
+    want = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return snap if mark.read_text().strip() == want else None
 
 
 def train_upscaler_stage(
