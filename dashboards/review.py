@@ -10,6 +10,7 @@ reviewer's name lives in the URL (``?reviewer=``) so it survives reloads and is 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -79,6 +80,9 @@ if not pools:
 pool = st.sidebar.selectbox("Pool", pools)
 pool_dir = run / "generate" / pool
 rows = manifest(str(pool_dir), (pool_dir / "manifest.csv").stat().st_mtime)
+# Guided away from a weaker model (autoguidance) or from the null class: the request says which.
+request = pool_dir / "request.json"
+autoguided = request.exists() and "guide_snapshot_sha256" in json.loads(request.read_text())
 if not rows:
     st.warning(f"Pool {pool} has no samples.")
     st.stop()
@@ -225,7 +229,7 @@ elif view == "Review":
                 st.markdown(
                     f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
                     f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
-                    f"guidance {r['guidance_scale']}"
+                    f"{'autoguidance' if autoguided else 'guidance'} {r['guidance_scale']}"
                 )
             my = mine.get(current)
             st.caption(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -434,6 +435,11 @@ class GenerationSection(_Section):
     export_png: bool = Field(False, description="also write 16-bit PNGs beside the DICOM")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
+    @property
+    def guided(self) -> bool:
+        """Whether some class takes a second pass per step (see :func:`is_guided`)."""
+        return is_guided(self.guidance_scale, self.class_guidance.values())
+
     @field_validator("guidance_interval")
     @classmethod
     def _interval(cls, v: list[float]) -> list[float]:
@@ -463,6 +469,12 @@ class GenerationSection(_Section):
                 f"{', '.join(GRID_SAMPLERS)}; {self.sampler!r} keeps its own grid"
             )
         return self
+
+
+def is_guided(guidance_scale: float, class_scales: Iterable[float] = ()) -> bool:
+    """Whether any class is sampled at a scale other than 1, i.e. takes a second network pass
+    (null class or guide); at 1 everywhere the guide of autoguidance is never called."""
+    return guidance_scale != 1 or any(v != 1 for v in class_scales)
 
 
 def class_name_keys(v: Any) -> Any:

@@ -172,7 +172,8 @@ def test_adding_or_changing_a_guide_trains_only_the_guide(tmp_path):
 def test_report_names_autoguidance_and_its_guide(auto_run):
     run, _ = auto_run
     text = (run / "report/index.html").read_text()
-    assert "autoguidance 2" in text
+    guide = snapshot_sha256(latest_snapshot(guide_dir(run / "train")))
+    assert f"autoguidance 2 away from guide <code>sha256:{guide[:16]}</code>" in text
     assert "a guide for autoguidance: the same recipe and data trained 10 steps" in text
 
 

@@ -508,3 +508,18 @@ def test_export_preview_offers_to_exclude_flagged(browser, app):
         rows[0]["path"],
         rows[2]["path"],
     ]
+
+
+def test_review_names_autoguidance_when_the_pool_was_autoguided(browser, app):
+    url, run = app
+    _open(browser, url, "Review")
+    _see(browser, "SYNTHETIC sample 1", "guidance 1")
+    assert "autoguidance" not in _text(browser)
+    request = run / "generate" / "main" / "request.json"
+    plain = request.read_text()
+    try:
+        request.write_text(json.dumps(json.loads(plain) | {"guide_snapshot_sha256": "f" * 64}))
+        _open(browser, url, "Review")
+        _see(browser, "SYNTHETIC sample 1", "autoguidance 1")
+    finally:
+        request.write_text(plain)

@@ -38,6 +38,7 @@ from medsynth.protocol import (
     LATER_KNOBS,
     Protocol,
     SamplerSetting,
+    is_guided,
     sampler_revision,
 )
 from medsynth.runfolder import _sha, prepare_run_dir, run_dir_for, stage_inputs
@@ -83,7 +84,7 @@ class PoolSpec:
     @property
     def guided(self) -> bool:
         """Whether some class is sampled at a scale other than 1 (two passes per step)."""
-        return self.guidance_scale != 1 or any(v != 1 for _, v in self.class_guidance)
+        return is_guided(self.guidance_scale, (v for _, v in self.class_guidance))
 
     def scale_of(self, class_name: str) -> float:
         """The guidance scale this pool's images of ``class_name`` are sampled with."""

@@ -27,7 +27,8 @@ def generate_from_protocol(
     ``medsynth distill``); every other sampler from the newest snapshot in ``RUN/train``.
     With ``upscaler.chain`` the finished pool is also upscaled into
     ``RUN/generate/<pool>_x<factor>`` (result under ``"upscaled"``). With
-    ``generation.autoguidance`` the guide is the newest snapshot in ``RUN/train/guide``.
+    ``generation.autoguidance`` the guide is the finished guide of that model in
+    ``RUN/train/guide`` (``training.guide_fraction``).
     """
     run = Path(run_dir)
     stage = "distill" if proto.generation.sampler == "distilled" else "train"
@@ -95,8 +96,7 @@ def generate_from_protocol(
 def _guide(proto: Protocol, run: Path, snapshot: str | Path | None) -> Path | None:
     """The guide autoguidance pairs with ``RUN/train``'s model; None when no class is guided
     (the guide would never be called)."""
-    g = proto.generation
-    if g.guidance_scale == 1 and all(v == 1 for v in g.class_guidance.values()):
+    if not proto.generation.guided:
         return None
     model = latest_snapshot(run / "train")
     if snapshot and Path(snapshot).resolve() != model.resolve():

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.sampler import sample
-from medsynth.protocol import sampler_revision
+from medsynth.protocol import is_guided, sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_guide, load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
@@ -234,9 +234,8 @@ def generate_pool(
             f"generation.class_guidance names unknown classes {unknown}; the snapshot knows {classes}"
         )
     snap_sha = snapshot_sha256(snapshot_dir)
-    guided = guidance_scale != 1 or any(v != 1 for v in class_guidance.values())
     guide, guide_sha = None, None
-    if guide_snapshot is not None and guided:
+    if guide_snapshot is not None and is_guided(guidance_scale, class_guidance.values()):
         guide = load_guide(guide_snapshot, cfg, dev)
         guide_sha = snapshot_sha256(guide_snapshot)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
