@@ -228,14 +228,19 @@ def _snapshot_of(src: Path) -> Path:
 
 
 def _guide_of(src: Path) -> Path:
-    """The guide a run trained beside its model (``RUN/train/guide``, ``training.guide_fraction``)
-    if it has one, else the latest snapshot of ``src`` as :func:`_snapshot_of` finds it."""
-    from medsynth.training.checkpoint import latest_snapshot
+    """The finished guide a run folder trained beside its model (``training.guide_fraction``),
+    else the latest snapshot of ``src`` as :func:`_snapshot_of` finds it (a weaker run)."""
+    from medsynth.training.api import guide_snapshot, run_guide_steps
 
-    for cand in (src / "train" / "guide", src / "guide"):
-        if cand.is_dir() and any(cand.glob("snapshot*")):
-            return latest_snapshot(cand)
-    return _snapshot_of(src)
+    steps = run_guide_steps(src) if (src / "protocol.yaml").exists() else 0
+    if not steps:
+        return _snapshot_of(src)
+    guide = guide_snapshot(src / "train", steps)
+    if guide is None:
+        sys.exit(
+            f"--autoguide {src}: its {steps}-step guide is not finished (run `medsynth train`)"
+        )
+    return guide
 
 
 def sample_medsynth(args) -> None:

@@ -20,6 +20,7 @@ from medsynth.protocol import (
     Protocol,
     canonical_json,
     drop_later_defaults,
+    is_guided,
     sampler_revision,
 )
 
@@ -71,14 +72,19 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
     gen |= sampler_revision(gen["sampler"], gen["steps"], T)
-    if gen.get("autoguidance"):
+    if gen.get("autoguidance") and is_guided(
+        gen["guidance_scale"], gen.get("class_guidance", {}).values()
+    ):
         gen["guide_fraction"] = guide  # the guide drew the pool too
     # A distilled pool also depends on how the student was distilled (defaults if unset).
     default = drop_later_defaults(DistillSection().model_dump(mode="json"), "distill")
     distill = [p.get("distill") or default]
     out["generate"] = _sha([out["train"], gen] + (distill if gen["sampler"] == "distilled" else []))
     out["evaluate"] = _sha([out["generate"], p["evaluation"]])
-    out["report"] = _sha([out["evaluate"], p["name"], p["description"]])
+    # The model card describes the guide: a report of another guide is another report.
+    out["report"] = _sha(
+        [out["evaluate"], p["name"], p["description"]] + ([guide] if guide else [])
+    )
     return out
 
 

@@ -24,7 +24,7 @@ from medsynth.generation.dataset import load_pool
 from medsynth.generation.pool import generate_pool
 from medsynth.protocol import ProtocolError, load_protocol, parse_protocol
 from medsynth.runfolder import stage_inputs
-from medsynth.training.api import guide_dir, train_from_sections
+from medsynth.training.api import guide_dir, guide_snapshot, train_from_sections
 from medsynth.training.checkpoint import latest_snapshot, load_guide, snapshot_sha256
 from tests.test_generation import _identifying_values, _scan_outputs
 from tests.test_quality_knobs import PLAIN_POOL_SHA
@@ -61,9 +61,19 @@ def test_protocol_keys_their_hashes_and_refusals():
     # The model does not depend on its guide; a pool drawn with the guide does.
     guide = load_protocol(SMOKE, AUTO[:1])
     assert guide.training.guide_steps == 10  # 0.34 of 30 steps
-    auto = load_protocol(SMOKE, AUTO[:2])
-    longer = load_protocol(SMOKE, ["training.guide_fraction=0.5", AUTO[1]])
-    assert stage_inputs(guide) == stage_inputs(q)
+    auto = load_protocol(SMOKE, AUTO)
+    longer = load_protocol(SMOKE, ["training.guide_fraction=0.5", *AUTO[1:]])
+    unguided = load_protocol(SMOKE, [*AUTO[:2], "generation.guidance_scale=1"])
+    # At guidance 1 the guide is never called: its length is not part of the pool.
+    unguided_longer = load_protocol(
+        SMOKE, ["training.guide_fraction=0.5", AUTO[1], "generation.guidance_scale=1"]
+    )
+    assert stage_inputs(unguided)["generate"] == stage_inputs(unguided_longer)["generate"]
+    # (Only the report, whose model card describes the guide, changes.)
+    assert {k: v for k, v in stage_inputs(guide).items() if k != "report"} == {
+        k: v for k, v in stage_inputs(q).items() if k != "report"
+    }
+    assert stage_inputs(guide)["report"] != stage_inputs(q)["report"]
     assert stage_inputs(auto)["train"] == stage_inputs(q)["train"]
     assert stage_inputs(auto)["generate"] != stage_inputs(guide)["generate"]
     assert stage_inputs(longer)["generate"] != stage_inputs(auto)["generate"]
@@ -167,6 +177,49 @@ def test_adding_or_changing_a_guide_trains_only_the_guide(tmp_path):
         guide_dir(run / "train") / "snapshot-0000015"
     )
     assert model.stat().st_mtime_ns == before[0]
+    # A guide lost (or retrained) under a finished autoguided pool: the pool is drawn again.
+    run_protocol(longer, **quiet)
+    shutil.rmtree(guide_dir(run / "train"))
+    assert actions(longer) == ["skip", "guide", "rerun"]
+
+
+def test_a_failed_guide_leaves_the_model_done(tmp_path):
+    """`medsynth train` on a finished model trains only its guide; if that fails or is killed,
+    the model's stage stays done (not "resume", which would redraw everything after it)."""
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+    from medsynth.experiment.runner import run_stage
+
+    run, stages = tmp_path / "run", ["ingest", "train", "generate"]
+    run_protocol(
+        load_protocol(SMOKE), run_dir=run, log=lambda s: None, progress=False, stages=stages
+    )
+    guide_only = load_protocol(SMOKE, AUTO[:1])
+
+    def dies():
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(guide_only, "train", run, dies, log=lambda s: None)
+    assert [p.action for p in plan_stages(guide_only, run, stages)] == ["skip", "guide", "skip"]
+    args = ["train", str(SMOKE), "--run-dir", str(run), "--set", AUTO[0]]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert [p.action for p in plan_stages(guide_only, run, stages)] == ["skip"] * 3
+    assert guide_snapshot(run / "train", 10) is not None
+
+
+def test_a_half_cleared_folder_is_not_taken_for_its_inputs(tmp_path):
+    from medsynth.training.api import _folder_for, run_guide_steps
+
+    folder = tmp_path / "guide"
+    folder.mkdir()
+    (folder / "state-0000010.pt").write_bytes(b"left by a kill during the clearing")
+    _folder_for(folder, {"guide_steps": 15})
+    assert [p.name for p in folder.iterdir()] == [".inputs"]
+    # A run folder whose protocol this version cannot read asks for no guide (show says so).
+    (tmp_path / "protocol.yaml").write_text("training: {guide_steps: 1000}\n")
+    assert run_guide_steps(tmp_path) == 0
 
 
 def test_report_names_autoguidance_and_its_guide(auto_run):
@@ -277,3 +330,17 @@ def test_sweep_axis_draws_an_unguided_pool_once(tmp_path):
     assert a["train"] == pytest.approx(
         estimate(no_guide, one, tmp_path)["train"] * (steps + 3) / steps
     )
+
+
+def test_torchrun_never_clears_a_guide_under_the_other_processes(auto_run, monkeypatch):
+    from medsynth.training.api import _guide_inputs, _refuse_clearing_under_torchrun
+
+    run, _ = auto_run
+    model = latest_snapshot(run / "train")
+    folder = guide_dir(run / "train")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _refuse_clearing_under_torchrun(folder, _guide_inputs(model, 10))  # its own guide: fine
+    with pytest.raises(ValueError, match="guide for another model or length; run `medsynth train`"):
+        _refuse_clearing_under_torchrun(folder, _guide_inputs(model, 12))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _refuse_clearing_under_torchrun(folder, _guide_inputs(model, 12))  # one process clears it

@@ -81,8 +81,12 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
         if dirty and action == "skip":
             action = "rerun"
         if stage == "train" and action == "skip" and _guide_pending(protocol, Path(run_dir)):
-            action = "guide"  # later stages that use the guide have its identity in their hash
-        dirty = dirty or action not in ("skip", "guide")
+            action = "guide"  # the model stays; only a pool drawn with the guide is redrawn
+        dirty = (
+            dirty
+            or action not in ("skip", "guide")
+            or (action == "guide" and _uses_guide(protocol))
+        )
         plan.append(StagePlan(stage, action, hashes[stage], folder))
     return plan
 
@@ -93,6 +97,11 @@ def _guide_pending(protocol, run: Path) -> bool:
 
     steps = protocol.training.guide_steps
     return bool(steps) and guide_snapshot(run / "train", steps) is None
+
+
+def _uses_guide(protocol) -> bool:
+    """Whether the protocol's pool is drawn with the autoguidance guide (some class guided)."""
+    return protocol.generation.autoguidance and protocol.generation.guided
 
 
 def stage_hashes(protocol) -> dict[str, str]:
@@ -177,11 +186,15 @@ def run_stage(
     p = StagePlan(stage, stage_status(folder, hashes[stage]), hashes[stage], folder)
     if p.action == "rerun":
         log(f"[{stage}] inputs changed since {folder} was made: clearing it and recomputing")
-    _begin(p)
+    # A done stage keeps its marker while its work repeats (a no-op, or the train stage's
+    # missing guide): a kill then leaves it done, not "resume" with everything after it stale.
+    guide = stage == "train" and _guide_pending(protocol, run) and _uses_guide(protocol)
+    if p.action != "skip":
+        _begin(p)
     t0 = time.perf_counter()
     result = work()
     seconds = time.perf_counter() - t0
-    if p.action != "skip":
+    if p.action != "skip" or guide:
         _invalidate_after(protocol, run, stage)
     before = STAGES[: STAGES.index(stage)]
     pending = [
@@ -338,14 +351,12 @@ def _chained_pool(folder: Path) -> str | None:
 
 def _guide_status(run: Path) -> str:
     """``snapshot-0001000 (autoguidance)`` for a finished guide of the model in RUN/train."""
-    import yaml
+    from medsynth.training.api import guide_snapshot, run_guide_steps
 
-    from medsynth.protocol import TrainingSection
-    from medsynth.training.api import guide_snapshot
-
-    resolved = yaml.safe_load((run / "protocol.yaml").read_text())  # as the run resolved it
-    steps = TrainingSection(**resolved.get("training", {})).guide_steps
-    snap = guide_snapshot(run / "train", steps) if steps else None
+    steps = run_guide_steps(run)
+    if not steps:
+        return "not used by this run's protocol"
+    snap = guide_snapshot(run / "train", steps)
     if snap is None:
         return "started, not finished or not this protocol's (a rerun trains it)"
     return f"{snap.name} (autoguidance)"

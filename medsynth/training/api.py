@@ -27,19 +27,36 @@ def unet_config(model: ModelSection, num_classes: int, in_channels: int) -> UNet
     )
 
 
-def _folder_for(folder: Path, inputs: dict) -> Path:
-    """Clear ``folder`` if it was made from other inputs (a stage of its own inside train)."""
+def _inputs_sha(inputs: dict) -> str:
+    """SHA-256 of a folder's inputs (its ``.inputs`` mark)."""
     import hashlib
     import json
+
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _folder_for(folder: Path, inputs: dict) -> Path:
+    """Clear ``folder`` if it was made from other inputs (a stage of its own inside train).
+
+    A folder with files but no mark is what a kill during that clearing leaves: cleared too.
+    The mark is written atomically, so a process reading it never sees it half-written.
+    """
     import shutil
 
-    want = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    from medsynth.dicom.write import atomic_write_bytes
+
+    want = _inputs_sha(inputs)
     mark = folder / ".inputs"
-    if mark.exists() and mark.read_text().strip() != want:
+    stale = mark.read_text().strip() != want if mark.exists() else _has_files(folder)
+    if stale:
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mark.write_text(want + "\n")
+    if not mark.exists():
+        atomic_write_bytes(mark, (want + "\n").encode())
     return folder
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def train_autoencoder_stage(
@@ -199,7 +216,9 @@ def train_from_sections(
         # (its own LR decay), so it errs like the model but more (Karras et al. 2024). Its
         # folder is cleared when it would pair with another model or step count.
         steps = training.guide_steps
-        folder = _folder_for(guide_dir(out_dir), _guide_inputs(snap, steps))
+        inputs = _guide_inputs(snap, steps)
+        _refuse_clearing_under_torchrun(guide_dir(out_dir), inputs)
+        folder = _folder_for(guide_dir(out_dir), inputs)
         recipe |= {"max_steps": steps, "preview_every_steps": 0}
         train(images, data.labels, data.classes, folder, **recipe)
     return snap
@@ -217,11 +236,40 @@ def _guide_inputs(model_snapshot: Path, steps: int) -> dict:
     return {"model_snapshot": snapshot_sha256(model_snapshot), "guide_steps": steps}
 
 
+def _refuse_clearing_under_torchrun(folder: Path, inputs: dict) -> None:
+    """Every process would clear ``folder`` at once (and one might resume from a state another
+    removes): under torchrun, a guide made from other inputs is refused instead."""
+    import os
+
+    mark = folder / ".inputs"
+    want = _inputs_sha(inputs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and mark.exists():
+        if mark.read_text().strip() != want:
+            raise ValueError(
+                f"{folder} holds a guide for another model or length; run `medsynth train` "
+                "once without torchrun (it clears the folder) or remove it"
+            )
+
+
+def run_guide_steps(run_dir: str | Path) -> int:
+    """The guide's steps a run folder's resolved ``protocol.yaml`` asks for (0: none, or a
+    protocol this version cannot read)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from medsynth.protocol import TrainingSection
+
+    training = yaml.safe_load((Path(run_dir) / "protocol.yaml").read_text()).get("training") or {}
+    keys = ("max_steps", "warmup_steps", "guide_fraction", "unconditional")
+    try:
+        return TrainingSection(**{k: training[k] for k in keys if k in training}).guide_steps
+    except ValidationError:
+        return 0
+
+
 def guide_snapshot(train_dir: str | Path, steps: int) -> Path | None:
     """The finished ``steps``-step guide of the model now in ``train_dir``, else None (not
     trained, interrupted, or made for another model or length)."""
-    import hashlib
-    import json
 
     from medsynth.training.checkpoint import COMPLETE, list_snapshots
 
@@ -231,7 +279,7 @@ def guide_snapshot(train_dir: str | Path, steps: int) -> Path | None:
     if not snaps or not (snap / COMPLETE).exists() or not mark.exists():
         return None
     inputs = _guide_inputs(snaps[-1], steps)
-    want = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    want = _inputs_sha(inputs)
     return snap if mark.read_text().strip() == want else None
 
 
