@@ -232,7 +232,7 @@ def _guide_of(src: Path) -> Path:
     else the latest snapshot of ``src`` as :func:`_snapshot_of` finds it (a weaker run)."""
     from medsynth.training.api import guide_snapshot, run_guide_steps
 
-    steps = run_guide_steps(src) if (src / "protocol.yaml").exists() else 0
+    steps = run_guide_steps(src)
     if not steps:
         return _snapshot_of(src)
     guide = guide_snapshot(src / "train", steps)

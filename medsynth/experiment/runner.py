@@ -188,7 +188,12 @@ def run_stage(
         log(f"[{stage}] inputs changed since {folder} was made: clearing it and recomputing")
     # A done stage keeps its marker while its work repeats (a no-op, or the train stage's
     # missing guide): a kill then leaves it done, not "resume" with everything after it stale.
-    guide = stage == "train" and _guide_pending(protocol, run) and _uses_guide(protocol)
+    guide = (
+        p.action == "skip"
+        and stage == "train"
+        and _uses_guide(protocol)
+        and _guide_pending(protocol, run)
+    )
     if p.action != "skip":
         _begin(p)
     t0 = time.perf_counter()

@@ -45,14 +45,19 @@ def _folder_for(folder: Path, inputs: dict) -> Path:
 
     from medsynth.dicom.write import atomic_write_bytes
 
-    want = _inputs_sha(inputs)
-    mark = folder / ".inputs"
-    stale = mark.read_text().strip() != want if mark.exists() else _has_files(folder)
+    want, have = _inputs_sha(inputs), _mark_of(folder)
+    stale = have != want if have is not None else _has_files(folder)
     if stale:
         shutil.rmtree(folder)
-    if not mark.exists():
-        atomic_write_bytes(mark, (want + "\n").encode())
+    if have != want:  # new, cleared, or never marked
+        atomic_write_bytes(folder / ".inputs", (want + "\n").encode())
     return folder
+
+
+def _mark_of(folder: Path) -> str | None:
+    """The inputs hash ``folder`` was made from (its ``.inputs`` mark), or None."""
+    mark = folder / ".inputs"
+    return mark.read_text().strip() if mark.exists() else None
 
 
 def _has_files(folder: Path) -> bool:
@@ -241,25 +246,26 @@ def _refuse_clearing_under_torchrun(folder: Path, inputs: dict) -> None:
     removes): under torchrun, a guide made from other inputs is refused instead."""
     import os
 
-    mark = folder / ".inputs"
-    want = _inputs_sha(inputs)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and mark.exists():
-        if mark.read_text().strip() != want:
-            raise ValueError(
-                f"{folder} holds a guide for another model or length; run `medsynth train` "
-                "once without torchrun (it clears the folder) or remove it"
-            )
+    have = _mark_of(folder)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and have and have != _inputs_sha(inputs):
+        raise ValueError(
+            f"{folder} holds a guide for another model or length; run `medsynth train` "
+            "once without torchrun (it clears the folder) or remove it"
+        )
 
 
 def run_guide_steps(run_dir: str | Path) -> int:
-    """The guide's steps a run folder's resolved ``protocol.yaml`` asks for (0: none, or a
-    protocol this version cannot read)."""
+    """The guide's steps a run folder's resolved ``protocol.yaml`` asks for (0: none, no
+    protocol.yaml, or one this version cannot read)."""
     import yaml
     from pydantic import ValidationError
 
     from medsynth.protocol import TrainingSection
 
-    training = yaml.safe_load((Path(run_dir) / "protocol.yaml").read_text()).get("training") or {}
+    path = Path(run_dir) / "protocol.yaml"
+    if not path.exists():
+        return 0
+    training = yaml.safe_load(path.read_text()).get("training") or {}
     keys = ("max_steps", "warmup_steps", "guide_fraction", "unconditional")
     try:
         return TrainingSection(**{k: training[k] for k in keys if k in training}).guide_steps
@@ -270,17 +276,14 @@ def run_guide_steps(run_dir: str | Path) -> int:
 def guide_snapshot(train_dir: str | Path, steps: int) -> Path | None:
     """The finished ``steps``-step guide of the model now in ``train_dir``, else None (not
     trained, interrupted, or made for another model or length)."""
-
     from medsynth.training.checkpoint import COMPLETE, list_snapshots
 
     snaps = list_snapshots(Path(train_dir))
     folder = guide_dir(train_dir)
-    snap, mark = folder / f"snapshot-{steps:07d}", folder / ".inputs"
-    if not snaps or not (snap / COMPLETE).exists() or not mark.exists():
+    snap, have = folder / f"snapshot-{steps:07d}", _mark_of(folder)
+    if not snaps or not (snap / COMPLETE).exists() or have is None:
         return None
-    inputs = _guide_inputs(snaps[-1], steps)
-    want = _inputs_sha(inputs)
-    return snap if mark.read_text().strip() == want else None
+    return snap if have == _inputs_sha(_guide_inputs(snaps[-1], steps)) else None
 
 
 def train_upscaler_stage(
