@@ -226,10 +226,12 @@ elif view == "Review":
                     f"source, {r['edit']} strength {r['strength']}, seed {r['seed']}"
                 )
             else:
+                # The guide is never called for a row drawn at scale 1 (a class left unguided).
+                guide = "autoguidance" if autoguided and float(r["guidance_scale"]) != 1 else None
                 st.markdown(
                     f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
                     f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "
-                    f"{'autoguidance' if autoguided else 'guidance'} {r['guidance_scale']}"
+                    f"{guide or 'guidance'} {r['guidance_scale']}"
                 )
             my = mine.get(current)
             st.caption(

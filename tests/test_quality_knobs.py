@@ -1,6 +1,7 @@
 """Issue 18 candidate knobs: Min-SNR loss weighting, class-balanced batches, rescaled guidance
 and guidance interval; their protocol fields, hashes, resume and sweep expansion."""
 
+import csv
 import json
 import shutil
 from contextlib import nullcontext
@@ -489,6 +490,21 @@ def test_class_guidance_protocol_pool_and_report(tmp_path):
         generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 1}, **kw)
     with pytest.raises(ValueError, match=r"unknown classes \['normal'\]"):
         generate_pool(snap, tmp_path / "x", {"a": 1}, class_guidance={"normal": 2.0}, **kw)
+
+
+def test_manifest_records_each_rows_own_guidance_scale(tmp_path):
+    """A reviewer filters and reads the scale a sample was drawn at, not the pool's default."""
+    from medsynth.generation.pool import generate_pool
+
+    snap = _fit(tmp_path / "train", max_steps=3)
+    kw = dict(sampler="dpmpp", steps=3, device="cpu", progress=False, net_batch=2)
+    plan = {"a": 2, "b": 1}
+    generate_pool(
+        snap, tmp_path / "pool", plan, guidance_scale=1.0, class_guidance={"b": 2.5}, **kw
+    )
+    with open(tmp_path / "pool" / "manifest.csv") as fh:
+        scales = [(r["class_name"], float(r["guidance_scale"])) for r in csv.DictReader(fh)]
+    assert scales == [("a", 1.0), ("a", 1.0), ("b", 2.5)]
 
 
 # --- autoguidance --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ module. Skipped cleanly when Debian's chromium is not installed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -515,11 +516,22 @@ def test_review_names_autoguidance_when_the_pool_was_autoguided(browser, app):
     _open(browser, url, "Review")
     _see(browser, "SYNTHETIC sample 1", "guidance 1")
     assert "autoguidance" not in _text(browser)
-    request = run / "generate" / "main" / "request.json"
-    plain = request.read_text()
+    pool = run / "generate" / "main"
+    request, manifest = pool / "request.json", pool / "manifest.csv"
+    plain, listed = request.read_text(), manifest.read_text()
     try:
         request.write_text(json.dumps(json.loads(plain) | {"guide_snapshot_sha256": "f" * 64}))
+        # A class left at scale 1 in an autoguided pool was drawn without the guide.
         _open(browser, url, "Review")
-        _see(browser, "SYNTHETIC sample 1", "autoguidance 1")
+        _see(browser, "SYNTHETIC sample 1", "guidance 1")
+        assert "autoguidance" not in _text(browser)
+        rows = list(csv.DictReader(io.StringIO(listed)))
+        with manifest.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(r | {"guidance_scale": "1.5"} for r in rows)
+        _open(browser, url, "Review")
+        _see(browser, "SYNTHETIC sample 1", "autoguidance 1.5")
     finally:
         request.write_text(plain)
+        manifest.write_text(listed)

@@ -356,7 +356,7 @@ def generate_pool(
                     "class_index": it.class_index,
                     "index": it.index,
                     "seed": seed,
-                    "guidance_scale": guidance_scale,
+                    "guidance_scale": class_guidance.get(name, guidance_scale),
                     "sampler": sampler,
                     "steps": steps,
                     "snapshot_sha256": snap_sha,
