@@ -12,8 +12,9 @@ on; see below), and named after its extractor:
 - ``FD_cnn0`` / ``FD_cnn1`` / ``FD_r18``: Fréchet distance overall and per class;
 - per class ``FD_<x>_over_split``: that FD over the FD between two disjoint halves of the real
   test class at the same n (the evaluation's collapse-flag floor; 1 = as close as real images),
-  and overall ``FD_<x>_class_spread``: the worst class's ratio over the best's (issue 18's
-  target: every class within 1.5× of the best); with ``--real-ref``, ``FD_<x>_over_real``: FD
+  and overall ``FD_<x>_class_spread``: the worst class's ratio over the best's, the best taken
+  as no lower than 1 (real images'; a reading below it is FD's noise at small n) as the
+  evaluation's collapse flag does (issue 18's target: every class within 1.5× of the best); with ``--real-ref``, ``FD_<x>_over_real``: FD
   over real validation images' at the reference's n;
 - precision / recall / coverage (k = 5, small CNN seed 0 features), overall and per class;
 - MS-SSIM ratio per class (pairwise MS-SSIM of synthetic / of real; ≤ 1 = as diverse as real);
@@ -204,7 +205,7 @@ def score_set(
     for n in feats:
         ratios = [result[cls].get(f"FD_{n}_over_split") for cls in test.classes]
         if all(r is not None and np.isfinite(r) for r in ratios):
-            result["all"][f"FD_{n}_class_spread"] = max(ratios) / min(ratios)
+            result["all"][f"FD_{n}_class_spread"] = max(ratios) / max(min(ratios), 1.0)
     return result
 
 

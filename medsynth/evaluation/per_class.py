@@ -4,8 +4,8 @@ An average over classes hides a collapsed class (issue 18: the pneumonia samples
 whose overall figures looked fine were smooth, alike grey fields). So every place that reports
 quality also reports, per class: FD_clf, precision, recall, coverage, MS-SSIM ratio and mean
 intensity, plus a ``collapsed`` flag when a class's FD_clf *over its real floor* is more than
-``COLLAPSE_FD_FACTOR`` times the best class's, or its MS-SSIM ratio exceeds ``COLLAPSE_MSSSIM``
-(less diverse than real). Fewer than ``MIN_IMAGES`` synthetic or real images give "n too
+``COLLAPSE_FD_FACTOR`` times the best class's (taken as no lower than 1, what real images
+score), or its MS-SSIM ratio exceeds ``COLLAPSE_MSSSIM`` (less diverse than real). Fewer than ``MIN_IMAGES`` synthetic or real images give "n too
 small", not a number.
 
 Raw FD_clf cannot be compared across classes: it grows as n shrinks and with the spread of a
@@ -92,7 +92,8 @@ def flag_collapsed(per: dict[str, dict], classes: list[str]) -> dict[str, dict]:
     """Mark each class entry of ``per`` (class name -> metrics; ``all`` is left alone) in place.
 
     Adds ``FD_clf_vs_best`` (the class's FD_clf over its real floor, divided by the lowest such
-    ratio among measured classes; raw FD_clf where no floor could be measured), ``collapsed``
+    ratio among measured classes but never by less than 1, what real images score; raw FD_clf
+    where no floor could be measured), ``collapsed``
     (bool) and ``collapse_reasons`` (list of str). A ``too_small`` class is neither flagged
     nor counted as the best. Returns ``per``.
     """
@@ -105,6 +106,11 @@ def flag_collapsed(per: dict[str, dict], classes: list[str]) -> dict[str, dict]:
     vals = [per[c][key] for c in measured if _finite(per[c].get(key))]
     # FD can be ~0 for a perfect class; a floor keeps the ratio finite without hiding collapse.
     best = max(min(vals), 1e-6) if vals else None
+    # Over its real floor no class beats real images (1.0); a lower reading is FD's noise at
+    # small n, and dividing by it would flag a class that is as close as real images.
+    floored = key == "FD_clf_over_real" and best is not None and best < 1.0
+    if floored:
+        best = 1.0
     for c in measured:
         m, reasons = per[c], []
         v, ms = m.get(key), m.get("msssim_ratio")
@@ -112,7 +118,8 @@ def flag_collapsed(per: dict[str, dict], classes: list[str]) -> dict[str, dict]:
             m["FD_clf_vs_best"] = v / best
             if len(vals) > 1 and v > COLLAPSE_FD_FACTOR * best:
                 what = "FD_clf over its real floor" if key == "FD_clf_over_real" else "FD_clf"
-                reasons.append(f"{what} {v:.2f}, {v / best:.1f}x the best class's")
+                than = "real images' 1.0" if floored else "the best class's"
+                reasons.append(f"{what} {v:.2f}, {v / best:.1f}x {than}")
         if _finite(ms) and ms > COLLAPSE_MSSSIM:
             reasons.append(f"MS-SSIM ratio {ms:.2f} > {COLLAPSE_MSSSIM:g} (less diverse than real)")
         m["collapsed"], m["collapse_reasons"] = bool(reasons), reasons
