@@ -452,11 +452,9 @@ class GenerationSection(_Section):
 
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
-        if self.autoguidance and self.guidance_scale < 1:
-            raise ValueError(
-                f"generation.autoguidance extrapolates away from the guide: guidance_scale "
-                f"{self.guidance_scale:g} below 1 would move towards it (1 = unguided)"
-            )
+        low = autoguidance_below_one(self.guidance_scale, self.class_guidance)
+        if self.autoguidance and low:
+            raise ValueError(f"generation.{low}")
         for key, off in (("class_guidance", "{}"), ("autoguidance", "false")):
             if getattr(self, key) and self.sampler == "distilled":
                 raise ValueError(
@@ -475,6 +473,19 @@ def is_guided(guidance_scale: float, class_scales: Iterable[float] = ()) -> bool
     """Whether any class is sampled at a scale other than 1, i.e. takes a second network pass
     (null class or guide); at 1 everywhere the guide of autoguidance is never called."""
     return guidance_scale != 1 or any(v != 1 for v in class_scales)
+
+
+def autoguidance_below_one(guidance_scale: float, class_scales: dict[str, float]) -> str | None:
+    """Why autoguidance at these scales is refused, or None: below 1 a row would move *towards*
+    the guide (a weaker model) instead of away from it; 1 leaves a row unguided."""
+    low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
+    low += [f"class_guidance {c}: {v:g}" for c, v in sorted(class_scales.items()) if v < 1]
+    if not low:
+        return None
+    return (
+        f"autoguidance extrapolates away from the guide: {', '.join(low)} below 1 would move "
+        "towards it (1 = unguided)"
+    )
 
 
 def class_name_keys(v: Any) -> Any:

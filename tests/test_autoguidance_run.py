@@ -13,6 +13,7 @@ import pytest
 
 from medsynth.experiment.runner import plan_stages, run_protocol, show
 from medsynth.experiment.sweep import (
+    StudyError,
     SweepPlan,
     _pool_sha,
     estimate,
@@ -89,6 +90,14 @@ def test_protocol_keys_their_hashes_and_refusals():
         load_protocol(SMOKE, [AUTO[0], "training.unconditional=true"])
     with pytest.raises(ProtocolError, match="guidance_scale 0.5 below 1 would move towards"):
         load_protocol(SMOKE, [*AUTO[:2], "generation.guidance_scale=0.5"])
+    # A class's own scale below 1 would move that class's rows towards the guide alike.
+    with pytest.raises(ProtocolError, match="class_guidance opacity: 0.5 below 1 would move"):
+        load_protocol(SMOKE, [*AUTO, "generation.class_guidance={opacity: 0.5}"])
+    # ... and so would an autoguided pool of a sweep (each pool is checked when the plan is made).
+    for axis in ("sweep.guidance_scale=[0.5, 2]", "sweep.class_guidance=[{}, {opacity: 0.5}]"):
+        sweep = load_protocol(SMOKE_SWEEP, [AUTO[0], "sweep.autoguidance=[false, true]", axis])
+        with pytest.raises(StudyError, match=r"pool g.*-ag.*0.5 below 1 would move towards"):
+            expand(sweep)
     with pytest.raises(ProtocolError, match="autoguidance does not apply to the distilled"):
         load_protocol(SMOKE, [*AUTO[:2], "generation.sampler=distilled"])
     with pytest.raises(ProtocolError, match="autoguidance needs a guide"):

@@ -38,6 +38,7 @@ from medsynth.protocol import (
     LATER_KNOBS,
     Protocol,
     SamplerSetting,
+    autoguidance_below_one,
     is_guided,
     sampler_revision,
 )
@@ -183,6 +184,12 @@ def expand(protocol: Protocol) -> SweepPlan:
         )
     )
     for p in pools:
+        low = autoguidance_below_one(p.guidance_scale, dict(p.class_guidance))
+        if p.autoguidance and low:
+            raise StudyError(
+                f"sweep: the pool {p.name}: {low}; take the value out of the sweep or "
+                "sweep.autoguidance"
+            )
         same = [c for c, v in p.class_guidance if v == p.guidance_scale]
         if same:
             raise StudyError(
