@@ -14,8 +14,9 @@ on; see below), and named after its extractor:
   test class at the same n (the evaluation's collapse-flag floor; 1 = as close as real images),
   and overall ``FD_<x>_class_spread``: the worst class's ratio over the best's, the best taken
   as no lower than 1 (real images'; a reading below it is FD's noise at small n) as the
-  evaluation's collapse flag does (issue 18's target: every class within 1.5× of the best); with ``--real-ref``, ``FD_<x>_over_real``: FD
-  over real validation images' at the reference's n;
+  evaluation's collapse flag does (issue 18's target: every class within 1.5× of the best);
+  with ``--real-ref``, ``FD_<x>_over_real``: FD over real validation images' at the
+  reference's n;
 - precision / recall / coverage (k = 5, small CNN seed 0 features), overall and per class;
 - MS-SSIM ratio per class (pairwise MS-SSIM of synthetic / of real; ≤ 1 = as diverse as real);
 - mean intensity in [0, 1] and high-frequency energy (mean squared Laplacian) relative to real.

@@ -5,8 +5,8 @@ whose overall figures looked fine were smooth, alike grey fields). So every plac
 quality also reports, per class: FD_clf, precision, recall, coverage, MS-SSIM ratio and mean
 intensity, plus a ``collapsed`` flag when a class's FD_clf *over its real floor* is more than
 ``COLLAPSE_FD_FACTOR`` times the best class's (taken as no lower than 1, what real images
-score), or its MS-SSIM ratio exceeds ``COLLAPSE_MSSSIM`` (less diverse than real). Fewer than ``MIN_IMAGES`` synthetic or real images give "n too
-small", not a number.
+score), or its MS-SSIM ratio exceeds ``COLLAPSE_MSSSIM`` (less diverse than real). Fewer than
+``MIN_IMAGES`` synthetic or real images give "n too small", not a number.
 
 Raw FD_clf cannot be compared across classes: it grows as n shrinks and with the spread of a
 class in the extractor's feature space. On PneumoniaMNIST, *real* train images against real test
@@ -93,9 +93,8 @@ def flag_collapsed(per: dict[str, dict], classes: list[str]) -> dict[str, dict]:
 
     Adds ``FD_clf_vs_best`` (the class's FD_clf over its real floor, divided by the lowest such
     ratio among measured classes but never by less than 1, what real images score; raw FD_clf
-    where no floor could be measured), ``collapsed``
-    (bool) and ``collapse_reasons`` (list of str). A ``too_small`` class is neither flagged
-    nor counted as the best. Returns ``per``.
+    where no floor could be measured), ``collapsed`` (bool) and ``collapse_reasons`` (list of
+    str). A ``too_small`` class is neither flagged nor counted as the best. Returns ``per``.
     """
     measured = [c for c in classes if c in per and not per[c].get("too_small")]
     key = (

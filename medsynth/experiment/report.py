@@ -382,8 +382,8 @@ def _per_class_section(fid: dict, classes: list[str]) -> list[str]:
         "real images (n and spread), so each class's FD_clf is divided by its real floor (two "
         "halves of its real images, same n). A class is flagged <b>collapsed</b> when that ratio is "
         "above 1.5× the best class's (taken as no lower than 1, what real images score) or its "
-        "MS-SSIM ratio is above 1.1 (its samples are more alike "
-        "than real ones). Below 10 synthetic or real images: <i>n too small</i>. "
+        "MS-SSIM ratio is above 1.1 (its samples are more alike than real ones). Below 10 "
+        "synthetic or real images: <i>n too small</i>. "
         "Mean intensity in [0, 1].</p>",
         _table(rows, ["set / class", "n syn / real"] + [t for _, t in COLUMNS] + ["flag"]),
     ]
