@@ -248,6 +248,7 @@ def _guide_of(src: Path) -> Path:
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
+    from medsynth.protocol import autoguidance_below_one, is_guided
     from medsynth.training.checkpoint import load_guide, load_snapshot
     from medsynth.training.loop import pick_device
 
@@ -273,11 +274,14 @@ def sample_medsynth(args) -> None:
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
         extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
-        if args.guidance == 1 and not args.class_guidance:
+        scales = {like.classes[c]: v for c, v in extra.get("class_guidance", {}).items()}
+        if not is_guided(args.guidance, scales.values()):
             sys.exit(
                 "--autoguide needs --guidance (or --class-guidance) other than 1: at 1 "
                 "the guide is never called"
             )
+        if low := autoguidance_below_one(args.guidance, scales):
+            sys.exit(f"--autoguide: {low}")
         try:
             extra["guide"] = load_guide(_guide_of(Path(args.autoguide)), config, device)
         except ValueError as err:
