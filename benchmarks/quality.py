@@ -34,7 +34,8 @@ Subcommands::
     python benchmarks/quality.py extractors INGEST --cache DIR [--train-fraction 0.8]
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
         --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train
-        --class-guidance normal=2 --autoguide WEAKER_RUN_OR_SNAPSHOT]
+        --class-guidance normal=2 --autoguide WEAKER_RUN_OR_SNAPSHOT
+        --autoguide-classes pneumonia]
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
         [--against test|val|heldout]
@@ -248,7 +249,7 @@ def _guide_of(src: Path) -> Path:
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
-    from medsynth.protocol import autoguidance_below_one, is_guided
+    from medsynth.protocol import autoguidance_below_one, guide_called
     from medsynth.training.checkpoint import load_guide, load_snapshot
     from medsynth.training.loop import pick_device
 
@@ -273,15 +274,22 @@ def sample_medsynth(args) -> None:
     if args.class_guidance:  # name=scale: that class's own guidance scale
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
         extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
+    if args.autoguide_classes and not args.autoguide:
+        sys.exit("--autoguide-classes names the classes that use --autoguide's guide: pass both")
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
         scales = {like.classes[c]: v for c, v in extra.get("class_guidance", {}).items()}
-        if not is_guided(args.guidance, scales.values()):
+        some = args.autoguide_classes  # None: every class
+        if unknown := sorted(set(some or []) - set(like.classes)):
+            sys.exit(f"--autoguide-classes: unknown classes {unknown}; known {like.classes}")
+        if not guide_called(some or True, args.guidance, scales):
             sys.exit(
-                "--autoguide needs --guidance (or --class-guidance) other than 1: at 1 "
-                "the guide is never called"
+                "--autoguide needs --guidance (or --class-guidance) other than 1 for an "
+                "autoguided class: at 1 the guide is never called"
             )
-        if low := autoguidance_below_one(args.guidance, scales):
+        if low := autoguidance_below_one(args.guidance, scales, some):
             sys.exit(f"--autoguide: {low}")
+        if some is not None:
+            extra["guide_classes"] = [like.classes.index(c) for c in some]
         try:
             extra["guide"] = load_guide(_guide_of(Path(args.autoguide)), config, device)
         except ValueError as err:
@@ -492,6 +500,13 @@ def main() -> None:
         metavar="RUN_OR_SNAPSHOT",
         help="autoguidance: guide with this weaker model (e.g. the recipe at 1,000 steps) under "
         "each row's own class instead of the null class",
+    )
+    s.add_argument(
+        "--autoguide-classes",
+        nargs="+",
+        metavar="CLASS",
+        help="with --autoguide: only these classes use the guide; the other guided classes "
+        "extrapolate from the null class",
     )
     s.add_argument(
         "--like", default="test", choices=["test", "val", "train"], help="class proportions of"

@@ -80,9 +80,12 @@ if not pools:
 pool = st.sidebar.selectbox("Pool", pools)
 pool_dir = run / "generate" / pool
 rows = manifest(str(pool_dir), (pool_dir / "manifest.csv").stat().st_mtime)
-# Guided away from a weaker model (autoguidance) or from the null class: the request says which.
-request = pool_dir / "request.json"
-autoguided = request.exists() and "guide_snapshot_sha256" in json.loads(request.read_text())
+# Guided away from a weaker model (autoguidance) or from the null class: the request says which,
+# and for which classes when not for all of them.
+request_path = pool_dir / "request.json"
+request = json.loads(request_path.read_text()) if request_path.exists() else {}
+autoguided = "guide_snapshot_sha256" in request
+autoguided_classes = request.get("autoguided_classes")  # None: every guided class
 if not rows:
     st.warning(f"Pool {pool} has no samples.")
     st.stop()
@@ -227,7 +230,10 @@ elif view == "Review":
                 )
             else:
                 # The guide is never called for a row drawn at scale 1 (a class left unguided).
-                guide = "autoguidance" if autoguided and float(r["guidance_scale"]) != 1 else None
+                by_guide = autoguided and float(r["guidance_scale"]) != 1
+                if autoguided_classes is not None:
+                    by_guide = by_guide and r["class_name"] in autoguided_classes
+                guide = "autoguidance" if by_guide else None
                 st.markdown(
                     f"**SYNTHETIC** sample {pos + 1} / {len(shown)} — #{r['index']} class "
                     f"**{r['class_name']}**, seed {r['seed']}, {r['sampler']}-{r['steps']}, "

@@ -419,10 +419,12 @@ class GenerationSection(_Section):
         description="class name -> guidance scale for that class's images (the others take "
         "guidance_scale); one class may need stronger conditioning than another",
     )
-    autoguidance: bool = Field(
+    autoguidance: bool | list[str] = Field(
         False,
         description="guide with the weaker model of training.guide_fraction under each image's "
-        "own class instead of the null class (Karras et al. 2024); guidance_scale sets it",
+        "own class instead of the null class (Karras et al. 2024); guidance_scale sets it. "
+        "A list of class names: only those classes' guided images use the guide, the other "
+        "guided classes push away from the null class",
     )
     timestep_spacing: Literal["trailing", "karras"] = Field(
         "trailing",
@@ -440,6 +442,18 @@ class GenerationSection(_Section):
         """Whether some class takes a second pass per step (see :func:`is_guided`)."""
         return is_guided(self.guidance_scale, self.class_guidance.values())
 
+    @property
+    def autoguided_classes(self) -> list[str] | None:
+        """The classes whose guided images use the guide: None for all (``true``), [] for none."""
+        a = self.autoguidance
+        return (None if a else []) if isinstance(a, bool) else a
+
+    @property
+    def uses_guide(self) -> bool:
+        """Whether some image is drawn with the guide: an autoguided class at a scale other
+        than 1 (the guide is never called otherwise)."""
+        return guide_called(self.autoguidance, self.guidance_scale, self.class_guidance)
+
     @field_validator("guidance_interval")
     @classmethod
     def _interval(cls, v: list[float]) -> list[float]:
@@ -450,9 +464,23 @@ class GenerationSection(_Section):
     def _class_keys(cls, v: Any) -> Any:
         return class_name_keys(v)
 
+    @field_validator("autoguidance", mode="before")
+    @classmethod
+    def _class_list(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            names = [str(c) for c in v]  # bare YAML class names (`[1]`) read as numbers
+            if not names:
+                raise ValueError("an empty list autoguides no class: use false")
+            if len(set(names)) != len(names):
+                raise ValueError(f"names a class twice: {names}")
+            return names
+        return v
+
     @model_validator(mode="after")
     def _knobs_fit_the_sampler(self) -> GenerationSection:
-        low = autoguidance_below_one(self.guidance_scale, self.class_guidance)
+        low = autoguidance_below_one(
+            self.guidance_scale, self.class_guidance, self.autoguided_classes
+        )
         if self.autoguidance and low:
             raise ValueError(f"generation.{low}")
         for key, off in (("class_guidance", "{}"), ("autoguidance", "false")):
@@ -475,9 +503,34 @@ def is_guided(guidance_scale: float, class_scales: Iterable[float] = ()) -> bool
     return guidance_scale != 1 or any(v != 1 for v in class_scales)
 
 
-def autoguidance_below_one(guidance_scale: float, class_scales: dict[str, float]) -> str | None:
+def guide_called(
+    autoguidance: bool | list[str], guidance_scale: float, class_scales: dict[str, float]
+) -> bool:
+    """Whether autoguidance (``true``, or the classes it names) calls the guide for some row:
+    an autoguided class sampled at a scale other than 1."""
+    if isinstance(autoguidance, bool):
+        return autoguidance and is_guided(guidance_scale, class_scales.values())
+    return any(class_scales.get(c, guidance_scale) != 1 for c in autoguidance)
+
+
+def autoguidance_below_one(
+    guidance_scale: float, class_scales: dict[str, float], classes: list[str] | None = None
+) -> str | None:
     """Why autoguidance at these scales is refused, or None: below 1 a row would move *towards*
-    the guide (a weaker model) instead of away from it; 1 leaves a row unguided."""
+    the guide (a weaker model) instead of away from it; 1 leaves a row unguided. ``classes``:
+    the autoguided classes (None: all)."""
+    if classes is not None:
+        low = [
+            f"{c} at {class_scales.get(c, guidance_scale):g}"
+            for c in classes
+            if class_scales.get(c, guidance_scale) < 1
+        ]
+        return (
+            f"autoguidance extrapolates away from the guide: {', '.join(low)} below 1 would "
+            "move towards it (1 = unguided)"
+            if low
+            else None
+        )
     low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
     low += [f"class_guidance {c}: {v:g}" for c, v in sorted(class_scales.items()) if v < 1]
     if not low:
@@ -846,7 +899,10 @@ class Protocol(_Section):
     def _class_guidance_names(self) -> Protocol:
         # Where the protocol names its classes, a typo fails here rather than after training.
         known = self.dataset.classes
-        named = {"generation.class_guidance": set(self.generation.class_guidance)}
+        named = {
+            "generation.class_guidance": set(self.generation.class_guidance),
+            "generation.autoguidance": set(self.generation.autoguided_classes or []),
+        }
         if self.sweep is not None:
             named["sweep.class_guidance"] = {c for cg in self.sweep.class_guidance for c in cg}
         for key, names in named.items():
@@ -864,6 +920,12 @@ class Protocol(_Section):
             raise ValueError(
                 "autoguidance needs a guide: set training.guide_fraction (e.g. 0.2, a fifth "
                 "of training.max_steps) so the train stage trains one"
+            )
+        if self.sweep is not None and isinstance(self.generation.autoguidance, list):
+            raise ValueError(
+                "a sweep draws autoguided pools by sweep.autoguidance [false, true]; "
+                "generation.autoguidance as a class list is for a single pool (set it to "
+                "true or false here)"
             )
         return self
 

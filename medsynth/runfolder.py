@@ -20,7 +20,7 @@ from medsynth.protocol import (
     Protocol,
     canonical_json,
     drop_later_defaults,
-    is_guided,
+    guide_called,
     sampler_revision,
 )
 
@@ -72,8 +72,8 @@ def stage_inputs(protocol: Protocol, base_sha256: str | None = None) -> dict[str
     if not gen.get("ddim_eta"):
         gen.pop("ddim_eta", None)  # added later; the default must not invalidate older pools
     gen |= sampler_revision(gen["sampler"], gen["steps"], T)
-    if gen.get("autoguidance") and is_guided(
-        gen["guidance_scale"], gen.get("class_guidance", {}).values()
+    if guide_called(
+        gen.get("autoguidance", False), gen["guidance_scale"], gen.get("class_guidance", {})
     ):
         gen["guide_fraction"] = guide  # the guide drew the pool too
     # A distilled pool also depends on how the student was distilled (defaults if unset).

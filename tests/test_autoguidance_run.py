@@ -137,6 +137,71 @@ def test_train_stage_trains_the_guide_and_generation_uses_it(auto_run, tmp_path)
         generate_pool(snap, run / "generate/main", plan, guidance_scale=2, **kw)
 
 
+def test_autoguidance_for_some_classes_only(auto_run, tmp_path):
+    """``generation.autoguidance: [opacity]``: opacity's guided images use the guide, the other
+    guided classes the null class; each class is drawn as in a pool guided one way for all."""
+    from medsynth.experiment.report import _guidance
+
+    run, _ = auto_run
+    some = [
+        AUTO[0],
+        "generation.guidance_scale=2",
+        "generation.autoguidance=[opacity]",
+        "generation.class_guidance={normal: 3}",
+    ]
+    q = load_protocol(SMOKE, some)
+    assert q.generation.autoguided_classes == ["opacity"] and q.generation.uses_guide
+    assert _guidance(q.generation) == (
+        "guidance 2 (normal: 3); autoguidance for opacity, the null class for the other classes"
+    )
+    # Which classes use the guide is part of the pool; a listed class left at 1 never calls it.
+    unused = ["generation.autoguidance=[opacity]", "generation.class_guidance={normal: 3}"]
+    hashes = {
+        (guide, k): stage_inputs(load_protocol(SMOKE, [guide, *extra]))["generate"]
+        for guide in (AUTO[0], "training.guide_fraction=0.5")
+        for k, extra in {"all": AUTO[1:], "some": some[1:], "unused": unused}.items()
+    }
+    assert len({hashes[AUTO[0], k] for k in ("all", "some", "unused")}) == 3
+    # The guide's length is part of a pool it draws, and not of one it never touches.
+    longer = "training.guide_fraction=0.5"
+    assert hashes[longer, "some"] != hashes[AUTO[0], "some"]
+    assert hashes[longer, "unused"] == hashes[AUTO[0], "unused"]
+    assert not load_protocol(SMOKE, [AUTO[0], *unused]).generation.uses_guide
+    named = "dataset.classes=[normal, opacity]"  # where the protocol names them: at load
+    with pytest.raises(ProtocolError, match=r"names unknown classes \['nodule'\]; dataset.cl"):
+        load_protocol(SMOKE, [*some, named, "generation.autoguidance=[nodule]"])
+    bad = {
+        "generation.autoguidance=[]": "an empty list autoguides no class: use false",
+        "generation.class_guidance={opacity: 0.5}": "opacity at 0.5 below 1 would move towards",
+    }
+    for extra, why in bad.items():
+        with pytest.raises(ProtocolError, match=why):
+            load_protocol(SMOKE, [*some, extra])
+    # Null-class guidance below 1 (towards the unconditional model) stays allowed elsewhere.
+    load_protocol(SMOKE, [*some[:3], "generation.class_guidance={normal: 0.5}"])
+    with pytest.raises(ProtocolError, match="a sweep draws autoguided pools by sweep.autoguidance"):
+        load_protocol(SMOKE_SWEEP, [AUTO[0], "generation.autoguidance=[opacity]"])
+
+    snap, guide = latest_snapshot(run / "train"), latest_snapshot(guide_dir(run / "train"))
+    kw = dict(pool="main", sampler="dpmpp", steps=5, progress=False, device="cpu")
+    plan = {"normal": 4, "opacity": 4}
+    both = dict(guidance_scale=2, class_guidance={"normal": 3}, guide_snapshot=guide)
+    generate_pool(snap, tmp_path / "some", plan, autoguided_classes=["opacity"], **both, **kw)
+    generate_pool(snap, tmp_path / "auto", plan, guidance_scale=2, guide_snapshot=guide, **kw)
+    generate_pool(snap, tmp_path / "cfg", plan, guidance_scale=3, **kw)
+    request = json.loads((tmp_path / "some" / "request.json").read_text())
+    assert request["autoguided_classes"] == ["opacity"]
+    assert request["guide_snapshot_sha256"] == snapshot_sha256(guide)
+    ds = pydicom.dcmread(next((tmp_path / "some/dicom/normal").glob("*.dcm")))
+    assert f"autoguide sha256:{snapshot_sha256(guide)[:16]} for=opacity" in ds.DerivationDescription
+    pools = {k: load_pool(tmp_path / k) for k in ("some", "auto", "cfg")}
+    opacity = pools["some"].labels == pools["some"].classes.index("opacity")
+    assert np.array_equal(pools["some"].images[opacity], pools["auto"].images[opacity])
+    assert np.array_equal(pools["some"].images[~opacity], pools["cfg"].images[~opacity])
+    with pytest.raises(ValueError, match=r"autoguidance names unknown classes \['nodule'\]"):
+        generate_pool(snap, tmp_path / "x", plan, autoguided_classes=["nodule"], **both, **kw)
+
+
 def test_generation_pairs_the_model_with_its_own_finished_guide(auto_run, tmp_path):
     from medsynth.generation.api import generate_from_protocol
 

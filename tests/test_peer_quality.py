@@ -142,16 +142,18 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
         _run("benchmarks/quality.py", *args, "--n", "8", "--steps", "3", *extra)
     plain, auto = (np.load(draws[k])["images"] for k in ("plain", "auto"))
     assert plain.shape == (8, 1, 16, 16) and np.array_equal(plain, auto)
+
+    def refused(*extra) -> str:
+        cmd = [sys.executable, "benchmarks/quality.py", *args, "--n", "2", *extra]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode != 0
+        return done.stderr
+
     # Below 1 the rows would move towards the guide: refused as the protocol refuses it.
-    low = ["--autoguide", str(run), "--guidance", "0.5"]
-    refused = subprocess.run(
-        [sys.executable, "benchmarks/quality.py", *args, "--n", "2", *low],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode != 0
-    assert "guidance_scale 0.5 below 1 would move towards" in refused.stderr
+    low = refused("--autoguide", str(run), "--guidance", "0.5")
+    assert "guidance_scale 0.5 below 1 would move towards" in low
+    some = ["--autoguide", str(run), "--guidance", "2", "--autoguide-classes"]
+    assert "--autoguide-classes: unknown classes ['nodule']" in refused(*some, "nodule")
 
     # A set of real test images scores far closer to the test split than uniform noise does.
     from medsynth.data.datasets import load_split

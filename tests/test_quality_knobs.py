@@ -541,6 +541,43 @@ def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
     assert weak.training  # its mode switched back after sampling
 
 
+def test_autoguidance_for_some_classes_guides_the_others_from_the_null_class(unet):
+    torch.manual_seed(1)
+    weak = build_unet(TINY)
+    with torch.no_grad():
+        for p, q in zip(weak.parameters(), unet.parameters(), strict=True):
+            p.copy_(q + torch.randn_like(q) * 0.02)
+    x, t, labels = torch.randn(3, 1, 16, 16), 500, torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        m = unet(x, timesteps=torch.full((3,), t), class_labels=labels)
+        g = weak(x, timesteps=torch.full((3,), t), class_labels=labels)
+        u = unet(x, timesteps=torch.full((3,), t), class_labels=torch.full((3,), 2))
+        den = _Denoiser(unet, labels, 2, 2.5, nullcontext, 2, guide=weak, guide_classes=[1])
+        out = den(x, t)
+        torch.testing.assert_close(out[1], (g + 2.5 * (m - g))[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[0::2], (u + 2.5 * (m - u))[0::2], atol=1e-5, rtol=0)
+    # Through a sampler each class is what it would be in a pool guided one way for all: the
+    # autoguided class as under autoguidance, the other as under null-class guidance (at its own
+    # scale), bit for bit — so a mixed pool is the per-class pools put together.
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="dpmpp", steps=4, net_batch=2)
+    labels, seeds = [0, 1, 0, 1], [3, 4, 5, 6]
+    mixed = sample(
+        unet,
+        ScheduleConfig(),
+        labels,
+        seeds,
+        guidance_scale=1.5,
+        class_guidance={0: 2.0},
+        guide=weak,
+        guide_classes=[1],
+        **kw,
+    )
+    auto = sample(unet, ScheduleConfig(), labels, seeds, guidance_scale=1.5, guide=weak, **kw)
+    cfg = sample(unet, ScheduleConfig(), labels, seeds, guidance_scale=2.0, **kw)
+    assert torch.equal(mixed[1::2], auto[1::2]) and torch.equal(mixed[0::2], cfg[0::2])
+    assert (mixed[0::2] - auto[0::2]).abs().max() > 1e-3
+
+
 class _CondStub(torch.nn.Module):
     """Any network of the sampler's signature: 1 image + 1 condition channel in, 1 out."""
 

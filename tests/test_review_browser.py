@@ -532,6 +532,18 @@ def test_review_names_autoguidance_when_the_pool_was_autoguided(browser, app):
             w.writerows(r | {"guidance_scale": "1.5"} for r in rows)
         _open(browser, url, "Review")
         _see(browser, "SYNTHETIC sample 1", "autoguidance 1.5")
+        # Autoguidance for the other classes only: this class was guided from the null class.
+        first = rows[0]["class_name"]
+        others = sorted({r["class_name"] for r in rows} - {first})
+        request.write_text(
+            json.dumps(
+                json.loads(plain)
+                | {"guide_snapshot_sha256": "f" * 64, "autoguided_classes": others}
+            )
+        )
+        _open(browser, url, "Review")
+        _see(browser, "SYNTHETIC sample 1", f"class {first}", "guidance 1.5")
+        assert "autoguidance" not in _text(browser)
     finally:
         request.write_text(plain)
         manifest.write_text(listed)

@@ -14,7 +14,7 @@ seeded with ``seeds[k]`` on the CPU, so a sample does not depend on batch size, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 import torch
@@ -55,7 +55,9 @@ class _Denoiser:
     correction. ``interval`` ``(lo, hi)``: guidance only where ``lo <= t / T <= hi``; outside
     it one conditional pass (Kynkaanniemi et al. 2024). ``guide``: autoguidance (Karras et al.
     2024) — guidance pushes away from this weaker model under each row's own class instead of
-    from the null class, so it sharpens without pulling every class towards its typical image.
+    from the null class, so it sharpens without pulling every class towards its typical image;
+    ``guide_classes``: the class indices whose rows use it (None: all), the other guided rows
+    push away from the null class.
     """
 
     def __init__(
@@ -72,15 +74,21 @@ class _Denoiser:
         cond: torch.Tensor | None = None,
         class_guidance: dict[int, float] | None = None,
         guide: torch.nn.Module | None = None,
+        guide_classes: Iterable[int] | None = None,
     ):
         self.model, self.guide, self.labels = model, guide, labels
         self.scale, self.autocast = guidance_scale, autocast
-        # Per-row scales when some class has its own: rows at 1 take the conditional pass alone
-        # (as with guidance 1 everywhere), so each sample depends only on its class and seed.
-        self.row_scale = None
-        if class_guidance:
-            scales = [class_guidance.get(int(y), guidance_scale) for y in labels.tolist()]
+        # Per-row scales (and guides) when some class has its own: rows at 1 take the
+        # conditional pass alone (as with guidance 1 everywhere), so each sample depends only on
+        # its class and seed.
+        self.row_scale = self.row_guide = None
+        if class_guidance or (guide is not None and guide_classes is not None):
+            cg = class_guidance or {}
+            scales = [cg.get(int(y), guidance_scale) for y in labels.tolist()]
             self.row_scale = torch.tensor(scales, dtype=torch.float32, device=labels.device)
+        if guide is not None and guide_classes is not None:
+            wanted = torch.tensor(sorted(set(guide_classes)), dtype=labels.dtype)
+            self.row_guide = torch.isin(labels, wanted.to(labels.device))
         self.null = torch.full_like(labels, null_label)
         self.net_batch = net_batch
         self.cfg, self.rescale, self.interval = cfg or ScheduleConfig(), float(rescale), interval
@@ -138,15 +146,23 @@ class _Denoiser:
         return guided
 
     def _per_row(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Class guidance: the conditional pass for every row, the null-class pass only for the
-        rows whose scale is not 1, mixed with each row's own scale."""
+        """Class guidance: the conditional pass for every row, the guide's or the null class's
+        pass only for the rows whose scale is not 1, mixed with each row's own scale."""
         out = self._net(x, t, self.labels)
         m = self.row_scale != 1
         xm, cond = x[m], out[m]
-        if self.guide is not None:
-            uncond = self._net(xm, t, self.labels[m], self.guide, rows=m)
-        else:
-            uncond = self._net(xm, t, self.null[m], rows=m)
+        uncond = torch.empty_like(cond)
+        by_guide = torch.zeros_like(m) if self.guide is None else m.clone()
+        if self.row_guide is not None:
+            by_guide &= self.row_guide
+        # Calls are padded to net_batch, so a row's pass does not depend on which rows share it:
+        # a class's samples are the same whichever guide the other classes use.
+        for use, model, labels in (
+            (by_guide, self.guide, self.labels),
+            (m & ~by_guide, None, self.null),
+        ):
+            if use.any():
+                uncond[use[m]] = self._net(x[use], t, labels[use], model, rows=use)
         scale = self.row_scale[m].view(-1, *([1] * (x.dim() - 1)))
         guided = uncond + scale * (cond - uncond)
         if self.rescale:
@@ -319,6 +335,7 @@ def sample(
     timestep_spacing: str = "trailing",
     class_guidance: dict[int, float] | None = None,
     guide: torch.nn.Module | None = None,
+    guide_classes: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     net_batch: int = 16,
@@ -344,7 +361,8 @@ def sample(
     ``guide``: autoguidance (Karras et al. 2024): a weaker model of the same task (e.g. the
     same recipe trained for fewer steps), on ``device``, called with each row's own class
     where plain guidance calls ``model`` with the null class; a scale ``s`` then gives
-    ``guide + s (model - guide)``.
+    ``guide + s (model - guide)``. ``guide_classes``: the class indices whose guided rows use
+    ``guide`` (None: every class); the other guided rows extrapolate from the null class.
     ``distilled``: the student's :class:`ConsistencyConfig` as a dict (its snapshot's
     ``distill``); only with sampler ``distilled``, whose guidance is the distilled-in scale.
     ``clip``: clamp the result to [-1, 1] (off for latents, which are not bounded).
@@ -422,6 +440,7 @@ def sample(
         cond=cond,
         class_guidance=class_guidance,
         guide=guide,
+        guide_classes=guide_classes,
     )
     # Switching modes walks every submodule (~30 % of a 1-step single-sample request on a CPU):
     # only a model in training mode is switched, and switched back.

@@ -336,8 +336,11 @@ def _sampler(g) -> str:
 
 def _guidance(g) -> str:
     """``guidance 2`` plus rescale / interval / per-class scales when set; ``autoguidance 1.5``
-    when the guided rows extrapolate from the guide rather than the null class."""
-    text = f"{'autoguidance' if g.autoguidance and g.guided else 'guidance'} {g.guidance_scale:g}"
+    when the guided rows extrapolate from the guide rather than the null class (``…;
+    autoguidance for pneumonia, …`` when only some classes do)."""
+    some = g.autoguided_classes
+    auto = g.uses_guide and some is None
+    text = f"{'autoguidance' if auto else 'guidance'} {g.guidance_scale:g}"
     if g.guidance_rescale:
         text += f" (rescaled, φ {g.guidance_rescale:g})"
     if list(g.guidance_interval) != [0.0, 1.0]:
@@ -345,6 +348,8 @@ def _guidance(g) -> str:
         text += f" within t/T ∈ [{lo:g}, {hi:g}]"
     if g.class_guidance:
         text += " (" + ", ".join(f"{c}: {v:g}" for c, v in sorted(g.class_guidance.items())) + ")"
+    if g.uses_guide and some:
+        text += f"; autoguidance for {', '.join(some)}, the null class for the other classes"
     return text
 
 

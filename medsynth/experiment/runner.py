@@ -100,8 +100,9 @@ def _guide_pending(protocol, run: Path) -> bool:
 
 
 def _uses_guide(protocol) -> bool:
-    """Whether the protocol's pool is drawn with the autoguidance guide (some class guided)."""
-    return protocol.generation.autoguidance and protocol.generation.guided
+    """Whether the protocol's pool is drawn with the autoguidance guide (an autoguided class
+    guided)."""
+    return protocol.generation.uses_guide
 
 
 def stage_hashes(protocol) -> dict[str, str]:

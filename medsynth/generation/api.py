@@ -40,7 +40,7 @@ def generate_from_protocol(
     real = {c: sum(r["label"] == c for r in rows) for c in summary["classes"]}
     spacing, note = cache_spacing(rows, proto.dataset.spatial_size, proto.dataset.resize_mode)
     g = proto.generation
-    guide = _guide(proto, run, snapshot) if g.autoguidance else None
+    guide = _guide(proto, run, snapshot) if g.uses_guide else None
     plan = plan_counts(
         g.count_mode,
         summary["classes"],
@@ -63,6 +63,7 @@ def generate_from_protocol(
         timestep_spacing=g.timestep_spacing,
         class_guidance=g.class_guidance,
         guide_snapshot=guide,
+        autoguided_classes=g.autoguided_classes or None,
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,
@@ -94,10 +95,8 @@ def generate_from_protocol(
 
 
 def _guide(proto: Protocol, run: Path, snapshot: str | Path | None) -> Path | None:
-    """The guide autoguidance pairs with ``RUN/train``'s model; None when no class is guided
-    (the guide would never be called)."""
-    if not proto.generation.guided:
-        return None
+    """The guide autoguidance pairs with ``RUN/train``'s model (only asked for when some
+    autoguided class is guided: else the guide is never called)."""
     model = latest_snapshot(run / "train")
     if snapshot and Path(snapshot).resolve() != model.resolve():
         raise ValueError(

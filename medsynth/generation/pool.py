@@ -25,7 +25,7 @@ from tqdm import tqdm
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
 from medsynth.diffusion.sampler import sample
-from medsynth.protocol import is_guided, sampler_revision
+from medsynth.protocol import guide_called, sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_guide, load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
@@ -185,6 +185,7 @@ def generate_pool(
     timestep_spacing: str = "trailing",  # trailing | karras (ddim, ddpm, dpmpp)
     class_guidance: dict[str, float] | None = None,  # class name -> its own guidance scale
     guide_snapshot: str | Path | None = None,  # autoguidance: guide from this weaker model
+    autoguided_classes: list[str] | None = None,  # those classes only (None: every class)
     batch_size: int = 64,
     net_batch: int = 16,
     precision: str = "fp32",  # auto | fp32 | bf16 (autocast)
@@ -203,7 +204,8 @@ def generate_pool(
     ``guide_snapshot``: autoguidance (Karras et al. 2024) — guided rows extrapolate from this
     weaker model of the same task under their own class instead of from the null class; its
     hash joins the request and every file's derivation. Unused (and unrecorded) when no class
-    is guided, since then the guide is never called.
+    is guided, since then the guide is never called. ``autoguided_classes``: only these
+    classes' guided rows use it, the others extrapolate from the null class (recorded too).
     """
     rank, world = shard
     if not 0 <= rank < world:
@@ -233,9 +235,15 @@ def generate_pool(
         raise ValueError(
             f"generation.class_guidance names unknown classes {unknown}; the snapshot knows {classes}"
         )
+    unknown = sorted(set(autoguided_classes or []) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"generation.autoguidance names unknown classes {unknown}; the snapshot knows {classes}"
+        )
     snap_sha = snapshot_sha256(snapshot_dir)
     guide, guide_sha = None, None
-    if guide_snapshot is not None and is_guided(guidance_scale, class_guidance.values()):
+    autoguidance = True if autoguided_classes is None else sorted(autoguided_classes)
+    if guide_snapshot is not None and guide_called(autoguidance, guidance_scale, class_guidance):
         guide = load_guide(guide_snapshot, cfg, dev)
         guide_sha = snapshot_sha256(guide_snapshot)
     items = [Item(classes.index(c), k) for c in classes for k in range(plan.get(c, 0))]
@@ -273,6 +281,9 @@ def generate_pool(
     if guide_sha:
         request["guide_snapshot_sha256"] = guide_sha
         extra += f" autoguide sha256:{guide_sha[:16]}"
+        if autoguided_classes is not None:
+            request["autoguided_classes"] = autoguidance
+            extra += " for=" + ",".join(autoguidance)
     with open(out / ".manifest.lock", "w") as lock:
         # Shards start together: one at a time checks the request and sweeps its own orphans.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -318,6 +329,9 @@ def generate_pool(
             timestep_spacing=timestep_spacing,
             class_guidance={classes.index(c): v for c, v in class_guidance.items()},
             guide=guide,
+            guide_classes=None
+            if autoguided_classes is None
+            else [classes.index(c) for c in autoguidance],
             device=dev,
             bf16=precision == "bf16",
             net_batch=net_batch,
