@@ -473,7 +473,7 @@ class GenerationSection(_Section):
                 raise ValueError("an empty list autoguides no class: use false")
             if len(set(names)) != len(names):
                 raise ValueError(f"names a class twice: {names}")
-            return names
+            return sorted(names)  # a set: the order means nothing, so it changes no hash
         return v
 
     @model_validator(mode="after")

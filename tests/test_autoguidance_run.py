@@ -152,7 +152,7 @@ def test_autoguidance_for_some_classes_only(auto_run, tmp_path):
     q = load_protocol(SMOKE, some)
     assert q.generation.autoguided_classes == ["opacity"] and q.generation.uses_guide
     assert _guidance(q.generation) == (
-        "guidance 2 (normal: 3); autoguidance for opacity, the null class for the other classes"
+        "guidance 2 (normal: 3); the null class for the other classes, autoguidance for opacity"
     )
     # Which classes use the guide is part of the pool; a listed class left at 1 never calls it.
     unused = ["generation.autoguidance=[opacity]", "generation.class_guidance={normal: 3}"]
@@ -167,6 +167,12 @@ def test_autoguidance_for_some_classes_only(auto_run, tmp_path):
     assert hashes[longer, "some"] != hashes[AUTO[0], "some"]
     assert hashes[longer, "unused"] == hashes[AUTO[0], "unused"]
     assert not load_protocol(SMOKE, [AUTO[0], *unused]).generation.uses_guide
+    # The list is a set: its order changes nothing.
+    a, b = (
+        load_protocol(SMOKE, [*some, f"generation.autoguidance=[{x}]"])
+        for x in ("normal, opacity", "opacity, normal")
+    )
+    assert a.sha256() == b.sha256() and a.generation.autoguided_classes == ["normal", "opacity"]
     named = "dataset.classes=[normal, opacity]"  # where the protocol names them: at load
     with pytest.raises(ProtocolError, match=r"names unknown classes \['nodule'\]; dataset.cl"):
         load_protocol(SMOKE, [*some, named, "generation.autoguidance=[nodule]"])

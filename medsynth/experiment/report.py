@@ -336,8 +336,8 @@ def _sampler(g) -> str:
 
 def _guidance(g) -> str:
     """``guidance 2`` plus rescale / interval / per-class scales when set; ``autoguidance 1.5``
-    when the guided rows extrapolate from the guide rather than the null class (``…;
-    autoguidance for pneumonia, …`` when only some classes do)."""
+    when the guided rows extrapolate from the guide rather than the null class (``…; the null
+    class for the other classes, autoguidance for pneumonia`` when only some classes do)."""
     some = g.autoguided_classes
     auto = g.uses_guide and some is None
     text = f"{'autoguidance' if auto else 'guidance'} {g.guidance_scale:g}"
@@ -349,7 +349,8 @@ def _guidance(g) -> str:
     if g.class_guidance:
         text += " (" + ", ".join(f"{c}: {v:g}" for c, v in sorted(g.class_guidance.items())) + ")"
     if g.uses_guide and some:
-        text += f"; autoguidance for {', '.join(some)}, the null class for the other classes"
+        # Last, so the pool card's "away from guide sha256:…" follows the autoguided classes.
+        text += f"; the null class for the other classes, autoguidance for {', '.join(some)}"
     return text
 
 

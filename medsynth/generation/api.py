@@ -63,7 +63,7 @@ def generate_from_protocol(
         timestep_spacing=g.timestep_spacing,
         class_guidance=g.class_guidance,
         guide_snapshot=guide,
-        autoguided_classes=g.autoguided_classes or None,
+        autoguided_classes=g.autoguided_classes or None,  # [] (false) draws no guide anyway
         batch_size=g.batch_size,
         net_batch=g.net_batch,
         precision=g.precision,
