@@ -510,12 +510,18 @@ def test_manifest_records_each_rows_own_guidance_scale(tmp_path):
 # --- autoguidance --------------------------------------------------------------------------------
 
 
-def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
+def _weaker(unet):
+    """A guide: the model's weights, slightly perturbed (seeded)."""
     torch.manual_seed(1)
     weak = build_unet(TINY)
     with torch.no_grad():
         for p, q in zip(weak.parameters(), unet.parameters(), strict=True):
             p.copy_(q + torch.randn_like(q) * 0.02)
+    return weak
+
+
+def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
+    weak = _weaker(unet)
     x, t, labels = torch.randn(3, 1, 16, 16), 500, torch.tensor([0, 1, 0])
 
     def den(scale, guide, **kw):
@@ -542,11 +548,7 @@ def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
 
 
 def test_autoguidance_for_some_classes_guides_the_others_from_the_null_class(unet):
-    torch.manual_seed(1)
-    weak = build_unet(TINY)
-    with torch.no_grad():
-        for p, q in zip(weak.parameters(), unet.parameters(), strict=True):
-            p.copy_(q + torch.randn_like(q) * 0.02)
+    weak = _weaker(unet)
     x, t, labels = torch.randn(3, 1, 16, 16), 500, torch.tensor([0, 1, 0])
     with torch.no_grad():
         m = unet(x, timesteps=torch.full((3,), t), class_labels=labels)
