@@ -519,20 +519,12 @@ def autoguidance_below_one(
     """Why autoguidance at these scales is refused, or None: below 1 a row would move *towards*
     the guide (a weaker model) instead of away from it; 1 leaves a row unguided. ``classes``:
     the autoguided classes (None: all)."""
-    if classes is not None:
-        low = [
-            f"{c} at {class_scales.get(c, guidance_scale):g}"
-            for c in classes
-            if class_scales.get(c, guidance_scale) < 1
-        ]
-        return (
-            f"autoguidance extrapolates away from the guide: {', '.join(low)} below 1 would "
-            "move towards it (1 = unguided)"
-            if low
-            else None
-        )
-    low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
-    low += [f"class_guidance {c}: {v:g}" for c, v in sorted(class_scales.items()) if v < 1]
+    if classes is None:
+        low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
+        low += [f"class_guidance {c}: {v:g}" for c, v in sorted(class_scales.items()) if v < 1]
+    else:
+        scales = {c: class_scales.get(c, guidance_scale) for c in classes}
+        low = [f"{c} at {v:g}" for c, v in scales.items() if v < 1]
     if not low:
         return None
     return (

@@ -82,11 +82,12 @@ class _Denoiser:
         # conditional pass alone (as with guidance 1 everywhere), so each sample depends only on
         # its class and seed.
         self.row_scale = self.row_guide = None
-        if class_guidance or (guide is not None and guide_classes is not None):
+        some_guided = guide is not None and guide_classes is not None
+        if class_guidance or some_guided:
             cg = class_guidance or {}
             scales = [cg.get(int(y), guidance_scale) for y in labels.tolist()]
             self.row_scale = torch.tensor(scales, dtype=torch.float32, device=labels.device)
-        if guide is not None and guide_classes is not None:
+        if some_guided:
             wanted = torch.tensor(sorted(set(guide_classes)), dtype=labels.dtype)
             self.row_guide = torch.isin(labels, wanted.to(labels.device))
         self.null = torch.full_like(labels, null_label)
