@@ -890,20 +890,25 @@ class Protocol(_Section):
     @model_validator(mode="after")
     def _class_guidance_names(self) -> Protocol:
         # Where the protocol names its classes, a typo fails here rather than after training.
-        known = self.dataset.classes
+        if self.dataset.classes and (why := self.unknown_class_names(self.dataset.classes)):
+            raise ValueError(f"{why}; dataset.classes are {self.dataset.classes}")
+        return self
+
+    def unknown_class_names(self, known: list[str]) -> str | None:
+        """Which key names a class outside ``known`` (the first such key), or None. Checked at
+        load where ``dataset.classes`` names them, else by the run against its ingest before a
+        stage that uses them clears its folder."""
         named = {
+            "generation.counts": set(self.generation.counts),
             "generation.class_guidance": set(self.generation.class_guidance),
             "generation.autoguidance": set(self.generation.autoguided_classes or []),
         }
         if self.sweep is not None:
             named["sweep.class_guidance"] = {c for cg in self.sweep.class_guidance for c in cg}
         for key, names in named.items():
-            unknown = sorted(names - set(known or []))
-            if known and unknown:
-                raise ValueError(
-                    f"{key} names unknown classes {unknown}; dataset.classes are {known}"
-                )
-        return self
+            if unknown := sorted(names - set(known)):
+                return f"{key} names unknown classes {unknown}"
+        return None
 
     @model_validator(mode="after")
     def _autoguidance_needs_a_guide(self) -> Protocol:

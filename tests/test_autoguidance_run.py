@@ -208,6 +208,28 @@ def test_autoguidance_for_some_classes_only(auto_run, tmp_path):
         generate_pool(snap, tmp_path / "x", plan, autoguided_classes=["nodule"], **both, **kw)
 
 
+def test_a_class_name_typo_fails_before_the_finished_pool_is_cleared(tmp_path):
+    """The smoke protocol does not name its classes, so a typo is found against the ingest:
+    before the generate stage clears the pool it would have replaced, by `run` and by a stage
+    command alike."""
+    from medsynth.experiment.runner import StudyError, run_stage
+
+    run, stages = tmp_path / "run", ["ingest", "train", "generate"]
+    quiet = dict(run_dir=run, log=lambda s: None, progress=False, stages=stages)
+    run_protocol(load_protocol(SMOKE, AUTO), **quiet)
+    pool = run / "generate" / "main"
+    before = sorted(p.name for p in pool.rglob("*.dcm"))
+    assert before
+    for typo in ("generation.autoguidance=[nodule]", "generation.class_guidance={nodule: 2}"):
+        bad = load_protocol(SMOKE, [*AUTO, typo])
+        with pytest.raises(StudyError, match=r"names unknown classes \['nodule'\]; the ingest's"):
+            run_protocol(bad, **quiet)
+        with pytest.raises(StudyError, match=r"names unknown classes \['nodule'\]"):
+            run_stage(bad, "generate", run, lambda: None, log=lambda s: None)
+        assert sorted(p.name for p in pool.rglob("*.dcm")) == before
+    assert [p.action for p in plan_stages(load_protocol(SMOKE, AUTO), run, stages)] == ["skip"] * 3
+
+
 def test_generation_pairs_the_model_with_its_own_finished_guide(auto_run, tmp_path):
     from medsynth.generation.api import generate_from_protocol
 

@@ -124,6 +124,16 @@ def _base_sha256(protocol) -> str | None:
         return None
 
 
+def _check_class_names(protocol, run: Path) -> None:
+    """A key naming a class the ingest lacks fails before a later stage clears its folder (a
+    protocol that does not name its classes can only be checked once they are ingested)."""
+    summary = run / "ingest" / "summary.json"
+    if summary.exists():
+        classes = json.loads(summary.read_text())["classes"]
+        if why := protocol.unknown_class_names(classes):
+            raise StudyError(f"{why}; the ingest's classes are {classes}")
+
+
 def _begin(p: StagePlan) -> Path:
     folder = p.folder
     if p.action == "rerun" and folder.exists():
@@ -196,6 +206,8 @@ def run_stage(
         and _guide_pending(protocol, run)
     )
     if p.action != "skip":
+        if stage != "ingest":
+            _check_class_names(protocol, run)
         _begin(p)
     t0 = time.perf_counter()
     result = work()
@@ -238,6 +250,8 @@ def run_protocol(
             log(f"[{p.stage}] done before (inputs unchanged) - skipped")
             continue
         log(f"[{p.stage}] {p.action}")
+        if p.stage != "ingest":
+            _check_class_names(protocol, run)
         t0 = time.perf_counter()
         if p.stage == "ingest":
             # Ingest writes into RUN/ingest itself; its cache is cheap to rebuild on change.
