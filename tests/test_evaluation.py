@@ -39,6 +39,18 @@ def test_fd_matches_monai_where_it_runs():
     assert fd(a, b) == pytest.approx(ref, rel=1e-6)
 
 
+def test_fd_with_fewer_images_than_dimensions_is_the_covariance_form():
+    """Per-class sets are often smaller than the feature size (121 images, 512 ResNet features):
+    the nuclear-norm form must give the Fréchet distance of the D x D covariances."""
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(30, 48)), rng.normal(size=(40, 48)) * 1.3 + 0.2
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.sqrt(np.clip(np.linalg.eigvals(s_a @ s_b).real, 0, None)).sum()
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * root
+    assert fd(a, b) == pytest.approx(ref, rel=1e-6)
+    assert fd(a, a.copy()) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_disjoint_sets():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) + 10

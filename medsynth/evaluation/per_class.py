@@ -30,7 +30,10 @@ COLLAPSE_FD_FACTOR = 1.5  # FD_clf above this multiple of the best class's = col
 # the flag allows 0.1 because 500 pairs of a few dozen real images already vary that much
 # (real train normals against themselves: 1.19 at n = 37).
 COLLAPSE_MSSSIM = 1.1
-FLOOR_REPEATS = 3  # random half-splits averaged into the real floor
+# Random half-splits summed into the floor (and the synthetic draws against them). With 3, one
+# pool's reading of PneumoniaMNIST normals (121 per half) moved 1.1-2.8x with the rng seed alone;
+# with 100, 1.5-1.8x (docs/results.md, fourteenth session).
+FLOOR_REPEATS = 100
 TOO_SMALL = "n too small"
 
 # (key in the metrics dict, column title): what tables and CSVs show, in order.
