@@ -134,14 +134,21 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     stats = json.loads((out / "peer" / "peer.json").read_text())
     assert stats["steps"] == 20 and stats["parameters"] > 0 and stats["sampler"] == "ddim-5"
 
-    # Autoguidance from the command line: a guide equal to the model leaves guidance 1's pixels.
+    # Autoguidance from the command line: a guide equal to the model leaves guidance 1's pixels;
+    # another seed base draws another set from the same generator.
     run, draws = out / "medsynth", {}
-    for name, extra in (("plain", ["--guidance", "1"]), ("auto", ["--autoguide", str(run)])):
+    runs = {
+        "plain": ["--guidance", "1"],
+        "auto": ["--autoguide", str(run)],
+        "other": ["--guidance", "1", "--seed-base", "7"],
+    }
+    for name, extra in runs.items():
         draws[name] = tmp_path / f"{name}.npz"
         args = ["sample", str(run), "--ingest", str(run / "ingest"), "--out", str(draws[name])]
         _run("benchmarks/quality.py", *args, "--n", "8", "--steps", "3", *extra)
-    plain, auto = (np.load(draws[k])["images"] for k in ("plain", "auto"))
+    plain, auto, other = (np.load(draws[k])["images"] for k in runs)
     assert plain.shape == (8, 1, 16, 16) and np.array_equal(plain, auto)
+    assert other.shape == plain.shape and not np.allclose(other, plain)
 
     def refused(*extra) -> str:
         cmd = [sys.executable, "benchmarks/quality.py", *args, "--n", "2", *extra]
