@@ -85,7 +85,7 @@ def plan_stages(protocol, run_dir: Path, stages: list[str] | None = None) -> lis
         dirty = (
             dirty
             or action not in ("skip", "guide")
-            or (action == "guide" and _uses_guide(protocol))
+            or (action == "guide" and protocol.generation.uses_guide)
         )
         plan.append(StagePlan(stage, action, hashes[stage], folder))
     return plan
@@ -97,12 +97,6 @@ def _guide_pending(protocol, run: Path) -> bool:
 
     steps = protocol.training.guide_steps
     return bool(steps) and guide_snapshot(run / "train", steps) is None
-
-
-def _uses_guide(protocol) -> bool:
-    """Whether the protocol's pool is drawn with the autoguidance guide (an autoguided class
-    guided)."""
-    return protocol.generation.uses_guide
 
 
 def stage_hashes(protocol) -> dict[str, str]:
@@ -124,11 +118,11 @@ def _base_sha256(protocol) -> str | None:
         return None
 
 
-def _check_class_names(protocol, run: Path) -> None:
+def _check_class_names(protocol, run: Path, stage: str) -> None:
     """A key naming a class the ingest lacks fails before a later stage clears its folder (a
     protocol that does not name its classes can only be checked once they are ingested)."""
     summary = run / "ingest" / "summary.json"
-    if summary.exists():
+    if stage != "ingest" and summary.exists():
         classes = json.loads(summary.read_text())["classes"]
         if why := protocol.unknown_class_names(classes):
             raise StudyError(f"{why}; the ingest's classes are {classes}")
@@ -202,12 +196,11 @@ def run_stage(
     guide = (
         p.action == "skip"
         and stage == "train"
-        and _uses_guide(protocol)
+        and protocol.generation.uses_guide
         and _guide_pending(protocol, run)
     )
     if p.action != "skip":
-        if stage != "ingest":
-            _check_class_names(protocol, run)
+        _check_class_names(protocol, run, stage)
         _begin(p)
     t0 = time.perf_counter()
     result = work()
@@ -250,8 +243,7 @@ def run_protocol(
             log(f"[{p.stage}] done before (inputs unchanged) - skipped")
             continue
         log(f"[{p.stage}] {p.action}")
-        if p.stage != "ingest":
-            _check_class_names(protocol, run)
+        _check_class_names(protocol, run, p.stage)
         t0 = time.perf_counter()
         if p.stage == "ingest":
             # Ingest writes into RUN/ingest itself; its cache is cheap to rebuild on change.
