@@ -20,6 +20,7 @@ from benchmarks.quality import (  # noqa: E402
     MIN_N,
     _set_metrics,
     class_counts,
+    class_logit_w1,
     laplacian_energy,
     real_reference,
     score_set,
@@ -67,7 +68,7 @@ class _Projection:
         return (x.flatten(1) @ self.w).numpy()
 
     def predict_proba(self, x: torch.Tensor) -> np.ndarray:
-        return self.features(x)[:, :2]
+        return torch.softmax(torch.from_numpy(self.features(x)[:, :2]), 1).numpy()
 
 
 def test_a_collapsed_class_is_far_above_its_split_floor_and_widens_the_spread():
@@ -96,6 +97,29 @@ def test_a_collapsed_class_is_far_above_its_split_floor_and_widens_the_spread():
         assert bad["finding"][f"FD_{name}_over_split"] > 5 * bad["normal"][f"FD_{name}_over_split"]
         assert good["all"][f"FD_{name}_class_spread"] < 2
         assert bad["all"][f"FD_{name}_class_spread"] > 10
+        assert good["finding"][f"W1_{name}_logit"] < bad["finding"][f"W1_{name}_logit"]
+
+
+def test_the_class_evidence_shape_sees_a_bimodal_set_that_two_moments_miss():
+    """Real class evidence (logit of P(class)) ~ N(2, 1); a set half weak, half over-typical
+    with the same mean and variance reads as real to a Gaussian (two-moment) distance and far
+    from it to the Wasserstein-1 distance of :func:`class_logit_w1`."""
+    rng = np.random.default_rng(0)
+
+    def proba(logits: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-logits))
+
+    real = rng.normal(2, 1, 4000)
+    faithful = rng.normal(2, 1, 4000)
+    modes = np.where(rng.random(4000) < 0.5, 2 - 0.95, 2 + 0.95)
+    bimodal = modes + rng.normal(0, 0.3, 4000)
+    gauss = [
+        (x.mean() - real.mean()) ** 2 + (x.std() - real.std()) ** 2 for x in (faithful, bimodal)
+    ]
+    assert max(gauss) < 0.01  # two moments: both as real
+    w_faithful, w_bimodal = (class_logit_w1(proba(real), proba(x)) for x in (faithful, bimodal))
+    assert w_faithful < 0.05 and w_bimodal > 4 * w_faithful
+    assert class_logit_w1(proba(real), proba(real + 1)) == pytest.approx(1, abs=0.01)
 
 
 def test_time_to_quality_verdicts():
