@@ -37,7 +37,7 @@ Subcommands::
     python benchmarks/quality.py extractors INGEST --cache DIR [--train-fraction 0.8]
     python benchmarks/quality.py sample RUN_OR_SNAPSHOT --out x.npz [--sampler dpmpp --steps 20
         --guidance 2 --n 600 --eta 1 --device cuda --net-batch 1000 --like test|val|train
-        --class-guidance normal=2 --autoguide WEAKER_RUN_OR_SNAPSHOT
+        --class-guidance normal=2 (or normal=1.5,2.5) --autoguide WEAKER_RUN_OR_SNAPSHOT
         --autoguide-classes pneumonia --seed-base 2000000]
     python benchmarks/quality.py sample RUN/distill --sampler distilled --steps 2 --guidance 1 ...
     python benchmarks/quality.py score INGEST --cache DIR --set name=x.npz ... [--real-ref 500]
@@ -269,6 +269,21 @@ def _guide_of(src: Path) -> Path:
     return guide
 
 
+def _scale_arg(text: str) -> float | list[float]:
+    """``2`` -> 2.0; ``1.5,2.5`` -> a set of scales, each image taking one by its seed."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from medsynth.protocol import ScaleSet
+
+    values = [float(v) for v in text.split(",")]
+    if len(values) == 1:
+        return values[0]
+    try:
+        return TypeAdapter(ScaleSet).validate_python(values)
+    except ValidationError as err:
+        sys.exit(f"--class-guidance {text}: {err.errors()[0]['msg']}")
+
+
 def sample_medsynth(args) -> None:
     """Draw ``--n`` samples from a medsynth snapshot (run folder, train folder or snapshot)."""
     from medsynth.diffusion.sampler import sample
@@ -294,9 +309,9 @@ def sample_medsynth(args) -> None:
         extra["ddim_eta"] = args.eta
     if args.spacing != "trailing":
         extra["timestep_spacing"] = args.spacing
-    if args.class_guidance:  # name=scale: that class's own guidance scale
+    if args.class_guidance:  # name=scale or name=s1,s2: that class's own scale (set)
         pairs = (spec.split("=", 1) for spec in args.class_guidance)
-        extra["class_guidance"] = {like.classes.index(c): float(v) for c, v in pairs}
+        extra["class_guidance"] = {like.classes.index(c): _scale_arg(v) for c, v in pairs}
     if args.autoguide_classes and not args.autoguide:
         sys.exit("--autoguide-classes names the classes that use --autoguide's guide: pass both")
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass
@@ -519,7 +534,11 @@ def main() -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (sampler ddim)")
     s.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     s.add_argument(
-        "--class-guidance", nargs="+", metavar="CLASS=SCALE", help="a class's own guidance scale"
+        "--class-guidance",
+        nargs="+",
+        metavar="CLASS=SCALE",
+        help="a class's own guidance scale, or a set (CLASS=1.5,2.5: each image takes one, by "
+        "its seed)",
     )
     s.add_argument(
         "--autoguide",

@@ -11,8 +11,9 @@ Time is wall-clock seconds from launching each training command to its checkpoin
 appearing (imports, data loading and checkpoint writes included, for both), on whatever else the
 machine is doing: run it alone. Sampling is timed separately and not counted: the curve is about
 training. medsynth samples with its protocol's generation settings (sampler, steps, guidance);
-an autoguided protocol is measured unguided (guidance 1), since each checkpoint would need a guide
-of its own (the recipe at a fifth of its steps), which this curve does not build.
+an autoguided protocol is measured unguided (guidance 1 for every class), since each checkpoint
+would need a guide of its own (the recipe at a fifth of its steps), which this curve does not
+build.
 
 Targets (per extractor): medsynth reaches the peer's final FD in <= 1/3 of the peer's training
 time, and beats the peer at equal time (at each peer checkpoint, medsynth's newest checkpoint
@@ -50,6 +51,7 @@ UNGUIDED = [
     "training.guide_fraction=0",
     "generation.autoguidance=false",
     "generation.guidance_scale=1",
+    "generation.class_guidance={}",
 ]
 
 

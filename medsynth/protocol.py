@@ -13,10 +13,11 @@ import json
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,35 @@ from pydantic import (
 )
 
 from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
+
+
+def _scale_set(v: list[float]) -> list[float]:
+    """A class's set of guidance scales: two or more distinct values, kept sorted (the order
+    means nothing, so it changes no hash and no image)."""
+    if len(v) < 2:
+        raise ValueError(f"a set of guidance scales needs two or more values, got {v}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"a set of guidance scales lists a value twice: {v}")
+    return sorted(float(x) for x in v)
+
+
+ScaleSet = Annotated[list[NonNegativeFloat], AfterValidator(_scale_set)]
+ClassScale = float | list[float]  # one scale, or a set each image picks from by its seed
+
+
+def scale_values(scale: ClassScale) -> list[float]:
+    """The scales a class's images are drawn at: ``[scale]``, or the set itself."""
+    return list(scale) if isinstance(scale, list | tuple) else [float(scale)]
+
+
+def class_scale_values(class_scales: dict[str, ClassScale]) -> list[float]:
+    """Every scale some class of ``class_scales`` is drawn at, sets unrolled."""
+    return [x for v in class_scales.values() for x in scale_values(v)]
+
+
+def format_scale(scale: ClassScale, sep: str = "|") -> str:
+    """``2``, or a set as ``1.5|2.5`` (``sep`` between its scales)."""
+    return sep.join(f"{x:g}" for x in scale_values(scale))
 
 
 class ProtocolError(ValueError):
@@ -414,10 +444,12 @@ class GenerationSection(_Section):
         description="[lo, hi] share of the timestep range where guidance applies; "
         "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
     )
-    class_guidance: dict[str, NonNegativeFloat] = Field(
+    class_guidance: dict[str, NonNegativeFloat | ScaleSet] = Field(
         default_factory=dict,
         description="class name -> guidance scale for that class's images (the others take "
-        "guidance_scale); one class may need stronger conditioning than another",
+        "guidance_scale); one class may need stronger conditioning than another. A list of "
+        "scales: each image of the class takes one of them, picked by its seed (a spread of "
+        "class strength that one scale cannot give)",
     )
     autoguidance: bool | list[str] = Field(
         False,
@@ -440,7 +472,7 @@ class GenerationSection(_Section):
     @property
     def guided(self) -> bool:
         """Whether some class takes a second pass per step (see :func:`is_guided`)."""
-        return is_guided(self.guidance_scale, self.class_guidance.values())
+        return is_guided(self.guidance_scale, class_scale_values(self.class_guidance))
 
     @property
     def autoguided_classes(self) -> list[str] | None:
@@ -509,8 +541,10 @@ def guide_called(
     """Whether autoguidance (``true``, or the classes it names) calls the guide for some row:
     an autoguided class sampled at a scale other than 1."""
     if isinstance(autoguidance, bool):
-        return autoguidance and is_guided(guidance_scale, class_scales.values())
-    return any(class_scales.get(c, guidance_scale) != 1 for c in autoguidance)
+        return autoguidance and is_guided(guidance_scale, class_scale_values(class_scales))
+    return is_guided(
+        1, class_scale_values({c: class_scales.get(c, guidance_scale) for c in autoguidance})
+    )
 
 
 def autoguidance_below_one(
@@ -519,12 +553,13 @@ def autoguidance_below_one(
     """Why autoguidance at these scales is refused, or None: below 1 a row would move *towards*
     the guide (a weaker model) instead of away from it; 1 leaves a row unguided. ``classes``:
     the autoguided classes (None: all)."""
+    below = {c: v for c, v in class_scales.items() if min(scale_values(v)) < 1}
     if classes is None:
         low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
-        low += [f"class_guidance {c}: {v:g}" for c, v in sorted(class_scales.items()) if v < 1]
+        low += [f"class_guidance {c}: {format_scale(v)}" for c, v in sorted(below.items())]
     else:
         scales = {c: class_scales.get(c, guidance_scale) for c in classes}
-        low = [f"{c} at {v:g}" for c, v in scales.items() if v < 1]
+        low = [f"{c} at {format_scale(v)}" for c, v in scales.items() if min(scale_values(v)) < 1]
     if not low:
         return None
     return (
@@ -923,6 +958,17 @@ class Protocol(_Section):
                 "a sweep draws autoguided pools by sweep.autoguidance [false, true]; "
                 "generation.autoguidance as a class list is for a single pool (set it to "
                 "true or false here)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scale_sets_are_single_pool(self) -> Protocol:
+        if self.sweep is not None and any(
+            isinstance(v, list) for v in self.generation.class_guidance.values()
+        ):
+            raise ValueError(
+                "a set of guidance scales in generation.class_guidance is for a single pool; "
+                "a sweep takes one scale per class (sweep.class_guidance lists them)"
             )
         return self
 

@@ -507,6 +507,87 @@ def test_manifest_records_each_rows_own_guidance_scale(tmp_path):
     assert scales == [("a", 1.0), ("a", 1.0), ("b", 2.5)]
 
 
+def test_a_set_of_scales_gives_each_row_one_picked_by_its_seed(unet):
+    """``class_guidance: {c: [1.5, 2.5]}``: each row of c is drawn at one of the scales, the one
+    its seed picks, with the pixels it has in a pool at that single scale."""
+    from medsynth.diffusion.sampler import pick_scale
+
+    seeds = list(range(40, 60))
+    picks = [pick_scale([1.5, 2.5], s) for s in seeds]
+    assert set(picks) == {1.5, 2.5} and 6 <= picks.count(1.5) <= 14  # both, near half each
+    assert picks == [pick_scale([1.5, 2.5], s) for s in seeds]  # a function of the seed alone
+    assert pick_scale(2.0, 7) == 2.0
+    kw = dict(image_shape=(1, 16, 16), null_label=2, sampler="dpmpp", steps=3, net_batch=2)
+    labels, seeds = [0, 1, 0, 0, 1, 0], seeds[:6]
+    mixed = sample(unet, ScheduleConfig(), labels, seeds, class_guidance={0: [1.5, 2.5]}, **kw)
+    at = {
+        v: sample(unet, ScheduleConfig(), labels, seeds, class_guidance={0: v}, **kw)
+        for v in (1.5, 2.5)
+    }
+    for i, (y, s) in enumerate(zip(labels, seeds, strict=True)):
+        want = at[pick_scale([1.5, 2.5], s)] if y == 0 else at[1.5]  # class 1: guidance 1
+        assert torch.equal(mixed[i], want[i])
+    assert {pick_scale([1.5, 2.5], s) for y, s in zip(labels, seeds, strict=True) if y == 0} == {
+        1.5,
+        2.5,
+    }
+
+
+def test_a_set_of_scales_in_the_protocol_pool_manifest_and_report(tmp_path):
+    import pydicom
+
+    from medsynth.diffusion.sampler import pick_scale
+    from medsynth.experiment.report import _guidance
+    from medsynth.generation.pool import generate_pool
+
+    g = parse_protocol(BASE, ["generation.class_guidance={normal: [2.5, 1.5]}"]).generation
+    assert g.class_guidance == {"normal": [1.5, 2.5]}  # sorted: the order draws nothing
+    assert g.guided
+    assert _guidance(g) == "guidance 1 (normal: 1.5 or 2.5 by seed)"
+    for bad, why in (
+        ("[2]", "two or more"),
+        ("[2, 2]", "twice"),
+        ("[1.5, -1]", "greater than or equal to 0"),
+        ("[]", "two or more"),
+    ):
+        with pytest.raises(ProtocolError, match=why):
+            parse_protocol(BASE, [f"generation.class_guidance={{normal: {bad}}}"])
+    q = ROOT / "protocols" / "quickstart.yaml"
+    a = load_protocol(q, ["generation.class_guidance={a: [1.5, 2.5]}"])
+    b = load_protocol(q, ["generation.class_guidance={a: [2.5, 1.5]}"])
+    assert stage_inputs(a) == stage_inputs(b)
+    assert stage_inputs(a)["generate"] != stage_inputs(load_protocol(q))["generate"]
+    with pytest.raises(ProtocolError, match="single pool"):
+        load_protocol(
+            ROOT / "protocols" / "class_guidance_sweep.yaml",
+            ["generation.class_guidance={normal: [1.5, 2.5]}"],
+        )
+    # Autoguidance refuses a set reaching below 1 (a row would move towards the guide).
+    with pytest.raises(ProtocolError, match=r"normal: 0.5\|2"):
+        load_protocol(
+            ROOT / "protocols" / "pneumoniamnist_full.yaml",
+            ["generation.autoguidance=true", "generation.class_guidance={normal: [0.5, 2]}"],
+        )
+
+    snap = _fit(tmp_path / "train", max_steps=3)
+    kw = dict(sampler="dpmpp", steps=3, device="cpu", progress=False, net_batch=2)
+    sets = dict(guidance_scale=1.0, class_guidance={"b": [1.5, 2.5]})
+    generate_pool(snap, tmp_path / "pool", {"a": 1, "b": 6}, **sets, **kw)
+    with open(tmp_path / "pool" / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # each row lists the scale it was drawn at
+        want = pick_scale([1.5, 2.5], int(r["seed"])) if r["class_name"] == "b" else 1.0
+        assert float(r["guidance_scale"]) == want
+    assert {float(r["guidance_scale"]) for r in rows if r["class_name"] == "b"} == {1.5, 2.5}
+    req = json.loads((tmp_path / "pool" / "request.json").read_text())
+    assert req["class_guidance"] == {"b": [1.5, 2.5]}
+    for r in rows:
+        ds = pydicom.dcmread(tmp_path / "pool" / r["path"])
+        assert "class_guidance=b:1.5|2.5" in ds.DerivationDescription
+        picked = f"scale={float(r['guidance_scale']):g}"
+        assert (picked in ds.DerivationDescription) == (r["class_name"] == "b")
+
+
 # --- autoguidance --------------------------------------------------------------------------------
 
 
@@ -532,7 +613,7 @@ def test_autoguidance_extrapolates_from_the_guide_under_each_rows_class(unet):
         g = weak(x, timesteps=torch.full((3,), t), class_labels=labels)  # own class, not null
         torch.testing.assert_close(den(2.5, weak), g + 2.5 * (m - g), atol=1e-5, rtol=0)
         # Per class: rows at scale 1 keep the model's conditional prediction.
-        per = den(1.0, weak, class_guidance={0: 2.5})
+        per = den(1.0, weak, scales=[2.5, 1.0, 2.5])
         torch.testing.assert_close(per[1], m[1], atol=1e-6, rtol=0)
         torch.testing.assert_close(per[0::2], (g + 2.5 * (m - g))[0::2], atol=1e-5, rtol=0)
     # A guide equal to the model changes nothing at any scale, through a whole sampler.

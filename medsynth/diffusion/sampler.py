@@ -14,6 +14,7 @@ seeded with ``seeds[k]`` on the CPU, so a sample does not depend on batch size, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from functools import partial
 
@@ -26,10 +27,37 @@ from medsynth.diffusion.schedule import (
     training_scheduler,
 )
 from medsynth.diffusion.timesteps import karras_timesteps, trailing_timesteps
-from medsynth.protocol import GRID_SAMPLERS, SPACINGS
+from medsynth.protocol import GRID_SAMPLERS, SPACINGS, ClassScale, scale_values
 from medsynth.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
+
+
+def pick_scale(scale: ClassScale, seed: int) -> float:
+    """A row's guidance scale: ``scale``, or from a set of scales the one its seed picks.
+
+    The pick hashes the seed alone (SHA-256, mod the set's size), so a row draws the same scale
+    in any batch, shard or resume, and its pixels equal those of a pool drawn at that one scale.
+    """
+    values = scale_values(scale)
+    if len(values) == 1:
+        return values[0]
+    digest = hashlib.sha256(f"guidance-scale-pick:{int(seed)}".encode()).digest()
+    return values[int.from_bytes(digest[:8], "big") % len(values)]
+
+
+def row_scales(
+    labels: Sequence[int],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    class_guidance: dict[int, ClassScale],
+) -> list[float]:
+    """Each row's guidance scale: its class's own (one, or picked from a set by its seed),
+    else ``guidance_scale``."""
+    return [
+        pick_scale(class_guidance.get(int(y), guidance_scale), s)
+        for y, s in zip(labels, seeds, strict=True)
+    ]
 
 
 class StackedNoise:
@@ -72,7 +100,7 @@ class _Denoiser:
         rescale: float = 0.0,
         interval: tuple[float, float] = (0.0, 1.0),
         cond: torch.Tensor | None = None,
-        class_guidance: dict[int, float] | None = None,
+        scales: Sequence[float] | None = None,
         guide: torch.nn.Module | None = None,
         guide_classes: Iterable[int] | None = None,
     ):
@@ -80,12 +108,11 @@ class _Denoiser:
         self.scale, self.autocast = guidance_scale, autocast
         # Per-row scales (and guides) when some class has its own: rows at 1 take the
         # conditional pass alone (as with guidance 1 everywhere), so each sample depends only on
-        # its class and seed.
+        # its class, seed and scale.
         self.row_scale = self.row_guide = None
         some_guided = guide is not None and guide_classes is not None
-        if class_guidance or some_guided:
-            cg = class_guidance or {}
-            scales = [cg.get(int(y), guidance_scale) for y in labels.tolist()]
+        if scales is not None or some_guided:
+            scales = [guidance_scale] * len(labels) if scales is None else scales
             self.row_scale = torch.tensor(scales, dtype=torch.float32, device=labels.device)
         if some_guided:
             wanted = torch.tensor(sorted(set(guide_classes)), dtype=labels.dtype)
@@ -334,7 +361,7 @@ def sample(
     guidance_rescale: float = 0.0,
     guidance_interval: Sequence[float] = (0.0, 1.0),
     timestep_spacing: str = "trailing",
-    class_guidance: dict[int, float] | None = None,
+    class_guidance: dict[int, ClassScale] | None = None,
     guide: torch.nn.Module | None = None,
     guide_classes: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
@@ -358,7 +385,8 @@ def sample(
     ``timestep_spacing``: ``trailing`` (even in t, the last call at ``T / steps - 1``) or
     ``karras`` (EDM's sigma spacing, the last call at t = 0); ddim, ddpm and dpmpp only.
     ``class_guidance``: class index -> that class's own guidance scale (the others take
-    ``guidance_scale``); a row at scale 1 takes one conditional pass, as at guidance 1.
+    ``guidance_scale``), or a list of scales each row of the class picks one of by its seed
+    (:func:`pick_scale`); a row at scale 1 takes one conditional pass, as at guidance 1.
     ``guide``: autoguidance (Karras et al. 2024): a weaker model of the same task (e.g. the
     same recipe trained for fewer steps), on ``device``, called with each row's own class
     where plain guidance calls ``model`` with the null class; a scale ``s`` then gives
@@ -428,6 +456,9 @@ def sample(
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
+    scales = None  # one scale for every row, unless a class has its own
+    if class_guidance:
+        scales = row_scales(labels.tolist(), seeds, guidance_scale, class_guidance)
     denoise = _Denoiser(
         model,
         labels,
@@ -439,7 +470,7 @@ def sample(
         rescale=float(guidance_rescale),
         interval=(lo, hi),
         cond=cond,
-        class_guidance=class_guidance,
+        scales=scales,
         guide=guide,
         guide_classes=guide_classes,
     )

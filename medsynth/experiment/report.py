@@ -23,6 +23,7 @@ from medsynth import __version__  # noqa: E402
 from medsynth.data.leakage import leak_line  # noqa: E402
 from medsynth.evaluation.memorization import audit_line  # noqa: E402
 from medsynth.evaluation.per_class import COLUMNS, cell, flag_text  # noqa: E402
+from medsynth.protocol import format_scale  # noqa: E402
 from medsynth.utils.csvsafe import read_rows  # noqa: E402
 
 CSS = """
@@ -347,7 +348,12 @@ def _guidance(g) -> str:
         lo, hi = g.guidance_interval
         text += f" within t/T ∈ [{lo:g}, {hi:g}]"
     if g.class_guidance:
-        text += " (" + ", ".join(f"{c}: {v:g}" for c, v in sorted(g.class_guidance.items())) + ")"
+        # A set of scales reads "1.5 or 2.5 by seed": each image took one of them.
+        scales = (
+            f"{c}: {format_scale(v, ' or ')}{' by seed' if isinstance(v, list) else ''}"
+            for c, v in sorted(g.class_guidance.items())
+        )
+        text += " (" + ", ".join(scales) + ")"
     if g.uses_guide and some:
         # Last, so the pool card's "away from guide sha256:…" follows the autoguided classes.
         text += f"; the null class for the other classes, autoguidance for {', '.join(some)}"

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from medsynth import __version__
 from medsynth.dicom.write import atomic_write_bytes, pixel_sha256, synthetic_instance, to_bytes
-from medsynth.diffusion.sampler import sample
-from medsynth.protocol import guide_called, sampler_revision
+from medsynth.diffusion.sampler import pick_scale, sample
+from medsynth.protocol import ClassScale, format_scale, guide_called, sampler_revision
 from medsynth.runtime import resolve_precision
 from medsynth.training.checkpoint import load_guide, load_snapshot, snapshot_sha256
 from medsynth.training.latent import snapshot_decoder
@@ -183,7 +183,7 @@ def generate_pool(
     guidance_rescale: float = 0.0,  # rescaled-guidance mix phi in [0, 1]; 0 = plain CFG
     guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),  # guided share of t / T
     timestep_spacing: str = "trailing",  # trailing | karras (ddim, ddpm, dpmpp)
-    class_guidance: dict[str, float] | None = None,  # class name -> its own guidance scale
+    class_guidance: dict[str, ClassScale] | None = None,  # class -> its scale or set of scales
     guide_snapshot: str | Path | None = None,  # autoguidance: guide from this weaker model
     autoguided_classes: list[str] | None = None,  # those classes only (None: every class)
     batch_size: int = 64,
@@ -276,7 +276,7 @@ def generate_pool(
     if class_guidance:
         request["class_guidance"] = dict(sorted(class_guidance.items()))
         extra += " class_guidance=" + ",".join(
-            f"{k}:{v:g}" for k, v in sorted(class_guidance.items())
+            f"{k}:{format_scale(v)}" for k, v in sorted(class_guidance.items())
         )
     if guide_sha:
         request["guide_snapshot_sha256"] = guide_sha
@@ -344,6 +344,9 @@ def generate_pool(
         tw = time.perf_counter()
         for it, seed, img in zip(batch, seeds, images, strict=True):
             name = classes[it.class_index]
+            scale = pick_scale(class_guidance.get(name, guidance_scale), seed)
+            # A class drawn from a set of scales: the file says which one it got.
+            picked = f" scale={scale:g}" if isinstance(class_guidance.get(name), list) else ""
             ds = synthetic_instance(
                 img,
                 run_id=snap_sha,
@@ -352,7 +355,7 @@ def generate_pool(
                 class_index=it.class_index,
                 seed=seed,
                 index=it.index,
-                derivation=f"{derivation} seed={seed}",
+                derivation=f"{derivation} seed={seed}{picked}",
                 pixel_spacing=pixel_spacing,
                 spacing_note=spacing_note,
             )
@@ -370,7 +373,7 @@ def generate_pool(
                     "class_index": it.class_index,
                     "index": it.index,
                     "seed": seed,
-                    "guidance_scale": class_guidance.get(name, guidance_scale),
+                    "guidance_scale": scale,
                     "sampler": sampler,
                     "steps": steps,
                     "snapshot_sha256": snap_sha,
