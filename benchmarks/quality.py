@@ -273,13 +273,13 @@ def _scale_arg(text: str) -> float | list[float]:
     """``2`` -> 2.0; ``1.5,2.5`` -> a set of scales, each image taking one by its seed."""
     from pydantic import TypeAdapter, ValidationError
 
-    from medsynth.protocol import ScaleSet
+    from medsynth.protocol import CheckedClassScale
 
     values = [float(v) for v in text.split(",")]
-    if len(values) == 1:
-        return values[0]
     try:
-        return TypeAdapter(ScaleSet).validate_python(values)
+        return TypeAdapter(CheckedClassScale).validate_python(
+            values if len(values) > 1 else values[0]
+        )
     except ValidationError as err:
         sys.exit(f"--class-guidance {text}: {err.errors()[0]['msg']}")
 

@@ -30,18 +30,23 @@ from pydantic import (
 from medsynth.protocol_edit import MASK_PATTERN, EditSection, Precision, precision_field
 
 
-def _scale_set(v: list[float]) -> list[float]:
-    """A class's set of guidance scales: two or more distinct values, kept sorted (the order
-    means nothing, so it changes no hash and no image)."""
+def _class_scale(v: float | list[float]) -> float | list[float]:
+    """A class's guidance scale (>= 0), or a set of two or more distinct ones, kept sorted (the
+    order means nothing, so it changes no hash and no image)."""
+    values = v if isinstance(v, list) else [v]
+    if any(x < 0 for x in values):
+        raise ValueError(f"guidance scales must be >= 0, got {v}")
+    if not isinstance(v, list):
+        return v
     if len(v) < 2:
         raise ValueError(f"a set of guidance scales needs two or more values, got {v}")
     if len(set(v)) != len(v):
         raise ValueError(f"a set of guidance scales lists a value twice: {v}")
-    return sorted(float(x) for x in v)
+    return sorted(v)
 
 
-ScaleSet = Annotated[list[NonNegativeFloat], AfterValidator(_scale_set)]
 ClassScale = float | list[float]  # one scale, or a set each image picks from by its seed
+CheckedClassScale = Annotated[float | list[float], AfterValidator(_class_scale)]
 
 
 def scale_values(scale: ClassScale) -> list[float]:
@@ -444,7 +449,7 @@ class GenerationSection(_Section):
         description="[lo, hi] share of the timestep range where guidance applies; "
         "conditional-only elsewhere (Kynkaanniemi et al. 2024)",
     )
-    class_guidance: dict[str, NonNegativeFloat | ScaleSet] = Field(
+    class_guidance: dict[str, CheckedClassScale] = Field(
         default_factory=dict,
         description="class name -> guidance scale for that class's images (the others take "
         "guidance_scale); one class may need stronger conditioning than another. A list of "

@@ -547,7 +547,8 @@ def test_a_set_of_scales_in_the_protocol_pool_manifest_and_report(tmp_path):
     for bad, why in (
         ("[2]", "two or more"),
         ("[2, 2]", "twice"),
-        ("[1.5, -1]", "greater than or equal to 0"),
+        ("[1.5, -1]", ">= 0"),
+        ("-1", ">= 0"),
         ("[]", "two or more"),
     ):
         with pytest.raises(ProtocolError, match=why):
