@@ -186,13 +186,16 @@ def score_set(
     extractors: dict[str, Classifier],
     test_feats: dict[str, np.ndarray],
     feats: dict[str, np.ndarray] | None = None,
+    test_proba: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """``{"all": {...}, "<class>": {...}}`` for one synthetic (or reference) set; ``feats``:
-    its features per extractor when already computed."""
+    its features per extractor when already computed; ``test_proba``: the reference split's
+    class probabilities per extractor, likewise (computed once for many sets)."""
     if feats is None:
         feats = {n: e.features(images) for n, e in extractors.items()}
+    if test_proba is None:
+        test_proba = {n: e.predict_proba(test.images) for n, e in extractors.items()}
     proba = {n: e.predict_proba(images) for n, e in extractors.items()}
-    real_proba = {n: e.predict_proba(test.images) for n, e in extractors.items()}
     pred = proba["cnn0"].argmax(1)
     result = {"all": _set_metrics(feats, test_feats, images, test.images)}
     result["all"]["class_validity"] = float((pred == labels.numpy()).mean())
@@ -209,7 +212,7 @@ def score_set(
         if "FD_cnn0" in result[cls]:
             for n, f in feats.items():  # the evaluation's collapse-flag floor: test halves
                 result[cls][f"FD_{n}_over_split"] = fd_over_real(test_feats[n][mr], f[m])
-                result[cls][f"W1_{n}_logit"] = class_logit_w1(real_proba[n][mr, c], proba[n][m, c])
+                result[cls][f"W1_{n}_logit"] = class_logit_w1(test_proba[n][mr, c], proba[n][m, c])
     for n in feats:
         ratios = [result[cls].get(f"FD_{n}_over_split") for cls in test.classes]
         if all(r is not None and np.isfinite(r) for r in ratios):
@@ -391,8 +394,10 @@ def score(args) -> None:
         z = np.load(path)
         sets[name] = (torch.from_numpy(z["images"]).float(), torch.from_numpy(z["labels"]).long())
     feats = {s: {n: e.features(x) for n, e in extractors.items()} for s, (x, _) in sets.items()}
+    test_proba = {n: e.predict_proba(test.images) for n, e in extractors.items()}
     results = {
-        s: score_set(x, y, test, extractors, test_feats, feats[s]) for s, (x, y) in sets.items()
+        s: score_set(x, y, test, extractors, test_feats, feats[s], test_proba)
+        for s, (x, y) in sets.items()
     }
     if args.real_ref:
         add_floor_ratios(results, sets, feats, ref, test, test_feats)

@@ -46,7 +46,7 @@ def _class_scale(v: float | list[float]) -> float | list[float]:
 
 
 ClassScale = float | list[float]  # one scale, or a set each image picks from by its seed
-CheckedClassScale = Annotated[float | list[float], AfterValidator(_class_scale)]
+CheckedClassScale = Annotated[ClassScale, AfterValidator(_class_scale)]
 
 
 def scale_values(scale: ClassScale) -> list[float]:
@@ -541,30 +541,33 @@ def is_guided(guidance_scale: float, class_scales: Iterable[float] = ()) -> bool
 
 
 def guide_called(
-    autoguidance: bool | list[str], guidance_scale: float, class_scales: dict[str, float]
+    autoguidance: bool | list[str], guidance_scale: float, class_scales: dict[str, ClassScale]
 ) -> bool:
     """Whether autoguidance (``true``, or the classes it names) calls the guide for some row:
     an autoguided class sampled at a scale other than 1."""
     if isinstance(autoguidance, bool):
         return autoguidance and is_guided(guidance_scale, class_scale_values(class_scales))
-    return is_guided(
-        1, class_scale_values({c: class_scales.get(c, guidance_scale) for c in autoguidance})
-    )
+    scales = class_scale_values({c: class_scales.get(c, guidance_scale) for c in autoguidance})
+    return any(v != 1 for v in scales)
 
 
 def autoguidance_below_one(
-    guidance_scale: float, class_scales: dict[str, float], classes: list[str] | None = None
+    guidance_scale: float, class_scales: dict[str, ClassScale], classes: list[str] | None = None
 ) -> str | None:
     """Why autoguidance at these scales is refused, or None: below 1 a row would move *towards*
     the guide (a weaker model) instead of away from it; 1 leaves a row unguided. ``classes``:
     the autoguided classes (None: all)."""
-    below = {c: v for c, v in class_scales.items() if min(scale_values(v)) < 1}
+
+    def below_one(scale: ClassScale) -> bool:
+        return min(scale_values(scale)) < 1
+
     if classes is None:
-        low = [f"guidance_scale {guidance_scale:g}"] if guidance_scale < 1 else []
-        low += [f"class_guidance {c}: {format_scale(v)}" for c, v in sorted(below.items())]
+        low = [f"guidance_scale {guidance_scale:g}"] if below_one(guidance_scale) else []
+        items = sorted(class_scales.items())
+        low += [f"class_guidance {c}: {format_scale(v)}" for c, v in items if below_one(v)]
     else:
         scales = {c: class_scales.get(c, guidance_scale) for c in classes}
-        low = [f"{c} at {format_scale(v)}" for c, v in scales.items() if min(scale_values(v)) < 1]
+        low = [f"{c} at {format_scale(v)}" for c, v in scales.items() if below_one(v)]
     if not low:
         return None
     return (
