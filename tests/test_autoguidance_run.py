@@ -446,3 +446,48 @@ def test_torchrun_never_clears_a_guide_under_the_other_processes(auto_run, monke
         _refuse_clearing_under_torchrun(folder, _guide_inputs(model, 12))
     monkeypatch.setenv("WORLD_SIZE", "1")
     _refuse_clearing_under_torchrun(folder, _guide_inputs(model, 12))  # one process clears it
+
+
+def test_the_shipped_full_train_default_runs_end_to_end_on_the_smoke_study(tmp_path):
+    """pneumoniamnist_full's schedule and per-class guidance (read from the shipped file, so this
+    follows the default), carried onto the smoke phantoms (normal / opacity for normal /
+    pneumonia): the model trains on that noise floor, the normal rows take the scale their seed
+    picks from the set, the finding class is autoguided, and the report says so."""
+    from medsynth.diffusion.sampler import pick_scale
+    from medsynth.training.checkpoint import load_snapshot
+
+    full = load_protocol(ROOT / "protocols" / "pneumoniamnist_full.yaml")
+    g = full.generation
+    normal_set = g.class_guidance["normal"]
+    assert isinstance(normal_set, list) and g.autoguided_classes == ["pneumonia"]
+    sets = [
+        f"schedule.beta_start={full.schedule.beta_start}",
+        f"generation.guidance_scale={g.guidance_scale}",
+        f"generation.class_guidance={{normal: {normal_set}}}",
+        "generation.autoguidance=[opacity]",
+        f"generation.timestep_spacing={g.timestep_spacing}",
+        f"training.class_balance={full.training.class_balance}",
+        "training.guide_fraction=0.34",  # the smoke study's 30 steps need a guide past warm-up
+    ]
+    proto = load_protocol(SMOKE, sets)
+    run = tmp_path / "run"
+    run_protocol(proto, run_dir=run, log=lambda s: None, progress=False)
+
+    for snap in (latest_snapshot(run / "train"), latest_snapshot(guide_dir(run / "train"))):
+        assert load_snapshot(snap, "cpu")[1].beta_start == full.schedule.beta_start
+    with open(run / "generate/main/manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    normal = [r for r in rows if r["class_name"] == "normal"]
+    assert {float(r["guidance_scale"]) for r in normal} == set(normal_set)  # both ends drawn
+    for r in normal:
+        assert float(r["guidance_scale"]) == pick_scale(normal_set, int(r["seed"]))
+    request = json.loads((run / "generate/main/request.json").read_text())
+    assert request["autoguided_classes"] == ["opacity"]
+    for r in rows:
+        ds = pydicom.dcmread(run / "generate/main" / r["path"])
+        assert "for=opacity" in ds.DerivationDescription  # the pool's guide, and whom it guides
+        if r["class_name"] == "opacity":
+            assert float(r["guidance_scale"]) == g.guidance_scale
+    report = (run / "report/index.html").read_text()
+    ends = " or ".join(f"{s:g}" for s in normal_set)
+    assert f"normal: {ends} by seed" in report and "autoguidance for opacity" in report
