@@ -272,19 +272,26 @@ def _guide_of(src: Path) -> Path:
     return guide
 
 
-def _scale_arg(text: str) -> float | list[float]:
-    """``2`` -> 2.0; ``1.5,2.5`` -> a set of scales, each image taking one by its seed."""
+def class_guidance_arg(specs: list[str], classes: list[str]) -> dict[int, float | list[float]]:
+    """``--class-guidance`` as the sampler takes it: ``normal=2`` -> {0: 2.0}; ``normal=1.5,2.5``
+    -> a set of scales, each image taking one by its seed. Exits with the reason on a bad spec."""
     from pydantic import TypeAdapter, ValidationError
 
     from medsynth.protocol import CheckedClassScale
 
-    values = [float(v) for v in text.split(",")]
-    try:
-        return TypeAdapter(CheckedClassScale).validate_python(
-            values if len(values) > 1 else values[0]
-        )
-    except ValidationError as err:
-        sys.exit(f"--class-guidance {text}: {err.errors()[0]['msg']}")
+    out = {}
+    for spec in specs:
+        name, _, text = spec.partition("=")
+        if name not in classes:
+            sys.exit(f"--class-guidance {spec}: unknown class {name!r}; known {classes}")
+        try:
+            values = [float(v) for v in text.split(",")]
+            scale = values if len(values) > 1 else values[0]
+            out[classes.index(name)] = TypeAdapter(CheckedClassScale).validate_python(scale)
+        except ValueError as err:  # pydantic's ValidationError is one
+            why = err.errors()[0]["msg"] if isinstance(err, ValidationError) else "not CLASS=SCALE"
+            sys.exit(f"--class-guidance {spec}: {why}")
+    return out
 
 
 def sample_medsynth(args) -> None:
@@ -313,8 +320,7 @@ def sample_medsynth(args) -> None:
     if args.spacing != "trailing":
         extra["timestep_spacing"] = args.spacing
     if args.class_guidance:  # name=scale or name=s1,s2: that class's own scale (set)
-        pairs = (spec.split("=", 1) for spec in args.class_guidance)
-        extra["class_guidance"] = {like.classes.index(c): _scale_arg(v) for c, v in pairs}
+        extra["class_guidance"] = class_guidance_arg(args.class_guidance, like.classes)
     if args.autoguide_classes and not args.autoguide:
         sys.exit("--autoguide-classes names the classes that use --autoguide's guide: pass both")
     if args.autoguide:  # autoguidance: a weaker model of the same task replaces the null pass

@@ -20,6 +20,7 @@ from benchmarks.quality import (  # noqa: E402
     MIN_N,
     _set_metrics,
     class_counts,
+    class_guidance_arg,
     class_logit_w1,
     laplacian_energy,
     real_reference,
@@ -270,3 +271,18 @@ def test_time_to_quality_and_quality_score_end_to_end(tmp_path):
     res = json.loads(out_json.read_text())
     assert res["held"]["all"]["n"] == res["held"]["all"]["n_real"] == int(held.sum())
     assert res["held"]["all"]["FD_cnn0"] < 1e-6 < res["seen"]["all"]["FD_cnn0"]
+
+
+def test_class_guidance_argument_parses_sets_and_names_what_is_wrong():
+    classes = ["normal", "pneumonia"]
+    got = class_guidance_arg(["normal=3,1.25", "pneumonia=2"], classes)
+    assert got == {0: [1.25, 3.0], 1: 2.0}  # a set is sorted, as in a protocol
+    for spec, why in (
+        ("Normal=2", "unknown class 'Normal'; known"),
+        ("normal=1.5,x", "not CLASS=SCALE"),
+        ("normal", "not CLASS=SCALE"),
+        ("normal=2,2", "twice"),
+        ("normal=-1", ">= 0"),
+    ):
+        with pytest.raises(SystemExit, match=why):
+            class_guidance_arg([spec], classes)
